@@ -1,0 +1,65 @@
+"""The sweep's settings: CLI flags over `params.yaml` defaults, validated once into a frozen model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from hpsweep.inputs import Problem, SweepInputError
+
+DEFAULT_LIMIT_NAME = "hpsweep-gpus"
+
+
+class SweepConfig(BaseModel):
+    """Everything `hpsweep run` (and the `sweep` flow) needs. Paths are relative to the working directory."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    combinations: Path = Field(description="YAML (combinations: list) or CSV file of hparam combinations")
+    spec: Path = Field(description="model spec YAML")
+    train: Path = Field(description="training data (file or folder)")
+    val: Path = Field(description="validation data (file or folder)")
+    quota: int = Field(default=1, description="GPUs the organisation may use at once (Prefect concurrency limit)")
+    name: str | None = Field(default=None, description="sweep name (MLflow experiment, registered model); "
+                                                       "default: the spec's name")
+    report_dir: Path | None = Field(default=None, description="where the leaderboard goes; default reports/<name>")
+    work_dir: Path = Field(default=Path(".hpsweep"), description="trial folders: checkpoints, logs, results")
+    tracking_uri: str | None = Field(default=None, description="MLflow tracking URI; default "
+                                                               "$MLFLOW_TRACKING_URI, else ./mlflow.db")
+    quota_limit: str = Field(default=DEFAULT_LIMIT_NAME, description="name of the Prefect global "
+                                                                      "concurrency limit that holds the quota")
+
+
+def read_params(path: Path) -> dict[str, Any]:
+    """The `sweep:` section of params.yaml (what `dvc repro` passes); {} when there is no file."""
+    if not path.is_file():
+        return {}
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise SweepInputError([Problem(str(path), f"not valid YAML: {e}")]) from e
+    section = doc.get("sweep", {}) if isinstance(doc, dict) else None
+    if not isinstance(section, dict):
+        raise SweepInputError([Problem(str(path), "expected a mapping", key="sweep")])
+    unknown = sorted(set(section) - set(SweepConfig.model_fields))
+    if unknown:
+        raise SweepInputError([Problem(str(path), "unknown key", key=f"sweep.{k}") for k in unknown])
+    return section
+
+
+def build_config(flags: dict[str, Any], params_file: Path) -> SweepConfig:
+    """Flags given on the command line win over params.yaml; a missing required one is an input error."""
+    values = {**read_params(params_file), **{k: v for k, v in flags.items() if v is not None}}
+    missing = [k for k in ("combinations", "spec", "train", "val") if k not in values]
+    if missing:
+        raise SweepInputError([Problem(f"--{k.replace('_', '-')}", f"required (no flag given and no "
+                                       f"sweep.{k} in {params_file})") for k in missing])
+    from pydantic import ValidationError
+
+    try:
+        return SweepConfig.model_validate(values)
+    except ValidationError as e:
+        raise SweepInputError([Problem(f"--{'.'.join(map(str, err['loc'])).replace('_', '-')}", err["msg"])
+                               for err in e.errors()]) from e

@@ -1,0 +1,151 @@
+"""Where a trial runs. The local launcher: one process per trial on this host.
+
+Each trial is a process forked from a fork server that has already imported MLflow and
+the trainer's module, so starting a trial costs milliseconds, not the seconds a fresh
+Python interpreter needs. A crashing, hanging or memory-hungry trainer takes down only
+its own process group.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing
+import multiprocessing.forkserver
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from trainer.runner import TrialRequest, run_trial_process
+
+# Grace between SIGTERM and SIGKILL when a time limit hits: enough to save a checkpoint.
+KILL_GRACE_S = 5.0
+
+
+@dataclass(frozen=True)
+class TrialOutcome:
+    """How one attempt ended. ``f1`` is set exactly when ``ok``."""
+
+    ok: bool
+    f1: float | None
+    reason: str | None = None
+    # A failure of the machine, not of the hparams (signal, lost host): worth another attempt.
+    retryable: bool = False
+    killed: bool = False
+    started_at: float = 0.0
+    ended_at: float = 0.0
+
+
+class TrialLauncher(Protocol):
+    """Runs one attempt of one trial to completion and says how it ended.
+
+    Implementations never raise for a trainer's failure: it is an outcome.
+    Safe to call from several threads at once.
+    """
+
+    def run(self, request: TrialRequest, time_limit_s: float | None) -> TrialOutcome: ...
+
+
+class LocalLauncher:
+    def __init__(self, preload: list[str] | None = None):
+        self._mp = multiprocessing.get_context("forkserver")
+        # "__main__" too: otherwise every trial re-imports the main script before it starts.
+        self._mp.set_forkserver_preload(["__main__", "trainer.runner", "trainer._preload", *(preload or [])])
+        # Start (and preload) the fork server now, while the sweep sets up MLflow and Prefect.
+        threading.Thread(target=multiprocessing.forkserver.ensure_running, daemon=True).start()
+
+    def run(self, request: TrialRequest, time_limit_s: float | None) -> TrialOutcome:
+        paths = request.paths
+        for stale in (paths.result, paths.outcome):
+            stale.unlink(missing_ok=True)
+        paths.checkpoints.mkdir(parents=True, exist_ok=True)
+        _empty_dir(paths.model)
+        started = time.time()
+        proc = self._mp.Process(target=run_trial_process, args=(request,), name=f"trial-{request.run_id}")
+        proc.start()
+        proc.join(time_limit_s)
+        timed_out = proc.is_alive()
+        if timed_out:
+            _kill_group(proc)
+        ended = time.time()
+        outcome = judge(
+            exitcode=proc.exitcode,
+            timed_out=timed_out,
+            time_limit_s=time_limit_s,
+            outcome=_read_json(paths.outcome),
+            result=_read_json(paths.result),
+        )
+        proc.close()
+        return TrialOutcome(**{**outcome.__dict__, "started_at": started, "ended_at": ended})
+
+
+def _kill_group(proc: multiprocessing.process.BaseProcess) -> None:
+    """SIGTERM the trial's whole process group, then SIGKILL what is left after the grace."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    proc.join(KILL_GRACE_S)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.join()
+
+
+def _empty_dir(path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+
+
+def _read_json(path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else {"value": data}
+
+
+def judge(
+    exitcode: int | None,
+    timed_out: bool,
+    time_limit_s: float | None,
+    outcome: dict[str, Any] | None,
+    result: dict[str, Any] | None,
+) -> TrialOutcome:
+    """Turn what a trial process left behind into an outcome with a reason a person can act on."""
+    if timed_out:
+        return TrialOutcome(False, None, f"time limit of {time_limit_s:g} s exceeded: killed", killed=True)
+    if exitcode is not None and exitcode < 0:
+        name = signal.Signals(-exitcode).name
+        return TrialOutcome(False, None, f"trainer process killed by {name} (out of memory or lost host?)",
+                            retryable=True, killed=True)
+    if outcome is None:
+        return TrialOutcome(False, None, f"trainer process exited with code {exitcode} without reporting",
+                            retryable=True)
+    if "error" in outcome:
+        return TrialOutcome(False, None, f"trainer raised {outcome['error']}")
+    if outcome.get("exit_code"):
+        code = outcome["exit_code"]
+        if code < 0:
+            return TrialOutcome(False, None, f"command killed by {signal.Signals(-code).name}",
+                                retryable=True, killed=True)
+        return TrialOutcome(False, None, f"command exited with code {code}")
+    return check_f1(result)
+
+
+def check_f1(result: dict[str, Any] | None) -> TrialOutcome:
+    """F1 must be a finite number in [0, 1]; anything else fails the trial with that reason."""
+    if result is None or "f1" not in result:
+        return TrialOutcome(False, None, 'trainer wrote no F1 (expected {"f1": <float>} in HPSWEEP_RESULT)')
+    f1 = result["f1"]
+    if isinstance(f1, bool) or not isinstance(f1, (int, float)):
+        return TrialOutcome(False, None, f"F1 {f1!r} is not a number")
+    if not math.isfinite(f1) or not 0.0 <= f1 <= 1.0:
+        return TrialOutcome(False, None, f"F1 {f1} is outside [0, 1]")
+    return TrialOutcome(True, float(f1))

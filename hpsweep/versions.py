@@ -1,0 +1,82 @@
+"""Versions that identify what a trial trained on: spec, data, code, and the trial key.
+
+The trial key is the identity of one unit of GPU work: the same key means the same
+hparams on the same data with the same spec and trainer code, so its result can be reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+from pathlib import Path
+
+import yaml
+
+from hpsweep.inputs import Hparams, ModelSpec, canonical_json, resolve_entrypoint
+
+_CHUNK = 1 << 20
+
+
+def _sha256(*parts: str) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part.encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def spec_hash(spec: ModelSpec) -> str:
+    """Hash of the spec's content (not its formatting or comments)."""
+    return _sha256(canonical_json(spec.model_dump(mode="json")))[:16]
+
+
+def file_md5(path: Path) -> str:
+    h = hashlib.md5()
+    with path.open("rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def data_version(path: Path) -> str:
+    """DVC's md5 when the path is DVC-tracked (free: no re-hashing of tens of GB), else an md5 of the content."""
+    dvc_file = path.with_name(path.name + ".dvc")
+    if dvc_file.is_file():
+        outs = (yaml.safe_load(dvc_file.read_text()) or {}).get("outs") or []
+        if outs and outs[0].get("md5"):
+            return str(outs[0]["md5"])
+    if path.is_file():
+        return file_md5(path)
+    h = hashlib.md5()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(path)).encode())
+        h.update(file_md5(f).encode())
+    return h.hexdigest()
+
+
+def code_version(spec: ModelSpec) -> str:
+    """Hash of the trainer's own source: the entry point's module file, or the files a command names."""
+    trainer = spec.trainer
+    if trainer.entrypoint is not None:
+        fn = resolve_entrypoint(trainer.entrypoint)
+        module = __import__(fn.__module__, fromlist=["_"])
+        source = getattr(module, "__file__", None)
+        return _sha256(trainer.entrypoint, file_md5(Path(source)) if source else "")[:16]
+    parts = list(trainer.command or [])
+    parts += [file_md5(Path(a)) for a in trainer.command or [] if Path(a).is_file()]
+    return _sha256(*parts)[:16]
+
+
+def git_commit(cwd: Path | None = None) -> str:
+    """HEAD's sha with '-dirty' when the tree has changes; 'unknown' outside a git checkout."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                               capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def trial_key(hparams: Hparams, spec_version: str, data_versions: str, code: str) -> str:
+    return _sha256(canonical_json(hparams), spec_version, data_versions, code)[:24]

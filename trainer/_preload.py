@@ -1,0 +1,32 @@
+"""Imported once by the trial fork server, never by trials themselves: everything a trial
+would otherwise import on its own, at seconds per trial (MLflow's stores, SQLAlchemy's
+mapper set-up, model serialisers). Forked trials inherit it already loaded."""
+
+import importlib
+
+for _name in (
+    "mlflow.store.tracking.sqlalchemy_store",
+    "mlflow.store.tracking.rest_store",
+    "mlflow.store.model_registry.sqlalchemy_store",
+    "mlflow.store.artifact.local_artifact_repo",
+    "mlflow.store.artifact.s3_artifact_repo",
+    "mlflow.sklearn",
+    "skops.io",
+):
+    try:
+        importlib.import_module(_name)
+    except ImportError:  # optional backends (e.g. skops) may be absent
+        pass
+
+from sqlalchemy.orm import configure_mappers  # noqa: E402
+
+configure_mappers()
+
+try:
+    # MLflow maps every installed package to its modules on a process's first save_model
+    # (1.6 s here). Private API, so best effort: if it moves, trials are only slower.
+    from mlflow.utils import requirements_utils
+
+    requirements_utils._init_packages_to_modules_map()
+except Exception:
+    pass

@@ -1,0 +1,120 @@
+"""Reference trainer: a scikit-learn MLP on the digits data, trained epoch by epoch.
+
+It exercises the whole contract: per-epoch metrics via ``ctx.report``, an atomic
+checkpoint after every epoch, resuming from ``ctx.resume_from`` after a retry, and an
+MLflow model left in ``ctx.model_dir``. Runs on CPU whatever ``ctx.device`` says.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sklearn.metrics import f1_score
+from sklearn.neural_network import MLPClassifier
+
+from trainer.contract import DataRefs, TrainContext
+from trainer.prepare import load_xy
+
+CHECKPOINT_NAME = "checkpoint.pkl"
+ADAM_TYPE = "sklearn.neural_network._stochastic_optimizers.AdamOptimizer"
+HPARAM_DEFAULTS: dict[str, Any] = {"hidden": 64, "lr": 1e-3, "alpha": 1e-4, "batch_size": 64}
+
+
+def train(hparams: dict[str, Any], data: DataRefs, ctx: TrainContext) -> float:
+    unknown = set(hparams) - set(HPARAM_DEFAULTS)
+    if unknown:
+        # A typo in the combinations file would otherwise silently train with a default.
+        ctx.logger.warning("ignoring unknown hparams: %s", sorted(unknown))
+    hp = {**HPARAM_DEFAULTS, **{k: v for k, v in hparams.items() if k in HPARAM_DEFAULTS}}
+    epochs = int(ctx.settings.get("epochs", 10))
+    seed = int(ctx.settings.get("seed", 0))
+    average = str(ctx.settings.get("average", "macro"))
+    sleep_s = float(ctx.settings.get("epoch_sleep_s", 0))
+
+    X_tr, y_tr = load_xy(Path(data.train))
+    X_val, y_val = load_xy(Path(data.val))
+    classes = np.arange(10)  # digits 0..9; partial_fit needs every class on the first call
+
+    model, start = _resume(ctx)
+    if model is None:
+        model = MLPClassifier(
+            hidden_layer_sizes=(int(hp["hidden"]),),
+            learning_rate_init=float(hp["lr"]),
+            alpha=float(hp["alpha"]),
+            batch_size=int(hp["batch_size"]),
+            # We shuffle ourselves with an RNG keyed on (seed, epoch), so epoch k sees the
+            # same order whether or not the run was interrupted before it.
+            shuffle=False,
+            random_state=seed,
+        )
+
+    f1: float | None = None
+    for epoch in range(start, epochs + 1):
+        order = np.random.default_rng([seed, epoch]).permutation(len(y_tr))
+        # One partial_fit call is one pass over the data in `batch_size` mini-batches;
+        # model.loss_ is then the epoch's mean training loss.
+        model.partial_fit(X_tr[order], y_tr[order], classes=classes)
+        f1 = float(f1_score(y_val, model.predict(X_val), average=average))
+        ctx.report(epoch, val_f1=f1, train_loss=model.loss_)
+        _save_checkpoint(ctx.checkpoint_dir, epoch, model)
+        if sleep_s > 0:
+            time.sleep(sleep_s)
+
+    if f1 is None:  # resumed from a checkpoint of the final epoch: nothing left to train
+        f1 = float(f1_score(y_val, model.predict(X_val), average=average))
+    _save_model(model, Path(ctx.model_dir))
+    return f1
+
+
+def _resume(ctx: TrainContext) -> tuple[MLPClassifier | None, int]:
+    """The checkpointed model and the epoch to continue at, or (None, 1) on a fresh start."""
+    path = ctx.resume_from
+    if path is None:
+        return None, 1
+    with open(path, "rb") as f:
+        state = pickle.load(f)
+    ctx.logger.info("resumed from epoch %d (%s)", state["epoch"], path)
+    return state["model"], state["epoch"] + 1
+
+
+def _save_checkpoint(checkpoint_dir: Path, epoch: int, model: MLPClassifier) -> None:
+    checkpoint_dir = Path(checkpoint_dir)
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    # Dot-prefixed temp name: latest_checkpoint() skips it if we die mid-write.
+    tmp = checkpoint_dir / f".{CHECKPOINT_NAME}.tmp"
+    with open(tmp, "wb") as f:
+        pickle.dump({"epoch": epoch, "model": model}, f)
+    os.replace(tmp, checkpoint_dir / CHECKPOINT_NAME)
+
+
+def _save_model(model: MLPClassifier, model_dir: Path) -> None:
+    import mlflow.sklearn  # imported here: only needed once, at the very end
+
+    # save_model refuses a non-empty folder. hpsweep hands us an empty one; a retry may
+    # find our own earlier save (it has an MLmodel file), which we replace.
+    if (model_dir / "MLmodel").exists():
+        shutil.rmtree(model_dir)
+    if model_dir.is_dir() and not any(model_dir.iterdir()):
+        model_dir.rmdir()
+    # Anything else already in the folder is not ours: keep it, save beside it.
+    target = model_dir / "model" if model_dir.exists() else model_dir
+    if target.exists():
+        shutil.rmtree(target)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # e.g. "model signature not given"; not useful here
+        mlflow.sklearn.save_model(
+            model,
+            str(target),
+            # Explicit requirements: otherwise MLflow spends seconds inferring them.
+            pip_requirements=["scikit-learn"],
+            # MLflow saves with skops, which only loads allow-listed types; the fitted MLP
+            # carries its Adam optimizer state (kept so the model can still partial_fit).
+            skops_trusted_types=[ADAM_TYPE],
+        )

@@ -1,0 +1,168 @@
+"""Runs one trial inside its own process (the child side of the local launcher).
+
+The process is forked from a preloaded fork server, so MLflow and the trainer's module
+are imported once per sweep, not once per trial. It becomes the leader of a new process
+group, so a time limit kills the trainer and everything it started.
+
+It never decides whether the trial succeeded: it writes what happened to
+``outcome.json`` and the parent judges (a process killed by a signal writes nothing,
+and the parent must handle that case anyway).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trainer import contract
+
+# Imported here so the fork server pays for it once; trials only fork.
+import mlflow  # noqa: F401
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+
+
+@dataclass(frozen=True)
+class TrialRequest:
+    """Everything a trial process needs; plain data so it pickles across the fork server."""
+
+    run_id: str
+    tracking_uri: str
+    hparams: dict[str, Any]
+    settings: dict[str, Any]
+    train: str
+    val: str
+    trial_dir: str
+    cwd: str
+    entrypoint: str | None = None
+    command: list[str] | None = None
+    gpu_ids: tuple[int, ...] = ()
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def paths(self) -> "TrialPaths":
+        return TrialPaths(Path(self.trial_dir))
+
+
+@dataclass(frozen=True)
+class TrialPaths:
+    root: Path
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def model(self) -> Path:
+        return self.root / "model"
+
+    @property
+    def log(self) -> Path:
+        return self.root / "trial.log"
+
+    @property
+    def hparams(self) -> Path:
+        return self.root / "hparams.json"
+
+    @property
+    def result(self) -> Path:
+        return self.root / "result.json"
+
+    @property
+    def outcome(self) -> Path:
+        return self.root / "outcome.json"
+
+
+def trial_env(req: TrialRequest) -> dict[str, str]:
+    """The documented environment of a trial (the command trainer's contract)."""
+    paths = req.paths
+    env = {
+        contract.ENV_HPARAMS: str(paths.hparams),
+        contract.ENV_TRAIN_DATA: req.train,
+        contract.ENV_VAL_DATA: req.val,
+        contract.ENV_CHECKPOINT_DIR: str(paths.checkpoints),
+        contract.ENV_MODEL_DIR: str(paths.model),
+        contract.ENV_RESULT: str(paths.result),
+        contract.ENV_DEVICE: "cuda" if req.gpu_ids else "cpu",
+        "CUDA_VISIBLE_DEVICES": ",".join(str(g) for g in req.gpu_ids),
+        "MLFLOW_TRACKING_URI": req.tracking_uri,
+        "MLFLOW_RUN_ID": req.run_id,
+    }
+    env.update(req.extra_env)
+    return env
+
+
+def run_trial_process(req: TrialRequest) -> None:
+    """Process target: set up the trial's world, run the trainer, record the outcome."""
+    os.setsid()
+    os.chdir(req.cwd)
+    paths = req.paths
+    log = open(paths.log, "ab", buffering=0)
+    os.dup2(log.fileno(), 1)
+    os.dup2(log.fileno(), 2)
+    sys.stdout = open(1, "w", buffering=1, closefd=False)
+    sys.stderr = open(2, "w", buffering=1, closefd=False)
+    os.environ.update(trial_env(req))
+    paths.hparams.write_text(json.dumps({**req.settings, **req.hparams}, indent=1))
+    try:
+        if req.entrypoint is not None:
+            outcome = _run_entrypoint(req)
+        else:
+            outcome = _run_command(req)
+        if paths.model.is_dir() and any(paths.model.iterdir()) and not outcome.get("exit_code"):
+            # Uploaded from the trial's own process: on a fleet, the files live only here.
+            MlflowClient(req.tracking_uri).log_artifacts(req.run_id, str(paths.model), "model")
+    except BaseException as e:  # the trainer's failure is the trial's reason, not ours to hide
+        outcome = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+        traceback.print_exc()
+    _write_json(paths.outcome, outcome)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def _run_entrypoint(req: TrialRequest) -> dict[str, Any]:
+    from hpsweep.inputs import resolve_entrypoint
+
+    client = MlflowClient(req.tracking_uri)
+
+    def report(step: int, metrics: dict[str, float]) -> None:
+        ts = int(time.time() * 1000)
+        client.log_batch(req.run_id, metrics=[Metric(k, v, ts, step) for k, v in metrics.items()])
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
+    train = resolve_entrypoint(req.entrypoint)  # type: ignore[arg-type]
+    paths = req.paths
+    ctx = contract.TrainContext(
+        checkpoint_dir=paths.checkpoints,
+        model_dir=paths.model,
+        device="cuda" if req.gpu_ids else "cpu",
+        gpu_ids=tuple(req.gpu_ids),
+        settings=dict(req.settings),
+        _reporter=report,
+    )
+    data = contract.DataRefs(Path(req.train), Path(req.val))
+    f1 = train(dict(req.hparams), data, ctx)
+    _write_json(paths.result, {"f1": f1 if isinstance(f1, (int, float)) else repr(f1)})
+    return {"returned": True}
+
+
+def _run_command(req: TrialRequest) -> dict[str, Any]:
+    # The command inherits our stdout/stderr, which are the trial log.
+    proc = subprocess.run(req.command, env=os.environ.copy())  # type: ignore[arg-type]
+    return {"exit_code": proc.returncode}
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
