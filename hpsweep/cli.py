@@ -17,6 +17,7 @@ from typing import Any
 
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.table import Table
 
 from hpsweep.config import SweepConfig, build_config
@@ -110,7 +111,7 @@ def _run(args: argparse.Namespace) -> int:
         load_inputs(config.combinations, config.spec, config.train, config.val, config.quota)
     except SweepInputError as e:
         for problem in e.problems:
-            console.print(f"[red]error:[/red] {problem}", markup=True, highlight=False, soft_wrap=True)
+            console.print(f"[red]error:[/red] {escape(str(problem))}", highlight=False, soft_wrap=True)
         return EXIT_INVALID_INPUT
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s",

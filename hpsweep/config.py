@@ -8,7 +8,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from hpsweep.inputs import Problem, SweepInputError
+from hpsweep.inputs import Problem, SweepInputError, yaml_error_message
 
 DEFAULT_LIMIT_NAME = "hpsweep-gpus"
 
@@ -38,8 +38,10 @@ def read_params(path: Path) -> dict[str, Any]:
         return {}
     try:
         doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError) as e:
+        raise SweepInputError([Problem(str(path), f"cannot read the file: {e}")]) from e
     except yaml.YAMLError as e:
-        raise SweepInputError([Problem(str(path), f"not valid YAML: {e}")]) from e
+        raise SweepInputError([Problem(str(path), yaml_error_message(e))]) from e
     section = doc.get("sweep", {}) if isinstance(doc, dict) else None
     if not isinstance(section, dict):
         raise SweepInputError([Problem(str(path), "expected a mapping", key="sweep")])
@@ -51,7 +53,8 @@ def read_params(path: Path) -> dict[str, Any]:
 
 def build_config(flags: dict[str, Any], params_file: Path) -> SweepConfig:
     """Flags given on the command line win over params.yaml; a missing required one is an input error."""
-    values = {**read_params(params_file), **{k: v for k, v in flags.items() if v is not None}}
+    given = {k: v for k, v in flags.items() if v is not None}
+    values = {**read_params(params_file), **given}
     missing = [k for k in ("combinations", "spec", "train", "val") if k not in values]
     if missing:
         raise SweepInputError([Problem(f"--{k.replace('_', '-')}", f"required (no flag given and no "
@@ -61,5 +64,12 @@ def build_config(flags: dict[str, Any], params_file: Path) -> SweepConfig:
     try:
         return SweepConfig.model_validate(values)
     except ValidationError as e:
-        raise SweepInputError([Problem(f"--{'.'.join(map(str, err['loc'])).replace('_', '-')}", err["msg"])
-                               for err in e.errors()]) from e
+        raise SweepInputError([_config_problem(err, given, params_file) for err in e.errors()]) from e
+
+
+def _config_problem(err: Any, given: dict[str, Any], params_file: Path) -> Problem:
+    """Name where the bad value came from: the flag if one was given, else params.yaml's key."""
+    field = str(err["loc"][0]) if err["loc"] else ""
+    if field in given:
+        return Problem(f"--{field.replace('_', '-')}", err["msg"])
+    return Problem(str(params_file), err["msg"], key=".".join(["sweep", *map(str, err["loc"])]))

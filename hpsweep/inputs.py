@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import csv
 import importlib
+import io
 import json
 import math
 import os
 import re
 import shutil
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
@@ -49,6 +51,14 @@ class SweepInputError(Exception):
         super().__init__("\n".join(str(p) for p in problems))
 
 
+def yaml_error_message(e: yaml.YAMLError) -> str:
+    """One line (PyYAML's own text spans several and names '<unicode string>')."""
+    mark = getattr(e, "problem_mark", None)
+    what = getattr(e, "problem", None) or str(e).splitlines()[0]
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+    return f"not valid YAML: {what}{where}"
+
+
 # ---------------------------------------------------------------- combinations
 
 
@@ -61,42 +71,45 @@ def load_combinations(path: Path) -> list[Hparams]:
             [Problem(name, f"unknown file type '{path.suffix}': use .yaml, .yml or .csv")]
         )
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # -sig: a spreadsheet's BOM is not part of the first key
     except (OSError, UnicodeDecodeError) as e:
         raise SweepInputError([Problem(name, f"cannot read the file: {e}")]) from e
     if not text.strip():
         raise SweepInputError([Problem(name, "the file is empty")])
-    rows = _yaml_rows(name, text) if suffix != ".csv" else _csv_rows(name, text)
-    problems = _check_rows(name, rows)
+    if suffix == ".csv":
+        header, rows = _csv_rows(name, text)
+        problems = _check_rows(name, rows, expected=header)
+    else:
+        problems, rows = _yaml_rows(name, text)
+        problems += _check_rows(name, rows)
     if problems:
         raise SweepInputError(problems)
     return [values for _, values in rows]
 
 
-def _yaml_rows(name: str, text: str) -> list[tuple[int, dict[str, Any]]]:
+def _yaml_rows(name: str, text: str) -> tuple[list[Problem], list[tuple[int, dict[str, Any]]]]:
     try:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise SweepInputError([Problem(name, f"not valid YAML: {e}")]) from e
+        raise SweepInputError([Problem(name, yaml_error_message(e))]) from e
     if not isinstance(doc, dict) or "combinations" not in doc:
         raise SweepInputError([Problem(name, "expected a mapping with a 'combinations:' list")])
-    extra = sorted(set(doc) - {"combinations"})
-    if extra:
-        raise SweepInputError([Problem(name, "unknown top-level key", key=extra[0])])
+    problems = [Problem(name, "unknown top-level key (only 'combinations' is allowed)", key=str(k))
+                for k in doc if k != "combinations"]
     combos = doc["combinations"]
     if combos is None or combos == []:
-        raise SweepInputError([Problem(name, "no combinations", key="combinations")])
+        raise SweepInputError(problems + [Problem(name, "no combinations", key="combinations")])
     if not isinstance(combos, list):
-        raise SweepInputError([Problem(name, "must be a list of mappings", key="combinations")])
-    problems, rows = [], []
+        raise SweepInputError(problems + [Problem(name, "must be a list of mappings", key="combinations")])
+    rows = []
     for i, combo in enumerate(combos, start=1):
         if not isinstance(combo, dict) or not combo:
             problems.append(Problem(name, "a combination must be a non-empty mapping of key: value", row=i))
         else:
             rows.append((i, {str(k): v for k, v in combo.items()}))
-    if problems:
+    if not rows:
         raise SweepInputError(problems)
-    return rows
+    return problems, rows
 
 
 _INT = re.compile(r"[+-]?\d+")
@@ -115,33 +128,55 @@ def parse_csv_value(text: str) -> Scalar:
         return s
 
 
-def _csv_rows(name: str, text: str) -> list[tuple[int, dict[str, Any]]]:
-    reader = csv.reader(text.splitlines())
-    header = [h.strip() for h in next(reader)]
+def _csv_rows(name: str, text: str) -> tuple[list[str], list[tuple[int, dict[str, Any]]]]:
+    # Rows are numbered as file lines (the header is line 1 unless blank lines come first); a
+    # StringIO with newline="" keeps a quoted cell's line breaks and the line count right.
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        return _read_csv(name, reader)
+    except csv.Error as e:
+        raise SweepInputError([Problem(name, f"not valid CSV: {e}", row=reader.line_num)]) from e
+
+
+def _read_csv(name: str, reader) -> tuple[list[str], list[tuple[int, dict[str, Any]]]]:
+    for cells in reader:
+        if any(c.strip() for c in cells):  # blank lines before the header are skipped
+            break
+    else:
+        raise SweepInputError([Problem(name, "no header row (column names) found")])
+    header_line = reader.line_num
+    header = [h.strip() for h in cells]
     problems: list[Problem] = []
     if any(not h for h in header):
-        problems.append(Problem(name, "the header has an empty column name", row=1))
+        problems.append(Problem(name, "the header has an empty column name", row=header_line))
     dupes = sorted({h for h in header if header.count(h) > 1})
-    problems += [Problem(name, "column named twice in the header", row=1, key=h) for h in dupes]
+    problems += [Problem(name, "column named twice in the header", row=header_line, key=h) for h in dupes]
     if problems:
         raise SweepInputError(problems)
     rows = []
-    for line_no, cells in enumerate(reader, start=2):  # rows are numbered as file lines
+    line_no = reader.line_num + 1
+    for cells in reader:
+        start, line_no = line_no, reader.line_num + 1
         if not any(c.strip() for c in cells):
             continue  # blank line
         row: dict[str, Any] = {}
         for i, cell in enumerate(cells):
             key = header[i] if i < len(header) else f"<column {i + 1}>"
             row[key] = parse_csv_value(cell) if cell.strip() else None
-        rows.append((line_no, row))
+        rows.append((start, row))
     if not rows:
         raise SweepInputError([Problem(name, "no combinations: the file has a header but no rows")])
-    return rows
+    return header, rows
 
 
-def _check_rows(name: str, rows: list[tuple[int, dict[str, Any]]]) -> list[Problem]:
+def _check_rows(name: str, rows: list[tuple[int, dict[str, Any]]], expected: list[str] | None = None
+                ) -> list[Problem]:
+    """Same keys on every row: a CSV's header, else the keys most rows have (the first row's on a tie)."""
     problems: list[Problem] = []
-    expected = list(rows[0][1])
+    if expected is None:
+        counts = Counter(frozenset(values) for _, values in rows)
+        most = max(counts.values())
+        expected = next(list(values) for _, values in rows if counts[frozenset(values)] == most)
     seen: dict[str, int] = {}
     for row_no, values in rows:
         for key in expected:
@@ -149,7 +184,8 @@ def _check_rows(name: str, rows: list[tuple[int, dict[str, Any]]]) -> list[Probl
                 problems.append(Problem(name, "missing value", row=row_no, key=key))
         for key in values:
             if key not in expected:
-                problems.append(Problem(name, f"unexpected key (the first row has {expected})", row=row_no, key=key))
+                problems.append(Problem(name, f"unexpected key (expected only: {', '.join(expected)})",
+                                        row=row_no, key=key))
         for key, value in values.items():
             if value is None:
                 continue
@@ -210,13 +246,17 @@ def load_spec(path: Path) -> ModelSpec:
     except (OSError, UnicodeDecodeError) as e:
         raise SweepInputError([Problem(name, f"cannot read the file: {e}")]) from e
     except yaml.YAMLError as e:
-        raise SweepInputError([Problem(name, f"not valid YAML: {e}")]) from e
+        raise SweepInputError([Problem(name, yaml_error_message(e))]) from e
     if not isinstance(doc, dict):
         raise SweepInputError([Problem(name, "expected a mapping with at least a 'trainer:' key")])
     try:
         spec = ModelSpec.model_validate(doc)
     except ValidationError as e:
-        raise SweepInputError([_pydantic_problem(name, err) for err in e.errors()]) from e
+        problems = _pydantic_problems(name, e)
+        if not any(p.key == "trainer" or (p.key or "").startswith("trainer.") for p in problems):
+            # The trainer itself is well-formed: still report an entry point / command that won't work.
+            problems += check_trainer(name, TrainerSpec.model_validate(doc["trainer"]))
+        raise SweepInputError(problems) from e
     if spec.name is None:
         spec = spec.model_copy(update={"name": path.stem})
     problems = check_trainer(name, spec.trainer)
@@ -225,12 +265,25 @@ def load_spec(path: Path) -> ModelSpec:
     return spec
 
 
-def _pydantic_problem(name: str, err: Any) -> Problem:
-    loc = ".".join(str(p) for p in err["loc"])
-    msg = err["msg"].removeprefix("Value error, ")
-    if err["type"] == "extra_forbidden":
-        msg = "unknown key"
-    return Problem(name, msg, key=loc or None)
+_SCALAR_MEMBERS = {"bool", "int", "float", "str"}  # pydantic tags each Union[bool, int, float, str] attempt
+
+
+def _pydantic_problems(name: str, error: ValidationError) -> list[Problem]:
+    problems: list[Problem] = []
+    for err in error.errors():
+        loc = err["loc"]
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif err["type"] == "missing":
+            msg = "required key is missing"
+        if loc[:1] == ("settings",) and len(loc) == 3 and loc[2] in _SCALAR_MEMBERS:
+            # One problem per setting, not one per member of the Scalar union it failed.
+            loc, msg = loc[:2], f"value {err['input']!r} is not a scalar (int, float, str or bool)"
+        problem = Problem(name, msg, key=".".join(str(p) for p in loc) or None)
+        if problem not in problems:
+            problems.append(problem)
+    return problems
 
 
 def check_trainer(name: str, trainer: TrainerSpec) -> list[Problem]:

@@ -1,0 +1,187 @@
+"""Shared fixtures: real servers on loopback (prefect server, mlflow server on PostgreSQL),
+an isolated project folder per test, and a helper that runs the real `hpsweep` CLI."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+TESTS = REPO / "tests"
+PG_DSN = os.environ.get("HPSWEEP_TEST_PG", "postgresql://postgres@127.0.0.1:5432")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None, log: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}: {log.read_text()[-3000:] if log else ''}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.3)
+    raise RuntimeError(f"{url} not up after {timeout}s: {log.read_text()[-3000:] if log else ''}")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """SIGINT first (servers and workers shut down cleanly on it), then kill."""
+    if proc.poll() is None:
+        proc.send_signal(2)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_prefect_home(tmp_path_factory: pytest.TempPathFactory):
+    """Keep tests away from the user's ~/.prefect (profiles, database)."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    old = os.environ.get("PREFECT_HOME")
+    os.environ["PREFECT_HOME"] = str(home)
+    os.environ.pop("PREFECT_API_URL", None)
+    yield home
+    if old is None:
+        os.environ.pop("PREFECT_HOME", None)
+    else:
+        os.environ["PREFECT_HOME"] = old
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from trainer.prepare import prepare
+
+    out = tmp_path_factory.mktemp("digits")
+    prepare(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory: pytest.TempPathFactory, isolated_prefect_home) -> str:
+    """A real `prefect server` on loopback; yields its API URL."""
+    port = free_port()
+    home = tmp_path_factory.mktemp("prefect-server")
+    log = home / "server.log"
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_SERVER_UI_ENABLED": "false"}
+    proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                             "--port", str(port)], env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/api"
+    try:
+        wait_http(f"{url}/health", 120, proc, log)
+        yield url
+    finally:
+        stop(proc)
+
+
+@pytest.fixture(scope="session")
+def postgres_db() -> str:
+    """A fresh PostgreSQL database for this test session (dropped at the end)."""
+    import psycopg
+
+    name = f"hpsweep_test_{uuid.uuid4().hex[:8]}"
+    conn = psycopg.connect(f"{PG_DSN}/postgres", autocommit=True)
+    conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"{PG_DSN}/{name}"
+    finally:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.close()
+
+
+@dataclass
+class MlflowServer:
+    url: str
+    proc: subprocess.Popen
+    cmd: list[str]
+    log: Path
+
+    def restart(self, down_s: float = 0.0) -> None:
+        stop(self.proc)
+        time.sleep(down_s)
+        self.proc = subprocess.Popen(self.cmd, stdout=self.log.open("ab"), stderr=subprocess.STDOUT)
+        wait_http(f"{self.url}/health", 120, self.proc, self.log)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory, postgres_db: str) -> MlflowServer:
+    """A real `mlflow server` with PostgreSQL as its backend store and proxied artifacts."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", postgres_db,
+           "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+           "--workers", "2"]
+    log = root / "server.log"
+    proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    server = MlflowServer(f"http://127.0.0.1:{port}", proc, cmd, log)
+    try:
+        wait_http(f"{server.url}/health", 180, proc, log)
+        yield server
+    finally:
+        stop(server.proc)
+
+
+@dataclass
+class Project:
+    """A user's project folder: inputs under params/, data under data/, state written here."""
+
+    root: Path
+    env: dict[str, str]
+
+    def write(self, relpath: str, text: str) -> Path:
+        path = self.root / relpath
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        return path
+
+    def hpsweep(self, *args: str, timeout: float = 600, env: dict[str, str] | None = None
+                ) -> subprocess.CompletedProcess:
+        """Run the real CLI in a child process, as a user would."""
+        return subprocess.run([sys.executable, "-m", "hpsweep.cli", *args], cwd=self.root,
+                              env={**self.env, **(env or {})}, capture_output=True, text=True, timeout=timeout)
+
+    def state_written(self) -> list[str]:
+        """Anything a sweep would write: MLflow store, artifacts, reports, trial folders."""
+        names = ("mlflow.db", "mlruns", "mlartifacts", "reports", ".hpsweep")
+        return [n for n in names if (self.root / n).exists()]
+
+
+@pytest.fixture
+def project(tmp_path: Path, demo_data: Path) -> Project:
+    root = tmp_path / "project"
+    (root / "data").mkdir(parents=True)
+    for name in ("train.csv", "val.csv"):
+        shutil.copy(demo_data / name, root / "data" / name)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_API", "HPSWEEP_"))}
+    # The tests' own trainers (tests/trainers.py) are importable as `tests.trainers`.
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env["NO_COLOR"] = "1"
+    env["COLUMNS"] = "200"
+    return Project(root, env)
+
+
+@pytest.fixture
+def served_project(project: Project, prefect_server: str) -> Project:
+    """A project whose sweeps use the session's real `prefect server` (not the ephemeral API)."""
+    project.env["PREFECT_API_URL"] = prefect_server
+    return project

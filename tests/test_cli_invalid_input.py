@@ -1,0 +1,166 @@
+"""Invalid input through the real CLI: exit code 2, one line per problem naming file, row and key,
+no traceback, and nothing written (no MLflow store, no report, no trial folders).
+
+Validation runs before Prefect or MLflow is imported, so each of these takes about half a second.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Project
+from tests.test_inputs import INVALID, INVALID_COMBINATIONS, INVALID_SPECS, VALID
+
+
+VALID_COMBOS = "combos.yaml"
+VALID_SPEC = "spec.yaml"
+
+
+def put(project: Project, source: Path, name: str | None = None) -> str:
+    """Copy a sample file into the project's params/ folder; return its path as the user types it."""
+    rel = f"params/{name or source.name}"
+    (project.root / rel).parent.mkdir(parents=True, exist_ok=True)
+    (project.root / rel).write_bytes(source.read_bytes())
+    return rel
+
+
+def run(project: Project, combos: str, spec: str, *extra: str, train: str = "data/train.csv",
+        val: str = "data/val.csv", quota: str = "2") -> subprocess.CompletedProcess:
+    return project.hpsweep("run", "--combinations", combos, "--spec", spec, "--train", train, "--val", val,
+                           "--quota", quota, *extra, timeout=60)
+
+
+def error_lines(result: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.strip()]
+
+
+def assert_rejected(project: Project, result: subprocess.CompletedProcess) -> list[str]:
+    out = result.stdout + result.stderr
+    assert result.returncode == 2, out
+    assert "Traceback" not in out, out
+    assert project.state_written() == [], out
+    lines = error_lines(result)
+    assert lines and all(line.startswith("error: ") for line in lines), out  # one line per problem, no noise
+    return lines
+
+
+def expected_line(rel: str, row: int | None, key: str | None, pattern: str) -> str:
+    where = re.escape(rel) + (f": row {row}" if row is not None else "") + (
+        f": key '{re.escape(key)}'" if key else "")
+    message = pattern[1:] if pattern.startswith("^") else ".*" + pattern  # patterns are for the message alone
+    return f"^error: {where}: {message}"
+
+
+@pytest.mark.parametrize("name", sorted(INVALID_COMBINATIONS))
+def test_invalid_combinations_file(project: Project, name: str):
+    combos = put(project, INVALID / name)
+    spec = put(project, VALID / VALID_SPEC)
+    lines = assert_rejected(project, run(project, combos, spec))
+    expected = INVALID_COMBINATIONS[name]
+    assert len(lines) == len(expected), lines
+    for line, (row, key, pattern) in zip(lines, expected):
+        assert re.search(expected_line(combos, row, key, pattern), line), line
+
+
+@pytest.mark.parametrize("name", sorted(INVALID_SPECS))
+def test_invalid_spec_file(project: Project, name: str):
+    combos = put(project, VALID / VALID_COMBOS)
+    spec = put(project, INVALID / name)
+    lines = assert_rejected(project, run(project, combos, spec))
+    expected = INVALID_SPECS[name]
+    assert len(lines) == len(expected), lines
+    for line, (row, key, pattern) in zip(lines, expected):
+        assert re.search(expected_line(spec, row, key, pattern), line), line
+
+
+def test_bad_combinations_and_bad_spec_and_missing_data_all_reported(project: Project):
+    combos = put(project, INVALID / "combos_several.yaml")
+    spec = put(project, INVALID / "spec_several.yaml")
+    lines = assert_rejected(project, run(project, combos, spec, train="data/missing_train.csv"))
+    expected = [expected_line(combos, *p) for p in INVALID_COMBINATIONS["combos_several.yaml"]]
+    expected += [expected_line(spec, *p) for p in INVALID_SPECS["spec_several.yaml"]]
+    expected += [r"^error: data/missing_train\.csv: --train data not found"]
+    assert len(lines) == len(expected) == 8, lines
+    for line, pattern in zip(lines, expected):
+        assert re.search(pattern, line), line
+
+
+@pytest.mark.parametrize("flag", ["train", "val"])
+def test_missing_data_path_is_named(project: Project, flag: str):
+    combos, spec = put(project, VALID / VALID_COMBOS), put(project, VALID / VALID_SPEC)
+    result = run(project, combos, spec, **{flag: "data/nowhere"})
+    assert assert_rejected(project, result) == [
+        f"error: data/nowhere: --{flag} data not found (expected a file or folder)"]
+
+
+def test_data_folders_are_accepted_as_paths(project: Project):
+    # A folder is valid data: with --train a folder, only the bad spec is reported.
+    (project.root / "data" / "train_dir").mkdir()
+    combos, spec = put(project, VALID / VALID_COMBOS), put(project, INVALID / "spec_bad_gpus.yaml")
+    lines = assert_rejected(project, run(project, combos, spec, train="data/train_dir"))
+    assert len(lines) == 1 and "resources.gpus" in lines[0]
+
+
+def test_quota_smaller_than_gpus_per_trial(project: Project):
+    combos, spec = put(project, VALID / VALID_COMBOS), put(project, INVALID / "spec_needs_4_gpus.yaml")
+    lines = assert_rejected(project, run(project, combos, spec, quota="2"))
+    assert lines == [f"error: {spec}: key 'resources.gpus': a trial needs 4 GPUs but the quota is 2: "
+                     "no trial could ever start"]
+
+
+def test_quota_below_one(project: Project):
+    combos, spec = put(project, VALID / VALID_COMBOS), put(project, VALID / VALID_SPEC)
+    assert assert_rejected(project, run(project, combos, spec, quota="0")) == [
+        "error: --quota: must be at least 1, got 0"]
+
+
+def test_quota_not_a_number_is_a_usage_error(project: Project):
+    combos, spec = put(project, VALID / VALID_COMBOS), put(project, VALID / VALID_SPEC)
+    result = run(project, combos, spec, quota="two")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "--quota" in result.stderr and "invalid int value: 'two'" in result.stderr
+    assert project.state_written() == []
+
+
+def test_missing_required_flags_are_named(project: Project):
+    result = project.hpsweep("run", "--train", "data/train.csv", timeout=60)
+    assert assert_rejected(project, result) == [
+        "error: --combinations: required (no flag given and no sweep.combinations in params.yaml)",
+        "error: --spec: required (no flag given and no sweep.spec in params.yaml)",
+        "error: --val: required (no flag given and no sweep.val in params.yaml)",
+    ]
+
+
+def test_params_yaml_defaults_are_validated_too(project: Project):
+    put(project, INVALID / "combos_missing_key.yaml", "c.yaml")
+    put(project, VALID / VALID_SPEC, "s.yaml")
+    project.write("params.yaml", "sweep:\n  combinations: params/c.yaml\n  spec: params/s.yaml\n"
+                                 "  train: data/train.csv\n  val: data/val.csv\n")
+    assert assert_rejected(project, project.hpsweep("run", timeout=60)) == [
+        "error: params/c.yaml: row 3: key 'lr': missing value"]
+
+
+def test_unknown_key_in_params_yaml(project: Project):
+    project.write("params.yaml", "sweep:\n  combinations: params/c.yaml\n  qouta: 4\n")
+    result = run(project, put(project, VALID / VALID_COMBOS), put(project, VALID / VALID_SPEC))
+    assert assert_rejected(project, result) == ["error: params.yaml: key 'sweep.qouta': unknown key"]
+
+
+def test_run_help_documents_every_flag(project: Project):
+    result = project.hpsweep("run", "--help", timeout=60)
+    assert result.returncode == 0, result.stderr
+    for flag in ("--combinations", "--spec", "--train", "--val", "--quota", "--name", "--report-dir"):
+        assert re.search(rf"^\s+{flag} \S+\s+\S", result.stdout, re.MULTILINE), f"{flag} undocumented"
+    assert "invalid input" in result.stdout  # the exit codes are part of the help
+    assert project.state_written() == []
+
+
+def test_brackets_in_keys_and_paths_are_printed_as_typed(project: Project):
+    combos = project.write("params/[old]/c.csv", "lr,[/x]\n0.1,1\n0.2\n")
+    result = run(project, "params/[old]/c.csv", put(project, VALID / VALID_SPEC))
+    assert assert_rejected(project, result) == ["error: params/[old]/c.csv: row 3: key '[/x]': missing value"]
+    assert combos.exists()

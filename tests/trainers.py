@@ -1,0 +1,63 @@
+"""Trainers for tests: fast, controllable by their hparams, and recording what they were given.
+
+Each writes one JSON line per trial to $HPSWEEP_TEST_RECORD (start/end time, pid, GPUs),
+so tests can measure real concurrency from the trainers' own timestamps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from trainer.contract import DataRefs, TrainContext
+
+
+def record(event: dict[str, Any]) -> None:
+    path = os.environ.get("HPSWEEP_TEST_RECORD")
+    if path:
+        with open(path, "a") as f:  # one short append per line: atomic enough on Linux
+            f.write(json.dumps(event) + "\n")
+
+
+def sleepy(hparams: dict[str, Any], data: DataRefs, ctx: TrainContext) -> float:
+    """Sleeps `sleep_s` (hparam, else setting) over `epochs` reported steps; F1 from the `f1` hparam.
+
+    `mode: raise` raises like a trainer rejecting its hparams.
+    """
+    start = time.time()
+    record({"event": "start", "t": start, "pid": os.getpid(), "hparams": hparams,
+            "cuda": os.environ.get("CUDA_VISIBLE_DEVICES", ""), "device": ctx.device})
+    if hparams.get("mode") == "raise":
+        raise ValueError(f"bad hparams: {hparams}")
+    epochs = int(ctx.settings.get("epochs", 2))
+    sleep_s = float(hparams.get("sleep_s", ctx.settings.get("sleep_s", 0.2)))
+    for epoch in range(1, epochs + 1):
+        time.sleep(sleep_s / epochs)
+        ctx.report(epoch, val_f1=float(hparams.get("f1", 0.5)) * epoch / epochs)
+    (ctx.model_dir / "weights.txt").write_text(json.dumps(hparams))
+    record({"event": "end", "t": time.time(), "pid": os.getpid(), "hparams": hparams})
+    return float(hparams.get("f1", 0.5))
+
+
+def command_main() -> int:
+    """A command trainer (tests/cmd_trainer.py): honours the documented environment variables."""
+    params = json.loads(Path(os.environ["HPSWEEP_HPARAMS"]).read_text())
+    assert Path(os.environ["HPSWEEP_TRAIN_DATA"]).exists() and Path(os.environ["HPSWEEP_VAL_DATA"]).exists()
+    record({"event": "start", "t": time.time(), "pid": os.getpid(), "hparams": params,
+            "run_id": os.environ["MLFLOW_RUN_ID"], "cuda": os.environ.get("CUDA_VISIBLE_DEVICES", "")})
+    print(f"command trainer got {params}")  # kept as the trial log artifact
+    mode = params.get("mode", "ok")
+    if mode == "exit1":
+        print("giving up", file=sys.stderr)
+        return 1
+    import mlflow  # logs into the run hpsweep created for it (MLFLOW_RUN_ID)
+
+    with mlflow.start_run(run_id=os.environ["MLFLOW_RUN_ID"]):
+        mlflow.log_metric("val_f1", params.get("f1", 0.5), step=1)
+    Path(os.environ["HPSWEEP_MODEL_DIR"], "model.json").write_text(json.dumps(params))
+    Path(os.environ["HPSWEEP_RESULT"]).write_text(json.dumps({"f1": params.get("f1", 0.5)}))
+    return 0
