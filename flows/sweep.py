@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from queue import Empty, Queue
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,39 +77,64 @@ def plan_trials(inputs: SweepInputs) -> tuple[list[PlannedTrial], dict[str, str]
 
 @task(name="trial", persist_result=False, cache_policy=NO_CACHE,
       task_run_name="trial {trial.index}: " + "{trial.key}")
-def run_trial(trial: PlannedTrial, ctx: SweepContext, attempt: int = 1) -> TrialOutcome:
-    spec = ctx.inputs.spec
+def run_trial(trial: PlannedTrial, ctx: SweepContext, gpu_ids: tuple[int, ...], attempt: int = 1) -> TrialOutcome:
+    """One attempt of one combination, on GPUs (quota slots) its worker already holds."""
     client = MlflowClient(ctx.tracking_uri)
+    spec = ctx.inputs.spec
     name = tracking.run_name(trial.hparams)
-    with concurrency(ctx.quota_limit, occupy=spec.resources.gpus, strict=True, lease_duration=SLOT_LEASE_S):
-        gpu_ids = ctx.gpu_pool.take(spec.resources.gpus)
-        run_id = None
-        try:
-            run_id = tracking.start_trial_run(
-                client, ctx.experiment_id, ctx.parent_run_id, ctx.sweep_id, trial.index, trial.hparams,
-                trial.key, attempt, tags={"hpsweep.gpus": ",".join(map(str, gpu_ids)) or "cpu"},
-            )
-            trial_dir = ctx.work_dir / "trials" / trial.key
-            trial_dir.mkdir(parents=True, exist_ok=True)
-            request = TrialRequest(
-                run_id=run_id, tracking_uri=ctx.tracking_uri, hparams=trial.hparams,
-                settings=dict(spec.settings), train=str(ctx.inputs.train.resolve()),
-                val=str(ctx.inputs.val.resolve()), trial_dir=str(trial_dir.resolve()), cwd=str(Path.cwd()),
-                entrypoint=spec.trainer.entrypoint, command=spec.trainer.command, gpu_ids=gpu_ids,
-            )
+    run_id = None
+    try:
+        run_id = tracking.start_trial_run(
+            client, ctx.experiment_id, ctx.parent_run_id, ctx.sweep_id, trial.index, trial.hparams,
+            trial.key, attempt, tags={"hpsweep.gpus": ",".join(map(str, gpu_ids)) or "cpu"},
+        )
+        trial_dir = ctx.work_dir / "trials" / trial.key
+        trial_dir.mkdir(parents=True, exist_ok=True)
+        request = TrialRequest(
+            run_id=run_id, tracking_uri=ctx.tracking_uri, hparams=trial.hparams,
+            settings=dict(spec.settings), train=str(ctx.inputs.train.resolve()),
+            val=str(ctx.inputs.val.resolve()), trial_dir=str(trial_dir.resolve()), cwd=str(Path.cwd()),
+            entrypoint=spec.trainer.entrypoint, command=spec.trainer.command, gpu_ids=gpu_ids,
+        )
+        progress.current().trial_started(name)
+        outcome = ctx.launcher.run(request, spec.time_limit_s)
+        tracking.finish_trial_run(client, run_id, outcome, request.paths.log)
+    except Exception as e:  # bookkeeping failed (e.g. tracking down): the trial is a failure, not a crash
+        outcome = TrialOutcome(False, None, f"hpsweep could not run the trial: {type(e).__name__}: {e}",
+                               retryable=True, started_at=time.time(), ended_at=time.time())
+        if run_id is None:
             progress.current().trial_started(name)
-            outcome = ctx.launcher.run(request, spec.time_limit_s)
-            tracking.finish_trial_run(client, run_id, outcome, request.paths.log)
-        except Exception as e:  # bookkeeping failed (e.g. tracking down): the trial is a failure, not a crash
-            outcome = TrialOutcome(False, None, f"hpsweep could not run the trial: {type(e).__name__}: {e}",
-                                   retryable=True, started_at=time.time(), ended_at=time.time())
-            if run_id is not None:
-                _try_mark_failed(client, run_id, outcome.reason)
-        finally:
-            ctx.gpu_pool.give_back(gpu_ids)
+        else:
+            _try_mark_failed(client, run_id, outcome.reason)
     detail = f"F1 {outcome.f1:.4f}" if outcome.ok else outcome.reason
     progress.current().trial_ended(name, outcome.ok, outcome.ended_at - outcome.started_at, detail)
     return outcome
+
+
+@task(name="gpu-worker", persist_result=False, cache_policy=NO_CACHE, task_run_name="gpu-worker {worker}")
+def gpu_worker(worker: int, queue: "Queue[PlannedTrial]", ctx: SweepContext) -> int:
+    """Holds one trial's share of the quota (and its GPUs) and runs queued trials back to back.
+
+    The slots are taken from the Prefect concurrency limit once per worker, not once per
+    trial: a freed slot goes to the next trial at once, with no acquire/release round trip
+    (Prefect answers a re-acquire that races a release with a ~2 s Retry-After). Returns
+    the number of trials run. The slot lease is renewed while the worker lives and expires
+    SLOT_LEASE_S after its process dies, so a crash never lowers the quota for long.
+    """
+    gpus = ctx.inputs.spec.resources.gpus
+    ran = 0
+    with concurrency(ctx.quota_limit, occupy=gpus, strict=True, lease_duration=SLOT_LEASE_S):
+        gpu_ids = ctx.gpu_pool.take(gpus)
+        try:
+            while True:
+                try:
+                    trial = queue.get_nowait()
+                except Empty:
+                    return ran
+                run_trial(trial, ctx, gpu_ids)
+                ran += 1
+        finally:
+            ctx.gpu_pool.give_back(gpu_ids)
 
 
 def _try_mark_failed(client: MlflowClient, run_id: str, reason: str | None) -> None:
@@ -154,18 +180,34 @@ def sweep(config: SweepConfig) -> dict[str, Any]:
     logger.info("sweep %s: %d trials, %d at once (quota %d, %d GPU(s) per trial, host GPUs %s)",
                 sweep_id, len(trials), parallel, config.quota, gpus, list(host) or "none")
     progress.current().begin(len(trials), parallel)
+    queue: Queue[PlannedTrial] = Queue()
+    for t in trials:
+        queue.put(t)
     with ThreadPoolTaskRunner(max_workers=parallel) as runner:
-        futures = [runner.submit(run_trial, parameters={"trial": t, "ctx": ctx}) for t in trials]
-        for f in futures:
-            f.wait()
+        workers = [runner.submit(gpu_worker, parameters={"worker": w, "queue": queue, "ctx": ctx})
+                   for w in range(1, parallel + 1)]
+        for w in workers:
+            if w.wait() or w.state.is_failed():
+                logger.error("a GPU worker failed: %s", w.state.message)
     progress.current().close()
-    return finish_sweep(client, config, name, sweep_id, experiment_id, parent_run_id, tracking_uri, provenance)
+    return finish_sweep(client, config, name, sweep_id, experiment_id, parent_run_id, tracking_uri, provenance,
+                        trials)
+
+
+def never_started(trials: list[PlannedTrial], runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows for combinations with no run in MLflow, so every combination appears in the report."""
+    seen = {r["index"] for r in runs}
+    return [{"run_id": "", "run_name": tracking.run_name(t.hparams), "status": "FAILED", "hparams": t.hparams,
+             "f1": None, "reason": "never started (see the sweep's log)", "index": t.index, "attempt": 0,
+             "trial_key": t.key, "duration_s": None} for t in trials if t.index not in seen]
 
 
 def finish_sweep(client: MlflowClient, config: SweepConfig, name: str, sweep_id: str, experiment_id: str,
-                 parent_run_id: str, tracking_uri: str, provenance: dict[str, str]) -> dict[str, Any]:
+                 parent_run_id: str, tracking_uri: str, provenance: dict[str, str],
+                 trials: list[PlannedTrial]) -> dict[str, Any]:
     """Read the trials back from MLflow (the source of truth), rank, register, write the report."""
-    rows = rank_rows(tracking.sweep_runs(client, experiment_id, sweep_id))
+    runs = tracking.sweep_runs(client, experiment_id, sweep_id)
+    rows = rank_rows(runs + never_started(trials, runs))
     champion = None
     best = next((r for r in rows if r["f1"] is not None), None)
     if best is not None and tracking.has_model(client, best["run_id"]):
@@ -182,7 +224,6 @@ def finish_sweep(client: MlflowClient, config: SweepConfig, name: str, sweep_id:
     for path in paths.values():
         client.log_artifact(parent_run_id, str(path), "report")
     c = counts(rows)
-    client.log_batch(parent_run_id, metrics=[], tags=[])
     for key, value in c.items():
         client.log_metric(parent_run_id, f"trials_{key}", value)
     if best is not None:

@@ -1,0 +1,93 @@
+"""The local launcher with real trial processes, and how outcomes are judged."""
+
+import math
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from hpsweep.gpus import GpuPool, host_gpus, max_parallel_trials
+from hpsweep.launcher import LocalLauncher, check_f1, judge
+from trainer.runner import TrialRequest
+
+
+@pytest.mark.parametrize("result, reason", [
+    (None, "wrote no F1"), ({"f1": "high"}, "not a number"), ({"f1": math.nan}, "outside [0, 1]"),
+    ({"f1": 1.7}, "outside [0, 1]"), ({"f1": -0.1}, "outside [0, 1]"), ({"f1": True}, "not a number"),
+])
+def test_bad_f1_fails_the_trial_with_a_reason(result, reason):
+    outcome = check_f1(result)
+    assert not outcome.ok and reason in outcome.reason and not outcome.retryable
+
+
+def test_judge_tells_machine_failures_from_trainer_failures():
+    killed = judge(-signal.SIGKILL, False, None, None, None)
+    assert killed.retryable and "SIGKILL" in killed.reason
+    raised = judge(0, False, None, {"error": "ValueError: lr"}, None)
+    assert not raised.retryable and "ValueError: lr" in raised.reason
+    timed_out = judge(None, True, 2.0, None, None)
+    assert not timed_out.retryable and "time limit of 2 s" in timed_out.reason
+    assert judge(0, False, None, {"returned": True}, {"f1": 0.5}).f1 == 0.5
+
+
+def test_gpu_discovery_and_packing():
+    assert host_gpus({"CUDA_VISIBLE_DEVICES": "0,1,2,3"}) == (0, 1, 2, 3)
+    assert host_gpus({"CUDA_VISIBLE_DEVICES": ""}) == ()
+    assert max_parallel_trials(quota=8, gpus_per_trial=1, host=(0, 1, 2, 3), trials=100) == 4
+    assert max_parallel_trials(quota=5, gpus_per_trial=2, host=(), trials=100) == 2
+    assert max_parallel_trials(quota=8, gpus_per_trial=1, host=(), trials=3) == 3
+    pool = GpuPool((0, 1, 2, 3))
+    a, b = pool.take(2), pool.take(2)
+    assert set(a).isdisjoint(b) and len(set(a + b)) == 4
+    pool.give_back(a)
+    assert pool.take(2) == a
+
+
+def alive(pid: int) -> bool:
+    """Running or sleeping; a killed process not yet reaped by init ('Z') counts as gone."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state not in ("Z", "X")
+
+
+@pytest.fixture(scope="module")
+def launcher():
+    return LocalLauncher()
+
+
+def request(tmp_path: Path, command: list[str]) -> TrialRequest:
+    return TrialRequest(run_id="r", tracking_uri="sqlite:///unused.db", hparams={"x": 1}, settings={},
+                        train=str(tmp_path), val=str(tmp_path), trial_dir=str(tmp_path / "trial"),
+                        cwd=str(tmp_path), command=command)
+
+
+def test_time_limit_kills_the_trainer_and_its_children(tmp_path, launcher):
+    pidfile = tmp_path / "child.pid"
+    (tmp_path / "trial").mkdir()
+    script = f"sleep 300 & echo $! > {pidfile}; wait"
+    started = time.monotonic()
+    outcome = launcher.run(request(tmp_path, ["bash", "-c", script]), time_limit_s=3)
+    assert not outcome.ok and "time limit of 3 s exceeded" in outcome.reason
+    assert time.monotonic() - started < 3 + 5 + 10
+    grandchild = int(pidfile.read_text())
+    time.sleep(0.2)
+    assert not alive(grandchild)  # the whole process group went, not just the runner
+
+
+def test_a_trainer_killed_by_a_signal_is_retryable(tmp_path, launcher):
+    (tmp_path / "trial").mkdir()
+    outcome = launcher.run(request(tmp_path, ["bash", "-c", "kill -9 $$"]), time_limit_s=60)
+    assert not outcome.ok and outcome.retryable and "SIGKILL" in outcome.reason
+
+
+def test_command_output_is_the_trial_log(tmp_path, launcher):
+    (tmp_path / "trial").mkdir()
+    script = 'echo "hello from $HPSWEEP_DEVICE"; echo oops >&2; echo \'{"f1": 0.25}\' > "$HPSWEEP_RESULT"'
+    outcome = launcher.run(request(tmp_path, ["bash", "-c", script]), time_limit_s=60)
+    assert outcome.ok and outcome.f1 == 0.25
+    log = (tmp_path / "trial" / "trial.log").read_text()
+    assert "hello from cpu" in log and "oops" in log
