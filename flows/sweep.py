@@ -1,15 +1,19 @@
-"""The `sweep` flow: validate → plan → one trial task per combination under the GPU quota → report.
+"""The `sweep` flow: validate → plan (reuse what is FINISHED, close zombies) → GPU workers under
+the quota, one trial task per combination, retried when the machine failed it → report.
 
 Thin composition: validation, keys, ranking and rendering are plain functions in `hpsweep`.
+Rerunning the same command after any crash is the resume mechanism.
 """
 
 from __future__ import annotations
 
+import json
+import threading
 import time
 import uuid
-from queue import Empty, Queue
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from queue import Empty, Queue
 from typing import Any
 
 from mlflow.tracking import MlflowClient
@@ -17,20 +21,24 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.concurrency.sync import concurrency
+from prefect.runtime import task_run as current_task_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from hpsweep import progress, tracking
 from hpsweep.config import SweepConfig
 from hpsweep.gpus import GpuPool, host_gpus, max_parallel_trials
 from hpsweep.inputs import Hparams, SweepInputs, load_inputs
-from hpsweep.launcher import LocalLauncher, TrialLauncher, TrialOutcome
+from hpsweep.launcher import HEARTBEAT_S, ZOMBIE_AFTER_S, LocalLauncher, TrialLauncher, TrialOutcome
 from hpsweep.quota import ensure_quota_limit
 from hpsweep.report import counts, rank_rows, render_markdown, write_report
 from hpsweep.versions import code_version, data_version, git_commit, spec_hash, trial_key
+from trainer.durable import retry
 from trainer.runner import TrialRequest
 
 # A dead orchestrator's slots come back after this long (Prefect renews it while we live).
-SLOT_LEASE_S = 60.0
+SLOT_LEASE_S = 60.0  # the shortest lease Prefect accepts
+# How long bookkeeping calls keep retrying while the tracking server is unreachable.
+TRACKING_PATIENCE_S = 900.0
 
 
 @dataclass(frozen=True)
@@ -54,6 +62,27 @@ class SweepContext:
     quota_limit: str
     launcher: TrialLauncher
     gpu_pool: GpuPool
+    max_attempts: int = 3
+    trial_task: Any = None  # run_trial with this sweep's retry settings
+    run_ids: dict[int, str] = field(default_factory=dict)  # trial index → its MLflow run, across attempts
+
+
+class RetryableTrialFailure(Exception):
+    """The machine failed the trial (signal, lost host, tracking down): Prefect retries the task."""
+
+    def __init__(self, outcome: TrialOutcome):
+        super().__init__(outcome.reason)
+        self.outcome = outcome
+
+
+def _is_retryable(task, task_run, state) -> bool:
+    try:
+        state.result()
+    except RetryableTrialFailure:
+        return True
+    except Exception:
+        return False
+    return False
 
 
 def new_sweep_id(name: str) -> str:
@@ -75,19 +104,27 @@ def plan_trials(inputs: SweepInputs) -> tuple[list[PlannedTrial], dict[str, str]
     return trials, versions
 
 
-@task(name="trial", persist_result=False, cache_policy=NO_CACHE,
-      task_run_name="trial {trial.index}: " + "{trial.key}")
-def run_trial(trial: PlannedTrial, ctx: SweepContext, gpu_ids: tuple[int, ...], attempt: int = 1) -> TrialOutcome:
-    """One attempt of one combination, on GPUs (quota slots) its worker already holds."""
+@task(name="trial", persist_result=False, cache_policy=NO_CACHE, retry_condition_fn=_is_retryable, task_run_name="trial {trial.index}: " + "{trial.key}")
+def run_trial(trial: PlannedTrial, ctx: SweepContext, gpu_ids: tuple[int, ...]) -> TrialOutcome:
+    """One attempt of one combination, on GPUs (quota slots) its worker already holds.
+
+    A trainer's own failure is returned as an outcome (never retried); a machine failure
+    raises RetryableTrialFailure so Prefect retries the task, resuming from the checkpoint.
+    """
+    attempt = current_task_run.run_count or 1
     client = MlflowClient(ctx.tracking_uri)
     spec = ctx.inputs.spec
     name = tracking.run_name(trial.hparams)
-    run_id = None
+    run_id = ctx.run_ids.get(trial.index)
+    if attempt == 1:
+        progress.current().trial_started(name)
     try:
-        run_id = tracking.start_trial_run(
-            client, ctx.experiment_id, ctx.parent_run_id, ctx.sweep_id, trial.index, trial.hparams,
-            trial.key, attempt, tags={"hpsweep.gpus": ",".join(map(str, gpu_ids)) or "cpu"},
-        )
+        if run_id is None:
+            run_id = retry(lambda: tracking.start_trial_run(
+                client, ctx.experiment_id, ctx.parent_run_id, ctx.sweep_id, trial.index, trial.hparams,
+                trial.key, attempt, tags={"hpsweep.gpus": ",".join(map(str, gpu_ids)) or "cpu"},
+            ), TRACKING_PATIENCE_S, "creating the trial's run")
+            ctx.run_ids[trial.index] = run_id
         trial_dir = ctx.work_dir / "trials" / trial.key
         trial_dir.mkdir(parents=True, exist_ok=True)
         request = TrialRequest(
@@ -95,20 +132,38 @@ def run_trial(trial: PlannedTrial, ctx: SweepContext, gpu_ids: tuple[int, ...], 
             settings=dict(spec.settings), train=str(ctx.inputs.train.resolve()),
             val=str(ctx.inputs.val.resolve()), trial_dir=str(trial_dir.resolve()), cwd=str(Path.cwd()),
             entrypoint=spec.trainer.entrypoint, command=spec.trainer.command, gpu_ids=gpu_ids,
+            experiment_id=ctx.experiment_id, trial_key=trial.key,
         )
-        progress.current().trial_started(name)
-        outcome = ctx.launcher.run(request, spec.time_limit_s)
-        tracking.finish_trial_run(client, run_id, outcome, request.paths.log)
-    except Exception as e:  # bookkeeping failed (e.g. tracking down): the trial is a failure, not a crash
+        outcome = ctx.launcher.run(request, spec.time_limit_s, heartbeat=lambda: tracking.heartbeat(client, run_id))
+        retry(lambda: tracking.finish_trial_run(client, run_id, outcome, request.paths.log),
+              TRACKING_PATIENCE_S, "storing the trial's result")
+    except Exception as e:  # hpsweep's bookkeeping failed (tracking down for too long): a machine failure
         outcome = TrialOutcome(False, None, f"hpsweep could not run the trial: {type(e).__name__}: {e}",
                                retryable=True, started_at=time.time(), ended_at=time.time())
-        if run_id is None:
-            progress.current().trial_started(name)
-        else:
+        if run_id is not None:
             _try_mark_failed(client, run_id, outcome.reason)
+    if not outcome.ok and outcome.retryable and attempt < ctx.max_attempts:
+        tracking_note = f"attempt {attempt} failed: {outcome.reason}; retrying"
+        get_run_logger().warning("trial %d (%s): %s", trial.index, name, tracking_note)
+        try:
+            tracking.reopen_trial_run(client, run_id, attempt + 1, outcome.reason) if run_id else None
+        except Exception:
+            pass  # the next attempt finds the run as it is; its tags are rewritten then
+        raise RetryableTrialFailure(outcome)
     detail = f"F1 {outcome.f1:.4f}" if outcome.ok else outcome.reason
+    if not outcome.ok and attempt > 1:
+        detail = f"after {attempt} attempts: {detail}"
     progress.current().trial_ended(name, outcome.ok, outcome.ended_at - outcome.started_at, detail)
     return outcome
+
+
+def _try_mark_failed(client: MlflowClient, run_id: str, reason: str | None) -> None:
+    try:
+        client.set_tag(run_id, tracking.TAG_STATUS, "FAILED")
+        client.set_tag(run_id, tracking.TAG_REASON, reason or "unknown")
+        client.set_terminated(run_id, "FAILED")
+    except Exception:
+        pass  # the tracking server is what failed; the next sweep closes the run as a zombie
 
 
 @task(name="gpu-worker", persist_result=False, cache_policy=NO_CACHE, task_run_name="gpu-worker {worker}")
@@ -131,25 +186,41 @@ def gpu_worker(worker: int, queue: "Queue[PlannedTrial]", ctx: SweepContext) -> 
                     trial = queue.get_nowait()
                 except Empty:
                     return ran
-                run_trial(trial, ctx, gpu_ids)
+                try:
+                    ctx.trial_task(trial, ctx, gpu_ids)
+                except RetryableTrialFailure as e:  # out of attempts: the run holds the reason
+                    progress.current().trial_ended(tracking.run_name(trial.hparams), False, 0.0,
+                                                   f"after {ctx.max_attempts} attempts: {e}")
                 ran += 1
         finally:
             ctx.gpu_pool.give_back(gpu_ids)
 
 
-def _try_mark_failed(client: MlflowClient, run_id: str, reason: str | None) -> None:
-    try:
-        client.set_tag(run_id, tracking.TAG_STATUS, "FAILED")
-        client.set_tag(run_id, tracking.TAG_REASON, reason or "unknown")
-        client.set_terminated(run_id, "FAILED")
-    except Exception:
-        pass  # the tracking server is what failed; the report will show the run as not finished
+class Heartbeat:
+    """Keeps the parent run visibly alive while the sweep runs (so no other sweep reaps it)."""
+
+    def __init__(self, client: MlflowClient, run_id: str):
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, args=(client, run_id), daemon=True)
+        self._thread.start()
+
+    def _beat(self, client: MlflowClient, run_id: str) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            try:
+                tracking.heartbeat(client, run_id)
+            except Exception:
+                pass
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 @flow(name="sweep", persist_result=False, log_prints=True)
 def sweep(config: SweepConfig) -> dict[str, Any]:
     """Train every combination once, at most quota/gpus at a time, and report them ranked by F1.
 
+    Idempotent: a rerun reuses every trial that has a FINISHED run with the same trial key.
     Returns the leaderboard summary: sweep id, counts, report paths, champion.
     """
     logger = get_run_logger()
@@ -161,37 +232,64 @@ def sweep(config: SweepConfig) -> dict[str, Any]:
     sweep_id = new_sweep_id(name)
     gpus = inputs.spec.resources.gpus
     host = host_gpus()
-    parallel = max_parallel_trials(config.quota, gpus, host, len(trials))
     ensure_quota_limit(config.quota_limit, config.quota)
 
     experiment_id = tracking.ensure_experiment(client, name)
+    zombies = tracking.reap_zombies(client, experiment_id, ZOMBIE_AFTER_S)
+    if zombies:
+        logger.warning("closed %d zombie run(s) left RUNNING by a dead process: %s", len(zombies), zombies)
+    reused = {} if config.retrain else tracking.finished_runs_by_key(client, experiment_id, {t.key for t in trials})
+    to_train = [t for t in trials if t.key not in reused]
+    parallel = max_parallel_trials(config.quota, gpus, host, max(1, len(to_train)))
+
     provenance = {**versions, "hpsweep.git_commit": git_commit(), "hpsweep.quota": str(config.quota)}
     parent_run_id = tracking.start_parent_run(
         client, experiment_id, sweep_id, provenance,
         params={"combinations": config.combinations, "spec": config.spec, "train": config.train,
-                "val": config.val, "quota": config.quota, "gpus_per_trial": gpus, "trials": len(trials)},
+                "val": config.val, "quota": config.quota, "gpus_per_trial": gpus, "trials": len(trials),
+                "reused": len(reused), "max_attempts": config.max_attempts},
     )
+    plan = [{"index": t.index, "key": t.key, "hparams": t.hparams,
+             "reused_run_id": reused[t.key]["run_id"] if t.key in reused else None} for t in trials]
+    client.log_text(parent_run_id, json.dumps(plan, indent=1), "plan.json")  # what `report` re-reads later
+    beat = Heartbeat(client, parent_run_id)
+
     entry_module = (inputs.spec.trainer.entrypoint or "").partition(":")[0]
     ctx = SweepContext(
         sweep_id=sweep_id, name=name, experiment_id=experiment_id, parent_run_id=parent_run_id,
         tracking_uri=tracking_uri, inputs=inputs, work_dir=config.work_dir, quota_limit=config.quota_limit,
-        launcher=LocalLauncher(preload=[entry_module] if entry_module else []), gpu_pool=GpuPool(host),
+        launcher=LocalLauncher(preload=[entry_module] if entry_module else []) if to_train else None,
+        gpu_pool=GpuPool(host), max_attempts=config.max_attempts,
+        trial_task=run_trial.with_options(
+            retries=config.max_attempts - 1,
+            retry_delay_seconds=[config.retry_delay_s * 4**i for i in range(max(1, config.max_attempts - 1))]),
     )
-    logger.info("sweep %s: %d trials, %d at once (quota %d, %d GPU(s) per trial, host GPUs %s)",
-                sweep_id, len(trials), parallel, config.quota, gpus, list(host) or "none")
-    progress.current().begin(len(trials), parallel)
+    logger.info("sweep %s: %d combinations, %d reused, %d to train, %d at once (quota %d, %d GPU(s) per "
+                "trial, host GPUs %s)", sweep_id, len(trials), len(reused), len(to_train), parallel,
+                config.quota, gpus, list(host) or "none")
+    progress.current().begin(len(to_train), parallel)
+    try:
+        _train_all(to_train, ctx, parallel, logger)
+    finally:
+        progress.current().close()
+        beat.stop()
+    return finish_sweep(client, config, name, sweep_id, experiment_id, parent_run_id, tracking_uri, provenance,
+                        trials, reused)
+
+
+def _train_all(to_train: list[PlannedTrial], ctx: SweepContext, parallel: int, logger) -> None:
+    if not to_train:
+        return
     queue: Queue[PlannedTrial] = Queue()
-    for t in trials:
+    for t in to_train:
         queue.put(t)
     with ThreadPoolTaskRunner(max_workers=parallel) as runner:
         workers = [runner.submit(gpu_worker, parameters={"worker": w, "queue": queue, "ctx": ctx})
                    for w in range(1, parallel + 1)]
         for w in workers:
-            if w.wait() or w.state.is_failed():
+            w.wait()
+            if w.state.is_failed():
                 logger.error("a GPU worker failed: %s", w.state.message)
-    progress.current().close()
-    return finish_sweep(client, config, name, sweep_id, experiment_id, parent_run_id, tracking_uri, provenance,
-                        trials)
 
 
 def never_started(trials: list[PlannedTrial], runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -202,11 +300,17 @@ def never_started(trials: list[PlannedTrial], runs: list[dict[str, Any]]) -> lis
              "trial_key": t.key, "duration_s": None} for t in trials if t.index not in seen]
 
 
+def reused_rows(trials: list[PlannedTrial], reused: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Reused trials keep the original run's id and F1, and take this sweep's file order."""
+    return [{**reused[t.key], "status": "REUSED", "index": t.index, "hparams": t.hparams}
+            for t in trials if t.key in reused]
+
+
 def finish_sweep(client: MlflowClient, config: SweepConfig, name: str, sweep_id: str, experiment_id: str,
                  parent_run_id: str, tracking_uri: str, provenance: dict[str, str],
-                 trials: list[PlannedTrial]) -> dict[str, Any]:
+                 trials: list[PlannedTrial], reused: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Read the trials back from MLflow (the source of truth), rank, register, write the report."""
-    runs = tracking.sweep_runs(client, experiment_id, sweep_id)
+    runs = tracking.sweep_runs(client, experiment_id, sweep_id) + reused_rows(trials, reused)
     rows = rank_rows(runs + never_started(trials, runs))
     champion = None
     best = next((r for r in rows if r["f1"] is not None), None)
@@ -234,7 +338,7 @@ def finish_sweep(client: MlflowClient, config: SweepConfig, name: str, sweep_id:
     create_markdown_artifact(render_markdown(sweep_meta, rows), key=f"{artifact_key}-leaderboard",
                              description=f"Leaderboard of sweep {sweep_id}")
     create_table_artifact([{"rank": r["rank"], **r["hparams"], "f1": r["f1"], "status": r["status"],
-                            "reason": r.get("reason", "")} for r in rows],
+                            "attempts": r["attempts"], "reason": r.get("reason", "")} for r in rows],
                           key=f"{artifact_key}-table", description=f"Trials of sweep {sweep_id}")
     return {**sweep_meta, "counts": c, "report_dir": str(report_dir),
             "top": rows[:3], "report_files": {k: str(v) for k, v in paths.items()}}

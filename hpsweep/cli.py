@@ -34,10 +34,12 @@ def _run_flags(parser: argparse.ArgumentParser) -> None:
     fields = SweepConfig.model_fields
     for name, typ in (("combinations", Path), ("spec", Path), ("train", Path), ("val", Path), ("quota", int),
                       ("name", str), ("report_dir", Path), ("work_dir", Path), ("tracking_uri", str),
-                      ("quota_limit", str)):
+                      ("max_attempts", int), ("retry_delay_s", float), ("quota_limit", str)):
         parser.add_argument(f"--{name.replace('_', '-')}", type=typ, default=None, dest=name,
                             help=f"{fields[name].description} (default: params.yaml's sweep.{name}"
                                  f"{'' if fields[name].is_required() else f', else {fields[name].default}'})")
+    parser.add_argument("--retrain", action="store_true", default=None,
+                        help=f"{fields['retrain'].description} (default: reuse them)")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"),
                         help="YAML whose `sweep:` section gives defaults for the flags above (default: %(default)s)")
 
@@ -94,7 +96,8 @@ def _print_summary(result: dict[str, Any]) -> None:
     out = Console()
     out.print(table)
     c = result["counts"]
-    out.print(f"{c['total']} trials: {c['finished']} finished, {c['reused']} reused, {c['failed']} failed")
+    out.print(f"{c['total']} trials: {c['finished']} trained, {c['reused']} reused (already FINISHED), "
+              f"{c['failed']} failed")
     out.print(f"report: {Path(result['report_dir']) / 'leaderboard.md'}")
     if result.get("champion"):
         out.print(f"champion: {result['champion']}")
@@ -143,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
                 prepare(DEMO_DATA)
         return _run(args)
     except KeyboardInterrupt:
-        console.print("interrupted: run the same command again to resume")
+        console.print("interrupted: run the same command again to resume (finished trials are reused)")
         return 130
     except Exception:
         console.print("[red]hpsweep failed (not a problem with your inputs):[/red]")

@@ -28,6 +28,12 @@ class SweepConfig(BaseModel):
     work_dir: Path = Field(default=Path(".hpsweep"), description="trial folders: checkpoints, logs, results")
     tracking_uri: str | None = Field(default=None, description="MLflow tracking URI; default "
                                                                "$MLFLOW_TRACKING_URI, else ./mlflow.db")
+    retrain: bool = Field(default=False, description="train every combination again, even those with a "
+                                                     "FINISHED run for the same trial key")
+    max_attempts: int = Field(default=3, ge=1, description="attempts per trial when the machine fails it (killed "
+                                                         "by a signal, lost host, tracking unreachable); a "
+                                                         "trainer's own error is never retried")
+    retry_delay_s: float = Field(default=10.0, ge=0, description="wait before the first retry; x4 per retry")
     quota_limit: str = Field(default=DEFAULT_LIMIT_NAME, description="name of the Prefect global "
                                                                       "concurrency limit that holds the quota")
 

@@ -17,9 +17,14 @@ import signal
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 from trainer.runner import TrialRequest, run_trial_process
+
+# How often a running trial tells the tracking store it is alive; a run silent for
+# ZOMBIE_AFTER_S is closed as a zombie by the next sweep.
+HEARTBEAT_S = float(os.environ.get("HPSWEEP_HEARTBEAT_S", "30"))
+ZOMBIE_AFTER_S = 4 * HEARTBEAT_S
 
 # Grace between SIGTERM and SIGKILL when a time limit hits: enough to save a checkpoint.
 KILL_GRACE_S = 5.0
@@ -46,7 +51,8 @@ class TrialLauncher(Protocol):
     Safe to call from several threads at once.
     """
 
-    def run(self, request: TrialRequest, time_limit_s: float | None) -> TrialOutcome: ...
+    def run(self, request: TrialRequest, time_limit_s: float | None,
+            heartbeat: Callable[[], None] | None = None) -> TrialOutcome: ...
 
 
 class LocalLauncher:
@@ -57,7 +63,8 @@ class LocalLauncher:
         # Start (and preload) the fork server now, while the sweep sets up MLflow and Prefect.
         threading.Thread(target=multiprocessing.forkserver.ensure_running, daemon=True).start()
 
-    def run(self, request: TrialRequest, time_limit_s: float | None) -> TrialOutcome:
+    def run(self, request: TrialRequest, time_limit_s: float | None,
+            heartbeat: Callable[[], None] | None = None) -> TrialOutcome:
         paths = request.paths
         for stale in (paths.result, paths.outcome):
             stale.unlink(missing_ok=True)
@@ -66,7 +73,12 @@ class LocalLauncher:
         started = time.time()
         proc = self._mp.Process(target=run_trial_process, args=(request,), name=f"trial-{request.run_id}")
         proc.start()
-        proc.join(time_limit_s)
+        deadline = None if time_limit_s is None else started + time_limit_s
+        while proc.is_alive() and (deadline is None or time.time() < deadline):
+            wait = HEARTBEAT_S if deadline is None else min(HEARTBEAT_S, max(0.0, deadline - time.time()))
+            proc.join(wait)
+            if heartbeat is not None and proc.is_alive():
+                _quietly(heartbeat)
         timed_out = proc.is_alive()
         if timed_out:
             _kill_group(proc)
@@ -80,6 +92,13 @@ class LocalLauncher:
         )
         proc.close()
         return TrialOutcome(**{**outcome.__dict__, "started_at": started, "ended_at": ended})
+
+
+def _quietly(fn: Callable[[], None]) -> None:
+    try:
+        fn()
+    except Exception:  # a missed heartbeat during a tracking outage is not worth failing a trial
+        pass
 
 
 def _kill_group(proc: multiprocessing.process.BaseProcess) -> None:
@@ -129,6 +148,8 @@ def judge(
         return TrialOutcome(False, None, f"trainer process exited with code {exitcode} without reporting",
                             retryable=True)
     if "error" in outcome:
+        if outcome.get("retryable"):
+            return TrialOutcome(False, None, outcome["error"], retryable=True)
         return TrialOutcome(False, None, f"trainer raised {outcome['error']}")
     if outcome.get("exit_code"):
         code = outcome["exit_code"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sqlite3
 import time
 from pathlib import Path
@@ -71,7 +72,8 @@ def run_name(hparams: dict[str, Any]) -> str:
 def start_parent_run(client: MlflowClient, exp_id: str, sweep_id: str, tags: dict[str, str],
                      params: dict[str, Any]) -> str:
     run = client.create_run(exp_id, run_name=f"sweep {sweep_id}",
-                            tags={TAG_SWEEP_ID: sweep_id, TAG_ROLE: "sweep", **tags})
+                            tags={TAG_SWEEP_ID: sweep_id, TAG_ROLE: "sweep", TAG_OWNER: owner_id(),
+                                  TAG_HEARTBEAT: f"{time.time():.0f}", **tags})
     client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
     return run.info.run_id
 
@@ -90,6 +92,8 @@ def start_trial_run(client: MlflowClient, exp_id: str, parent_run_id: str, sweep
             TAG_INDEX: str(index),
             TAG_ATTEMPT: str(attempt),
             TAG_STATUS: "RUNNING",
+            TAG_OWNER: owner_id(),
+            TAG_HEARTBEAT: f"{time.time():.0f}",
             **tags,
         },
     )
@@ -153,6 +157,98 @@ def register_champion(client: MlflowClient, model_name: str, run_id: str) -> str
     except MlflowException as e:
         if e.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
+    try:
+        current = client.get_model_version_by_alias(model_name, CHAMPION_ALIAS)
+        if current.run_id == run_id:  # a rerun that reused the winner: no new version
+            return str(current.version)
+    except MlflowException:
+        pass  # no champion yet
     version = client.create_model_version(model_name, source=f"runs:/{run_id}/model", run_id=run_id)
     client.set_registered_model_alias(model_name, CHAMPION_ALIAS, version.version)
     return str(version.version)
+
+
+# ---------------------------------------------------------------- crash-proofing
+
+TAG_OWNER = "hpsweep.owner"  # host:pid:start of the process that runs (or ran) this run
+TAG_HEARTBEAT = "hpsweep.heartbeat"  # unix time of the owner's last sign of life
+TAG_ATTEMPT_LOG = "hpsweep.attempt_log"  # one line per failed attempt: why it was retried
+
+
+def owner_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{_process_start(os.getpid())}"
+
+
+def _process_start(pid: int) -> str:
+    """The process's start time since boot: with the pid, a process's identity (pids get reused)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return "?"
+
+
+def owner_is_dead(owner: str | None) -> bool:
+    """True only when we can tell for sure: the owner ran on this host and that process is gone."""
+    if not owner or owner.count(":") < 2:
+        return False
+    host, pid, start = owner.rsplit(":", 2)
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    return _process_start(int(pid)) != start
+
+
+def heartbeat(client: MlflowClient, run_id: str) -> None:
+    client.set_tag(run_id, TAG_HEARTBEAT, f"{time.time():.0f}")
+
+
+def reap_zombies(client: MlflowClient, exp_id: str, stale_after_s: float) -> list[str]:
+    """Close runs left RUNNING by a process that died without reporting.
+
+    A run is a zombie when its owner process is known dead (same host) or its heartbeat is
+    older than ``stale_after_s`` (any host). It is marked KILLED with the reason, so the
+    MLflow UI and reports stop showing it as running, and its trial is trained again.
+    """
+    reaped = []
+    now = time.time()
+    runs = client.search_runs([exp_id], "attributes.status = 'RUNNING'", max_results=5000)
+    for run in runs:
+        tags = run.data.tags
+        if TAG_ROLE not in tags:
+            continue
+        last_seen = float(tags.get(TAG_HEARTBEAT, run.info.start_time / 1000))
+        dead = owner_is_dead(tags.get(TAG_OWNER))
+        if not dead and now - last_seen <= stale_after_s:
+            continue
+        why = "its process died" if dead else f"no heartbeat for {now - last_seen:.0f}s"
+        reason = f"zombie: {why} without reporting (host lost or orchestrator killed); closed by a later sweep"
+        client.log_batch(run.info.run_id, tags=[RunTag(TAG_STATUS, "FAILED"), RunTag(TAG_REASON, reason)])
+        client.set_terminated(run.info.run_id, "KILLED")
+        reaped.append(run.info.run_id)
+    return reaped
+
+
+def finished_runs_by_key(client: MlflowClient, exp_id: str, keys: set[str]) -> dict[str, dict[str, Any]]:
+    """The newest FINISHED trial run (with its F1 stored) for each of ``keys`` in the experiment."""
+    found: dict[str, dict[str, Any]] = {}
+    flt = f"tags.`{TAG_ROLE}` = 'trial' and tags.`{TAG_STATUS}` = 'FINISHED' and attributes.status = 'FINISHED'"
+    token = None
+    while True:
+        page = client.search_runs([exp_id], flt, order_by=["attributes.start_time DESC"], max_results=1000,
+                                  page_token=token)
+        for run in page:
+            key = run.data.tags.get(TAG_TRIAL_KEY)
+            if key in keys and key not in found and "f1" in run.data.metrics:
+                found[key] = _row(run)
+        token = page.token
+        if not token:
+            return found
+
+
+def reopen_trial_run(client: MlflowClient, run_id: str, attempt: int, previous_reason: str | None) -> None:
+    """Retry in the same run: one run per combination, its metric history continuing across attempts."""
+    log = client.get_run(run_id).data.tags.get(TAG_ATTEMPT_LOG, "")
+    line = f"attempt {attempt - 1}: {previous_reason}"
+    client.log_batch(run_id, tags=[RunTag(TAG_ATTEMPT, str(attempt)), RunTag(TAG_STATUS, "RUNNING"),
+                                   RunTag(TAG_ATTEMPT_LOG, (log + "\n" + line).strip()[-5000:]),
+                                   RunTag(TAG_OWNER, owner_id())])
+    client.update_run(run_id, status="RUNNING")

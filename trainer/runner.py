@@ -14,19 +14,19 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
-import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from trainer import contract
+from trainer.durable import CheckpointSync, MetricsLogger, restore_checkpoints, retry
 
 # Imported here so the fork server pays for it once; trials only fork.
 import mlflow  # noqa: F401
-from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 
@@ -45,6 +45,9 @@ class TrialRequest:
     entrypoint: str | None = None
     command: list[str] | None = None
     gpu_ids: tuple[int, ...] = ()
+    experiment_id: str = ""
+    trial_key: str = ""
+    checkpoint_sync_s: float = 30.0
     extra_env: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -102,6 +105,7 @@ def trial_env(req: TrialRequest) -> dict[str, str]:
 
 def run_trial_process(req: TrialRequest) -> None:
     """Process target: set up the trial's world, run the trainer, record the outcome."""
+    _die_with_parent()
     os.setsid()
     os.chdir(req.cwd)
     paths = req.paths
@@ -110,18 +114,15 @@ def run_trial_process(req: TrialRequest) -> None:
     os.dup2(log.fileno(), 2)
     sys.stdout = open(1, "w", buffering=1, closefd=False)
     sys.stderr = open(2, "w", buffering=1, closefd=False)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
     os.environ.update(trial_env(req))
     paths.hparams.write_text(json.dumps({**req.settings, **req.hparams}, indent=1))
+    client = MlflowClient(req.tracking_uri)
     try:
-        if req.entrypoint is not None:
-            outcome = _run_entrypoint(req)
-        else:
-            outcome = _run_command(req)
-        if paths.model.is_dir() and any(paths.model.iterdir()) and not outcome.get("exit_code"):
-            # Uploaded from the trial's own process: on a fleet, the files live only here.
-            MlflowClient(req.tracking_uri).log_artifacts(req.run_id, str(paths.model), "model")
-    except BaseException as e:  # the trainer's failure is the trial's reason, not ours to hide
-        outcome = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+        outcome = _train_durably(req, client)
+    except Exception as e:  # hpsweep's own plumbing (tracking, artifact store) failed: worth a retry
+        outcome = {"error": f"tracking or artifact store unavailable: {type(e).__name__}: {e}",
+                   "retryable": True}
         traceback.print_exc()
     _write_json(paths.outcome, outcome)
     sys.stdout.flush()
@@ -129,16 +130,46 @@ def run_trial_process(req: TrialRequest) -> None:
     os._exit(0)
 
 
-def _run_entrypoint(req: TrialRequest) -> dict[str, Any]:
+def _train_durably(req: TrialRequest, client: MlflowClient) -> dict[str, Any]:
+    """Restore checkpoints, train with metrics shipped and checkpoints mirrored in the background,
+    then wait until metrics and model are stored. The trainer's own exception is its outcome."""
+    paths = req.paths
+    if req.experiment_id and req.trial_key:
+        source = retry(lambda: restore_checkpoints(client, req.experiment_id, req.trial_key, paths.checkpoints),
+                       600, "restoring checkpoints")
+        if source:
+            logging.info("restored checkpoints of run %s from the artifact store", source)
+    sync = CheckpointSync(client, req.run_id, paths.checkpoints, req.checkpoint_sync_s)
+    metrics = MetricsLogger(client, req.run_id)
+    try:
+        outcome = _run_entrypoint(req, metrics) if req.entrypoint is not None else _run_command(req)
+    except BaseException as e:  # SystemExit from a trainer is its own verdict too
+        traceback.print_exc()
+        outcome = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+    finally:
+        sync.stop()
+    metrics.flush()  # a trial is not done until its progress is stored
+    if paths.model.is_dir() and any(paths.model.iterdir()) and "error" not in outcome \
+            and not outcome.get("exit_code"):
+        # Uploaded from the trial's own process: on a fleet, the files live only here.
+        retry(lambda: client.log_artifacts(req.run_id, str(paths.model), "model"), 3600, "uploading the model")
+    return outcome
+
+
+def _die_with_parent() -> None:
+    """If the sweep's process tree dies (kill -9 of the orchestrator), its trials die too
+    instead of training on unobserved; the rerun resumes them from their checkpoints."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: trials outlive a crashed orchestrator until their time limit
+
+
+def _run_entrypoint(req: TrialRequest, metrics: MetricsLogger) -> dict[str, Any]:
     from hpsweep.inputs import resolve_entrypoint
 
-    client = MlflowClient(req.tracking_uri)
-
-    def report(step: int, metrics: dict[str, float]) -> None:
-        ts = int(time.time() * 1000)
-        client.log_batch(req.run_id, metrics=[Metric(k, v, ts, step) for k, v in metrics.items()])
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
     train = resolve_entrypoint(req.entrypoint)  # type: ignore[arg-type]
     paths = req.paths
     ctx = contract.TrainContext(
@@ -147,7 +178,7 @@ def _run_entrypoint(req: TrialRequest) -> dict[str, Any]:
         device="cuda" if req.gpu_ids else "cpu",
         gpu_ids=tuple(req.gpu_ids),
         settings=dict(req.settings),
-        _reporter=report,
+        _reporter=metrics.log,
     )
     data = contract.DataRefs(Path(req.train), Path(req.val))
     f1 = train(dict(req.hparams), data, ctx)
@@ -157,7 +188,7 @@ def _run_entrypoint(req: TrialRequest) -> dict[str, Any]:
 
 def _run_command(req: TrialRequest) -> dict[str, Any]:
     # The command inherits our stdout/stderr, which are the trial log.
-    proc = subprocess.run(req.command, env=os.environ.copy())  # type: ignore[arg-type]
+    proc = subprocess.run(req.command, env=os.environ.copy(), preexec_fn=_die_with_parent)  # type: ignore[arg-type]
     return {"exit_code": proc.returncode}
 
 

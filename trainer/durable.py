@@ -1,0 +1,152 @@
+"""What a trial process does so that a crash, a lost host or a tracking outage loses nothing.
+
+- ``MetricsLogger`` queues per-step metrics and ships them from a background thread,
+  retrying with backoff while the tracking server is unreachable, so training never waits
+  on (or dies of) a tracking outage; ``flush`` waits until everything is stored.
+- ``CheckpointSync`` mirrors the checkpoint folder to the run's ``checkpoints/`` artifacts,
+  so another host (or a rerun after the local disk is gone) resumes from the last one.
+- ``restore_checkpoints`` fetches them back before an attempt starts with an empty folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Callable, TypeVar
+
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+
+log = logging.getLogger("hpsweep.trial")
+T = TypeVar("T")
+CHECKPOINT_ARTIFACT_DIR = "checkpoints"
+
+
+def retry(fn: Callable[[], T], deadline_s: float, what: str, first_wait_s: float = 0.5) -> T:
+    """Call ``fn`` until it succeeds or ``deadline_s`` has passed (then re-raise), backing off to 10 s."""
+    give_up = time.monotonic() + deadline_s
+    wait = first_wait_s
+    while True:
+        try:
+            return fn()
+        except Exception as e:  # the tracking server is down or restarting
+            if time.monotonic() + wait > give_up:
+                raise
+            log.warning("%s failed (%s: %s); retrying in %.1fs", what, type(e).__name__, str(e)[:200], wait)
+            time.sleep(wait)
+            wait = min(wait * 2, 10.0)
+
+
+class MetricsLogger:
+    """Asynchronous, retrying ``log_batch`` for one run. Thread-safe."""
+
+    def __init__(self, client: MlflowClient, run_id: str, batch_size: int = 500):
+        self._client, self._run_id, self._batch_size = client, run_id, batch_size
+        self._queue: queue.Queue[Metric | None] = queue.Queue()
+        self._failed: Exception | None = None
+        self._thread = threading.Thread(target=self._ship, name="hpsweep-metrics", daemon=True)
+        self._thread.start()
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        ts = int(time.time() * 1000)
+        for key, value in metrics.items():
+            self._queue.put(Metric(key, float(value), ts, int(step)))
+
+    def _ship(self) -> None:
+        done = False
+        while not done:
+            batch = [self._queue.get()]
+            while len(batch) < self._batch_size:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            done = None in batch
+            metrics = [m for m in batch if m is not None]
+            if metrics:
+                try:
+                    # An hour of outage is survivable; after that the trial fails (retryably) at flush.
+                    retry(lambda: self._client.log_batch(self._run_id, metrics=metrics), 3600, "logging metrics")
+                except Exception as e:
+                    self._failed = e
+
+    def flush(self, timeout_s: float = 3600) -> None:
+        """Wait until every queued metric is stored; raise if that could not happen."""
+        self._queue.put(None)
+        self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            raise TimeoutError(f"metrics not stored after {timeout_s:.0f}s: tracking server unreachable")
+        if self._failed is not None:
+            raise RuntimeError(f"metrics not stored: {self._failed}") from self._failed
+
+
+class CheckpointSync:
+    """Uploads new or changed checkpoint files every ``interval_s`` and once more at ``stop``."""
+
+    def __init__(self, client: MlflowClient, run_id: str, folder: Path, interval_s: float):
+        self._client, self._run_id, self._folder = client, run_id, folder
+        self._interval_s = interval_s
+        self._uploaded: dict[str, tuple[int, int]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="hpsweep-checkpoints", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self._interval_s):
+            self.sync_once()
+
+    def sync_once(self) -> int:
+        """Upload what changed since the last sync; returns how many files went up."""
+        sent = 0
+        for path in sorted(self._folder.glob("*")):
+            if not path.is_file() or path.name.startswith("."):
+                continue  # a dot-file is a checkpoint being written
+            st = path.stat()
+            stamp = (st.st_size, st.st_mtime_ns)
+            if self._uploaded.get(path.name) == stamp:
+                continue
+            try:
+                self._client.log_artifact(self._run_id, str(path), CHECKPOINT_ARTIFACT_DIR)
+            except Exception as e:  # tracking outage: try again next round; the local copy is still there
+                log.warning("checkpoint upload of %s failed: %s", path.name, e)
+                continue
+            self._uploaded[path.name] = stamp
+            sent += 1
+        return sent
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sync_once()
+
+
+def restore_checkpoints(client: MlflowClient, experiment_id: str, trial_key: str, dest: Path,
+                        key_tag: str = "hpsweep.trial_key") -> str | None:
+    """Fill an empty ``dest`` from the newest run of this trial that uploaded checkpoints.
+
+    Returns the run id it restored from, or None (nothing found, or ``dest`` already has files).
+    """
+    if dest.is_dir() and any(p.is_file() for p in dest.iterdir()):
+        return None
+    runs = client.search_runs([experiment_id], f"tags.`{key_tag}` = '{trial_key}'",
+                              order_by=["attributes.start_time DESC"], max_results=20)
+    for run in runs:
+        try:
+            files = client.list_artifacts(run.info.run_id, CHECKPOINT_ARTIFACT_DIR)
+        except Exception:
+            continue
+        if not files:
+            continue
+        dest.mkdir(parents=True, exist_ok=True)
+        tmp = dest.parent / f".restore-{os.getpid()}"
+        client.download_artifacts(run.info.run_id, CHECKPOINT_ARTIFACT_DIR, str(tmp))
+        for f in (tmp / CHECKPOINT_ARTIFACT_DIR).iterdir():
+            os.replace(f, dest / f.name)
+        shutil.rmtree(tmp, ignore_errors=True)
+        return run.info.run_id
+    return None
