@@ -28,7 +28,7 @@ from hpsweep import progress, tracking
 from hpsweep.config import SweepConfig
 from hpsweep.gpus import GpuPool, host_gpus, max_parallel_trials
 from hpsweep.inputs import Hparams, SweepInputs, load_inputs
-from hpsweep.launcher import HEARTBEAT_S, ZOMBIE_AFTER_S, LocalLauncher, TrialLauncher, TrialOutcome
+from hpsweep.launcher import CHECKPOINT_SYNC_S, HEARTBEAT_S, ZOMBIE_AFTER_S, LocalLauncher, TrialLauncher, TrialOutcome
 from hpsweep.quota import ensure_quota_limit
 from hpsweep.report import counts, rank_rows, render_markdown, write_report
 from hpsweep.versions import code_version, data_version, git_commit, spec_hash, trial_key
@@ -132,7 +132,7 @@ def run_trial(trial: PlannedTrial, ctx: SweepContext, gpu_ids: tuple[int, ...]) 
             settings=dict(spec.settings), train=str(ctx.inputs.train.resolve()),
             val=str(ctx.inputs.val.resolve()), trial_dir=str(trial_dir.resolve()), cwd=str(Path.cwd()),
             entrypoint=spec.trainer.entrypoint, command=spec.trainer.command, gpu_ids=gpu_ids,
-            experiment_id=ctx.experiment_id, trial_key=trial.key,
+            experiment_id=ctx.experiment_id, trial_key=trial.key, checkpoint_sync_s=CHECKPOINT_SYNC_S,
         )
         outcome = ctx.launcher.run(request, spec.time_limit_s, heartbeat=lambda: tracking.heartbeat(client, run_id))
         retry(lambda: tracking.finish_trial_run(client, run_id, outcome, request.paths.log),

@@ -25,6 +25,8 @@ from trainer.runner import TrialRequest, run_trial_process
 # ZOMBIE_AFTER_S is closed as a zombie by the next sweep.
 HEARTBEAT_S = float(os.environ.get("HPSWEEP_HEARTBEAT_S", "30"))
 ZOMBIE_AFTER_S = 4 * HEARTBEAT_S
+# How often a running trial mirrors new checkpoints to the artifact store.
+CHECKPOINT_SYNC_S = float(os.environ.get("HPSWEEP_CHECKPOINT_SYNC_S", "30"))
 
 # Grace between SIGTERM and SIGKILL when a time limit hits: enough to save a checkpoint.
 KILL_GRACE_S = 5.0
@@ -70,9 +72,9 @@ class LocalLauncher:
             stale.unlink(missing_ok=True)
         paths.checkpoints.mkdir(parents=True, exist_ok=True)
         _empty_dir(paths.model)
-        started = time.time()
         proc = self._mp.Process(target=run_trial_process, args=(request,), name=f"trial-{request.run_id}")
-        proc.start()
+        proc.start()  # returns once forked: the fork server's one-time preload is not the trial's time
+        started = time.time()
         deadline = None if time_limit_s is None else started + time_limit_s
         while proc.is_alive() and (deadline is None or time.time() < deadline):
             wait = HEARTBEAT_S if deadline is None else min(HEARTBEAT_S, max(0.0, deadline - time.time()))

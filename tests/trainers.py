@@ -61,3 +61,30 @@ def command_main() -> int:
     Path(os.environ["HPSWEEP_MODEL_DIR"], "model.json").write_text(json.dumps(params))
     Path(os.environ["HPSWEEP_RESULT"]).write_text(json.dumps({"f1": params.get("f1", 0.5)}))
     return 0
+
+
+def epochs(hparams: dict[str, Any], data: DataRefs, ctx: TrainContext) -> float:
+    """Several checkpointed epochs; resumes from the last checkpoint; records every epoch start.
+
+    hparams: `f1` (the result), `mode` ("ok", "raise", "hang"). settings: `epochs`, `epoch_s`.
+    """
+    n_epochs = int(ctx.settings.get("epochs", 5))
+    epoch_s = float(ctx.settings.get("epoch_s", 0.3))
+    key = json.dumps(hparams, sort_keys=True)
+    done = 0
+    if ctx.resume_from is not None:
+        done = json.loads(ctx.resume_from.read_text())["epoch"]
+    record({"event": "start", "t": time.time(), "pid": os.getpid(), "key": key, "resumed_at": done})
+    if hparams.get("mode") == "raise":
+        raise ValueError("this trainer rejects its hparams")
+    if hparams.get("mode") == "hang":
+        time.sleep(3600)
+    for epoch in range(done + 1, n_epochs + 1):
+        record({"event": "epoch", "t": time.time(), "pid": os.getpid(), "key": key, "epoch": epoch})
+        time.sleep(epoch_s)
+        ctx.report(epoch, val_f1=float(hparams["f1"]) * epoch / n_epochs)
+        tmp = ctx.checkpoint_dir / ".checkpoint.json.tmp"
+        tmp.write_text(json.dumps({"epoch": epoch}))
+        os.replace(tmp, ctx.checkpoint_dir / "checkpoint.json")
+    record({"event": "end", "t": time.time(), "pid": os.getpid(), "key": key})
+    return float(hparams["f1"])
