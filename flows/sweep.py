@@ -133,6 +133,7 @@ def run_trial(trial: PlannedTrial, ctx: SweepContext, gpu_ids: tuple[int, ...]) 
             val=str(ctx.inputs.val.resolve()), trial_dir=str(trial_dir.resolve()), cwd=str(Path.cwd()),
             entrypoint=spec.trainer.entrypoint, command=spec.trainer.command, gpu_ids=gpu_ids,
             experiment_id=ctx.experiment_id, trial_key=trial.key, checkpoint_sync_s=CHECKPOINT_SYNC_S,
+            orchestrator=tracking.owner_id(),
         )
         outcome = ctx.launcher.run(request, spec.time_limit_s, heartbeat=lambda: tracking.heartbeat(client, run_id))
         retry(lambda: tracking.finish_trial_run(client, run_id, outcome, request.paths.log),

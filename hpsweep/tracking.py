@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sqlite3
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from hpsweep.launcher import TrialOutcome
+from trainer.durable import identity_is_dead, process_identity
 
 TAG_SWEEP_ID = "hpsweep.sweep_id"
 TAG_ROLE = "hpsweep.role"  # "sweep" or "trial"
@@ -176,25 +176,7 @@ TAG_ATTEMPT_LOG = "hpsweep.attempt_log"  # one line per failed attempt: why it w
 
 
 def owner_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{_process_start(os.getpid())}"
-
-
-def _process_start(pid: int) -> str:
-    """The process's start time since boot: with the pid, a process's identity (pids get reused)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return "?"
-
-
-def owner_is_dead(owner: str | None) -> bool:
-    """True only when we can tell for sure: the owner ran on this host and that process is gone."""
-    if not owner or owner.count(":") < 2:
-        return False
-    host, pid, start = owner.rsplit(":", 2)
-    if host != socket.gethostname() or not pid.isdigit():
-        return False
-    return _process_start(int(pid)) != start
+    return process_identity()
 
 
 def heartbeat(client: MlflowClient, run_id: str) -> None:
@@ -216,7 +198,7 @@ def reap_zombies(client: MlflowClient, exp_id: str, stale_after_s: float) -> lis
         if TAG_ROLE not in tags:
             continue
         last_seen = float(tags.get(TAG_HEARTBEAT, run.info.start_time / 1000))
-        dead = owner_is_dead(tags.get(TAG_OWNER))
+        dead = identity_is_dead(tags.get(TAG_OWNER))
         if not dead and now - last_seen <= stale_after_s:
             continue
         why = "its process died" if dead else f"no heartbeat for {now - last_seen:.0f}s"

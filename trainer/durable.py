@@ -14,6 +14,8 @@ import logging
 import os
 import queue
 import shutil
+import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -150,3 +152,43 @@ def restore_checkpoints(client: MlflowClient, experiment_id: str, trial_key: str
         shutil.rmtree(tmp, ignore_errors=True)
         return run.info.run_id
     return None
+
+
+def process_start(pid: int) -> str:
+    """The process's start time since boot: with the pid, a process's identity (pids get reused)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return "?"
+
+
+def process_identity(pid: int | None = None) -> str:
+    pid = os.getpid() if pid is None else pid
+    return f"{socket.gethostname()}:{pid}:{process_start(pid)}"
+
+
+def identity_is_dead(identity: str | None) -> bool:
+    """True only when we can tell for sure: the process ran on this host and is gone."""
+    if not identity or identity.count(":") < 2:
+        return False
+    host, pid, start = identity.rsplit(":", 2)
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    return process_start(int(pid)) != start
+
+
+def exit_when_dead(identity: str, interval_s: float = 1.0) -> threading.Thread:
+    """Kill this trial's whole process group once the orchestrator ``identity`` is gone.
+
+    A trial of a killed orchestrator must not train on unobserved (nobody would record its
+    F1, and it would hold a GPU the rerun needs); the rerun resumes it from its checkpoint.
+    """
+
+    def watch() -> None:
+        while not identity_is_dead(identity):
+            time.sleep(interval_s)
+        os.killpg(os.getpgid(0), signal.SIGKILL)
+
+    thread = threading.Thread(target=watch, name="hpsweep-orphan-watch", daemon=True)
+    thread.start()
+    return thread

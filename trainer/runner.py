@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer import contract
-from trainer.durable import CheckpointSync, MetricsLogger, restore_checkpoints, retry
+from trainer.durable import CheckpointSync, MetricsLogger, exit_when_dead, restore_checkpoints, retry
 
 # Imported here so the fork server pays for it once; trials only fork.
 import mlflow  # noqa: F401
@@ -48,6 +48,7 @@ class TrialRequest:
     experiment_id: str = ""
     trial_key: str = ""
     checkpoint_sync_s: float = 30.0
+    orchestrator: str = ""  # process identity of the sweep; the trial dies with it
     extra_env: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -105,8 +106,9 @@ def trial_env(req: TrialRequest) -> dict[str, str]:
 
 def run_trial_process(req: TrialRequest) -> None:
     """Process target: set up the trial's world, run the trainer, record the outcome."""
-    _die_with_parent()
     os.setsid()
+    if req.orchestrator:
+        exit_when_dead(req.orchestrator)
     os.chdir(req.cwd)
     paths = req.paths
     log = open(paths.log, "ab", buffering=0)
@@ -157,8 +159,7 @@ def _train_durably(req: TrialRequest, client: MlflowClient) -> dict[str, Any]:
 
 
 def _die_with_parent() -> None:
-    """If the sweep's process tree dies (kill -9 of the orchestrator), its trials die too
-    instead of training on unobserved; the rerun resumes them from their checkpoints."""
+    """A command trainer dies with its runner process (which dies with the orchestrator)."""
     try:
         import ctypes
 

@@ -162,15 +162,12 @@ def test_orchestrator_killed_mid_sweep_then_rerun_trains_only_the_rest(fault_pro
     time.sleep(0.7)  # let the next trials get some epochs (and checkpoints) in
     proc.kill()  # kill -9 of the orchestrator
     proc.wait()
-    killed_at = time.time()
+    time.sleep(3)  # its trainers notice within a second and kill themselves
+    killed_at = time.time()  # (a late bound of their end: conservative for the quota check)
     evs = events(record)
     ended_pids = {e["pid"] for e in evs if e["event"] == "end"}
     orphans = [e["pid"] for e in evs if e["event"] == "start" and e["pid"] not in ended_pids]
-    for _ in range(50):  # its trainers die with it (they would train on unobserved otherwise)
-        if not any(alive(p) for p in orphans):
-            break
-        time.sleep(0.1)
-    assert not any(alive(p) for p in orphans)
+    assert orphans and not any(alive(p) for p in orphans)  # none trains on unobserved
     with record.open("a") as f:
         for pid in orphans:
             f.write(json.dumps({"event": "killed", "pid": pid, "t": killed_at}) + "\n")
