@@ -28,17 +28,16 @@ from hpsweep import progress, tracking
 from hpsweep.config import SweepConfig
 from hpsweep.gpus import GpuPool, host_gpus, max_parallel_trials
 from hpsweep.inputs import Hparams, SweepInputs, load_inputs
-from hpsweep.launcher import CHECKPOINT_SYNC_S, HEARTBEAT_S, ZOMBIE_AFTER_S, LocalLauncher, TrialLauncher, TrialOutcome
+from hpsweep.launcher import LocalLauncher, TrialJob, TrialLauncher
+from hpsweep.outcome import TrialOutcome
+from hpsweep.pool import PoolLauncher, check_pool_limit
+from hpsweep.process import HEARTBEAT_S, ZOMBIE_AFTER_S
 from hpsweep.quota import ensure_quota_limit
 from hpsweep.report import counts, rank_rows, render_markdown, write_report
 from hpsweep.versions import code_version, data_version, git_commit, spec_hash, trial_key
-from trainer.durable import retry
-from trainer.runner import TrialRequest
 
 # A dead orchestrator's slots come back after this long (Prefect renews it while we live).
 SLOT_LEASE_S = 60.0  # the shortest lease Prefect accepts
-# How long bookkeeping calls keep retrying while the tracking server is unreachable.
-TRACKING_PATIENCE_S = 900.0
 
 
 @dataclass(frozen=True)
@@ -63,6 +62,7 @@ class SweepContext:
     launcher: TrialLauncher
     gpu_pool: GpuPool
     max_attempts: int = 3
+    holds_quota: bool = True  # local launcher: workers take quota slots; pool: the pool's limit does
     trial_task: Any = None  # run_trial with this sweep's retry settings
     run_ids: dict[int, str] = field(default_factory=dict)  # trial index → its MLflow run, across attempts
 
@@ -104,52 +104,39 @@ def plan_trials(inputs: SweepInputs) -> tuple[list[PlannedTrial], dict[str, str]
     return trials, versions
 
 
-@task(name="trial", persist_result=False, cache_policy=NO_CACHE, retry_condition_fn=_is_retryable, task_run_name="trial {trial.index}: " + "{trial.key}")
+@task(name="trial", persist_result=False, cache_policy=NO_CACHE, retry_condition_fn=_is_retryable,
+      task_run_name="trial {trial.index}: " + "{trial.key}")
 def run_trial(trial: PlannedTrial, ctx: SweepContext, gpu_ids: tuple[int, ...]) -> TrialOutcome:
-    """One attempt of one combination, on GPUs (quota slots) its worker already holds.
+    """One attempt of one combination, wherever the launcher runs it.
 
     A trainer's own failure is returned as an outcome (never retried); a machine failure
     raises RetryableTrialFailure so Prefect retries the task, resuming from the checkpoint.
     """
     attempt = current_task_run.run_count or 1
-    client = MlflowClient(ctx.tracking_uri)
-    spec = ctx.inputs.spec
     name = tracking.run_name(trial.hparams)
-    run_id = ctx.run_ids.get(trial.index)
     if attempt == 1:
         progress.current().trial_started(name)
-    try:
-        if run_id is None:
-            run_id = retry(lambda: tracking.start_trial_run(
-                client, ctx.experiment_id, ctx.parent_run_id, ctx.sweep_id, trial.index, trial.hparams,
-                trial.key, attempt, tags={"hpsweep.gpus": ",".join(map(str, gpu_ids)) or "cpu"},
-            ), TRACKING_PATIENCE_S, "creating the trial's run")
-            ctx.run_ids[trial.index] = run_id
-        trial_dir = ctx.work_dir / "trials" / trial.key
-        trial_dir.mkdir(parents=True, exist_ok=True)
-        request = TrialRequest(
-            run_id=run_id, tracking_uri=ctx.tracking_uri, hparams=trial.hparams,
-            settings=dict(spec.settings), train=str(ctx.inputs.train.resolve()),
-            val=str(ctx.inputs.val.resolve()), trial_dir=str(trial_dir.resolve()), cwd=str(Path.cwd()),
-            entrypoint=spec.trainer.entrypoint, command=spec.trainer.command, gpu_ids=gpu_ids,
-            experiment_id=ctx.experiment_id, trial_key=trial.key, checkpoint_sync_s=CHECKPOINT_SYNC_S,
-            orchestrator=tracking.owner_id(),
-        )
-        outcome = ctx.launcher.run(request, spec.time_limit_s, heartbeat=lambda: tracking.heartbeat(client, run_id))
-        retry(lambda: tracking.finish_trial_run(client, run_id, outcome, request.paths.log),
-              TRACKING_PATIENCE_S, "storing the trial's result")
-    except Exception as e:  # hpsweep's bookkeeping failed (tracking down for too long): a machine failure
-        outcome = TrialOutcome(False, None, f"hpsweep could not run the trial: {type(e).__name__}: {e}",
-                               retryable=True, started_at=time.time(), ended_at=time.time())
-        if run_id is not None:
-            _try_mark_failed(client, run_id, outcome.reason)
+    spec = ctx.inputs.spec
+    job = TrialJob(
+        sweep_id=ctx.sweep_id, experiment_id=ctx.experiment_id, parent_run_id=ctx.parent_run_id,
+        tracking_uri=ctx.tracking_uri, index=trial.index, hparams=trial.hparams, trial_key=trial.key,
+        attempt=attempt, settings=dict(spec.settings), train=str(ctx.inputs.train.resolve()), val=str(ctx.inputs.val.resolve()),
+        entrypoint=spec.trainer.entrypoint, command=spec.trainer.command, time_limit_s=spec.time_limit_s,
+        gpus=spec.resources.gpus, run_id=ctx.run_ids.get(trial.index), work_dir=str(ctx.work_dir),
+    )
+    result = ctx.launcher.launch(job, gpu_ids)
+    outcome = result.outcome
+    if result.run_id:
+        ctx.run_ids[trial.index] = result.run_id
     if not outcome.ok and outcome.retryable and attempt < ctx.max_attempts:
-        tracking_note = f"attempt {attempt} failed: {outcome.reason}; retrying"
-        get_run_logger().warning("trial %d (%s): %s", trial.index, name, tracking_note)
-        try:
-            tracking.reopen_trial_run(client, run_id, attempt + 1, outcome.reason) if run_id else None
-        except Exception:
-            pass  # the next attempt finds the run as it is; its tags are rewritten then
+        get_run_logger().warning("trial %d (%s): attempt %d failed: %s; retrying", trial.index, name, attempt,
+                                 outcome.reason)
+        if result.run_id:
+            try:
+                tracking.reopen_trial_run(MlflowClient(ctx.tracking_uri), result.run_id, attempt + 1,
+                                          outcome.reason)
+            except Exception:
+                pass  # the next attempt finds the run as it is; its tags are rewritten then
         raise RetryableTrialFailure(outcome)
     detail = f"F1 {outcome.f1:.4f}" if outcome.ok else outcome.reason
     if not outcome.ok and attempt > 1:
@@ -158,43 +145,41 @@ def run_trial(trial: PlannedTrial, ctx: SweepContext, gpu_ids: tuple[int, ...]) 
     return outcome
 
 
-def _try_mark_failed(client: MlflowClient, run_id: str, reason: str | None) -> None:
-    try:
-        client.set_tag(run_id, tracking.TAG_STATUS, "FAILED")
-        client.set_tag(run_id, tracking.TAG_REASON, reason or "unknown")
-        client.set_terminated(run_id, "FAILED")
-    except Exception:
-        pass  # the tracking server is what failed; the next sweep closes the run as a zombie
+@task(name="trial-worker", persist_result=False, cache_policy=NO_CACHE, task_run_name="trial-worker {worker}")
+def trial_worker(worker: int, queue: "Queue[PlannedTrial]", ctx: SweepContext) -> int:
+    """Runs queued trials back to back; returns how many it ran.
 
-
-@task(name="gpu-worker", persist_result=False, cache_policy=NO_CACHE, task_run_name="gpu-worker {worker}")
-def gpu_worker(worker: int, queue: "Queue[PlannedTrial]", ctx: SweepContext) -> int:
-    """Holds one trial's share of the quota (and its GPUs) and runs queued trials back to back.
-
-    The slots are taken from the Prefect concurrency limit once per worker, not once per
-    trial: a freed slot goes to the next trial at once, with no acquire/release round trip
-    (Prefect answers a re-acquire that races a release with a ~2 s Retry-After). Returns
-    the number of trials run. The slot lease is renewed while the worker lives and expires
+    Local launcher: the worker holds one trial's share of the quota (and its GPUs) from
+    the Prefect concurrency limit for its whole life, not per trial, so a freed slot goes
+    to the next trial at once (a re-acquire that races a release gets a ~2 s Retry-After
+    from Prefect). The slot lease is renewed while the worker lives and expires
     SLOT_LEASE_S after its process dies, so a crash never lowers the quota for long.
+    Pool launcher: the work pool's own concurrency limit is the quota; the worker only waits.
     """
+    if not ctx.holds_quota:
+        return _drain(queue, ctx, ())
     gpus = ctx.inputs.spec.resources.gpus
-    ran = 0
     with concurrency(ctx.quota_limit, occupy=gpus, strict=True, lease_duration=SLOT_LEASE_S):
         gpu_ids = ctx.gpu_pool.take(gpus)
         try:
-            while True:
-                try:
-                    trial = queue.get_nowait()
-                except Empty:
-                    return ran
-                try:
-                    ctx.trial_task(trial, ctx, gpu_ids)
-                except RetryableTrialFailure as e:  # out of attempts: the run holds the reason
-                    progress.current().trial_ended(tracking.run_name(trial.hparams), False, 0.0,
-                                                   f"after {ctx.max_attempts} attempts: {e}")
-                ran += 1
+            return _drain(queue, ctx, gpu_ids)
         finally:
             ctx.gpu_pool.give_back(gpu_ids)
+
+
+def _drain(queue: "Queue[PlannedTrial]", ctx: SweepContext, gpu_ids: tuple[int, ...]) -> int:
+    ran = 0
+    while True:
+        try:
+            trial = queue.get_nowait()
+        except Empty:
+            return ran
+        try:
+            ctx.trial_task(trial, ctx, gpu_ids)
+        except RetryableTrialFailure as e:  # out of attempts: the run holds the reason
+            progress.current().trial_ended(tracking.run_name(trial.hparams), False, 0.0,
+                                           f"after {ctx.max_attempts} attempts: {e}")
+        ran += 1
 
 
 class Heartbeat:
@@ -233,7 +218,8 @@ def sweep(config: SweepConfig) -> dict[str, Any]:
     sweep_id = new_sweep_id(name)
     gpus = inputs.spec.resources.gpus
     host = host_gpus()
-    ensure_quota_limit(config.quota_limit, config.quota)
+    if config.launcher == "local":
+        ensure_quota_limit(config.quota_limit, config.quota)
 
     experiment_id = tracking.ensure_experiment(client, name)
     zombies = tracking.reap_zombies(client, experiment_id, ZOMBIE_AFTER_S)
@@ -241,7 +227,13 @@ def sweep(config: SweepConfig) -> dict[str, Any]:
         logger.warning("closed %d zombie run(s) left RUNNING by a dead process: %s", len(zombies), zombies)
     reused = {} if config.retrain else tracking.finished_runs_by_key(client, experiment_id, {t.key for t in trials})
     to_train = [t for t in trials if t.key not in reused]
-    parallel = max_parallel_trials(config.quota, gpus, host, max(1, len(to_train)))
+    pooled = config.launcher == "pool"
+    if pooled:
+        pool_limit = check_pool_limit(config.pool, config.quota)
+        # Enough flow runs waiting in the pool that a freed slot is taken at once.
+        parallel = max(1, min(len(to_train), 2 * pool_limit + 2))
+    else:
+        parallel = max_parallel_trials(config.quota, gpus, host, max(1, len(to_train)))
 
     provenance = {**versions, "hpsweep.git_commit": git_commit(), "hpsweep.quota": str(config.quota)}
     parent_run_id = tracking.start_parent_run(
@@ -259,8 +251,8 @@ def sweep(config: SweepConfig) -> dict[str, Any]:
     ctx = SweepContext(
         sweep_id=sweep_id, name=name, experiment_id=experiment_id, parent_run_id=parent_run_id,
         tracking_uri=tracking_uri, inputs=inputs, work_dir=config.work_dir, quota_limit=config.quota_limit,
-        launcher=LocalLauncher(preload=[entry_module] if entry_module else []) if to_train else None,
-        gpu_pool=GpuPool(host), max_attempts=config.max_attempts,
+        launcher=_launcher(config, entry_module, sweep_id) if to_train else None,
+        gpu_pool=GpuPool(host), max_attempts=config.max_attempts, holds_quota=not pooled,
         trial_task=run_trial.with_options(
             retries=config.max_attempts - 1,
             retry_delay_seconds=[config.retry_delay_s * 4**i for i in range(max(1, config.max_attempts - 1))]),
@@ -278,6 +270,12 @@ def sweep(config: SweepConfig) -> dict[str, Any]:
                         trials, reused)
 
 
+def _launcher(config: SweepConfig, entry_module: str, sweep_id: str) -> TrialLauncher:
+    if config.launcher == "pool":
+        return PoolLauncher(config.trial_deployment, salt=sweep_id if config.retrain else "")
+    return LocalLauncher(preload=[entry_module] if entry_module else [])
+
+
 def _train_all(to_train: list[PlannedTrial], ctx: SweepContext, parallel: int, logger) -> None:
     if not to_train:
         return
@@ -285,7 +283,7 @@ def _train_all(to_train: list[PlannedTrial], ctx: SweepContext, parallel: int, l
     for t in to_train:
         queue.put(t)
     with ThreadPoolTaskRunner(max_workers=parallel) as runner:
-        workers = [runner.submit(gpu_worker, parameters={"worker": w, "queue": queue, "ctx": ctx})
+        workers = [runner.submit(trial_worker, parameters={"worker": w, "queue": queue, "ctx": ctx})
                    for w in range(1, parallel + 1)]
         for w in workers:
             w.wait()

@@ -34,7 +34,8 @@ def _run_flags(parser: argparse.ArgumentParser) -> None:
     fields = SweepConfig.model_fields
     for name, typ in (("combinations", Path), ("spec", Path), ("train", Path), ("val", Path), ("quota", int),
                       ("name", str), ("report_dir", Path), ("work_dir", Path), ("tracking_uri", str),
-                      ("max_attempts", int), ("retry_delay_s", float), ("quota_limit", str)):
+                      ("max_attempts", int), ("retry_delay_s", float), ("launcher", str), ("pool", str),
+                      ("trial_deployment", str), ("quota_limit", str)):
         parser.add_argument(f"--{name.replace('_', '-')}", type=typ, default=None, dest=name,
                             help=f"{fields[name].description} (default: params.yaml's sweep.{name}"
                                  f"{'' if fields[name].is_required() else f', else {fields[name].default}'})")
@@ -112,6 +113,10 @@ def _run(args: argparse.Namespace) -> int:
         config = build_config(flags, args.params)
         # Validate before anything starts: no Prefect, no MLflow, no report folder on bad input.
         load_inputs(config.combinations, config.spec, config.train, config.val, config.quota)
+        if config.launcher == "pool":
+            from hpsweep.pool import check_pool_limit
+
+            check_pool_limit(config.pool, config.quota)
     except SweepInputError as e:
         for problem in e.problems:
             console.print(f"[red]error:[/red] {escape(str(problem))}", highlight=False, soft_wrap=True)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
@@ -34,6 +34,13 @@ class SweepConfig(BaseModel):
                                                          "by a signal, lost host, tracking unreachable); a "
                                                          "trainer's own error is never retried")
     retry_delay_s: float = Field(default=10.0, ge=0, description="wait before the first retry; x4 per retry")
+    launcher: Literal["local", "pool"] = Field(default="local", description="where trials run: 'local' "
+                                                "(processes on this host) or 'pool' (flow runs of the "
+                                                "train-trial deployment on a Prefect work pool)")
+    pool: str | None = Field(default=None, description="the work pool for --launcher pool; its concurrency "
+                                                       "limit must be set and at most the quota")
+    trial_deployment: str = Field(default="train-trial/hpsweep", description="the train-trial deployment "
+                                                                             "(flow/deployment) for --launcher pool")
     quota_limit: str = Field(default=DEFAULT_LIMIT_NAME, description="name of the Prefect global "
                                                                       "concurrency limit that holds the quota")
 

@@ -1,174 +1,111 @@
-"""Where a trial runs. The local launcher: one process per trial on this host.
+"""Where a trial runs: one interface, two implementations.
 
-Each trial is a process forked from a fork server that has already imported MLflow and
-the trainer's module, so starting a trial costs milliseconds, not the seconds a fresh
-Python interpreter needs. A crashing, hanging or memory-hungry trainer takes down only
-its own process group.
+- ``LocalLauncher``: the trial runs as a process on this host (the embedded default).
+- ``hpsweep.pool.PoolLauncher``: the trial runs as a flow run of the `train-trial`
+  deployment on a Prefect work pool (a process pool in tests, an ECS GPU pool in AWS).
+
+Both execute the same ``execute_trial`` (here, or on the pool's worker), so a trial is
+recorded in MLflow the same way wherever it ran.
 """
 
 from __future__ import annotations
 
-import json
-import math
-import multiprocessing
-import multiprocessing.forkserver
-import os
-import signal
-import threading
 import time
-from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
 
-from trainer.runner import TrialRequest, run_trial_process
+from mlflow.tracking import MlflowClient
 
-# How often a running trial tells the tracking store it is alive; a run silent for
-# ZOMBIE_AFTER_S is closed as a zombie by the next sweep.
-HEARTBEAT_S = float(os.environ.get("HPSWEEP_HEARTBEAT_S", "30"))
-ZOMBIE_AFTER_S = 4 * HEARTBEAT_S
-# How often a running trial mirrors new checkpoints to the artifact store.
-CHECKPOINT_SYNC_S = float(os.environ.get("HPSWEEP_CHECKPOINT_SYNC_S", "30"))
+from hpsweep import tracking
+from hpsweep.outcome import TrialOutcome
+from hpsweep.process import CHECKPOINT_SYNC_S, ProcessRunner
+from trainer.durable import retry
+from trainer.runner import TrialRequest
 
-# Grace between SIGTERM and SIGKILL when a time limit hits: enough to save a checkpoint.
-KILL_GRACE_S = 5.0
+# How long bookkeeping calls keep retrying while the tracking server is unreachable.
+TRACKING_PATIENCE_S = 900.0
 
 
 @dataclass(frozen=True)
-class TrialOutcome:
-    """How one attempt ended. ``f1`` is set exactly when ``ok``."""
+class TrialJob:
+    """One attempt of one combination, as plain JSON-able data (it travels to a pool worker)."""
 
-    ok: bool
-    f1: float | None
-    reason: str | None = None
-    # A failure of the machine, not of the hparams (signal, lost host): worth another attempt.
-    retryable: bool = False
-    killed: bool = False
-    started_at: float = 0.0
-    ended_at: float = 0.0
+    sweep_id: str
+    experiment_id: str
+    parent_run_id: str
+    tracking_uri: str
+    index: int
+    hparams: dict[str, Any]
+    trial_key: str
+    attempt: int
+    settings: dict[str, Any]
+    train: str
+    val: str
+    entrypoint: str | None = None
+    command: list[str] | None = None
+    time_limit_s: float | None = None
+    gpus: int = 1
+    run_id: str | None = None  # set from the second attempt on: retries continue the same run
+    work_dir: str = ".hpsweep"
+    cwd: str = field(default_factory=lambda: str(Path.cwd()))
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class TrialResult:
+    run_id: str | None
+    outcome: TrialOutcome
 
 
 class TrialLauncher(Protocol):
-    """Runs one attempt of one trial to completion and says how it ended.
+    """Runs one attempt of one trial to completion and records it in MLflow.
 
-    Implementations never raise for a trainer's failure: it is an outcome.
-    Safe to call from several threads at once.
+    Guarantees: the trial's MLflow run exists and is terminal (or reopened by the caller
+    for a retry) when ``launch`` returns; a trainer's failure is an outcome, never an
+    exception. Safe to call from several threads at once.
     """
 
-    def run(self, request: TrialRequest, time_limit_s: float | None,
-            heartbeat: Callable[[], None] | None = None) -> TrialOutcome: ...
+    def launch(self, job: TrialJob, gpu_ids: tuple[int, ...]) -> TrialResult: ...
+
+
+def execute_trial(job: TrialJob, gpu_ids: tuple[int, ...], runner: ProcessRunner) -> TrialResult:
+    """Create (or continue) the trial's run, train in a child process, store the outcome."""
+    client = MlflowClient(job.tracking_uri)
+    run_id = job.run_id
+    try:
+        if run_id is None:
+            run_id = retry(lambda: tracking.start_trial_run(
+                client, job.experiment_id, job.parent_run_id, job.sweep_id, job.index, job.hparams,
+                job.trial_key, job.attempt, tags={"hpsweep.gpus": ",".join(map(str, gpu_ids)) or "cpu"},
+            ), TRACKING_PATIENCE_S, "creating the trial's run")
+        trial_dir = Path(job.work_dir) / "trials" / job.trial_key
+        trial_dir.mkdir(parents=True, exist_ok=True)
+        request = TrialRequest(
+            run_id=run_id, tracking_uri=job.tracking_uri, hparams=job.hparams, settings=dict(job.settings),
+            train=str(Path(job.train).resolve()), val=str(Path(job.val).resolve()),
+            trial_dir=str(trial_dir.resolve()), cwd=job.cwd, entrypoint=job.entrypoint, command=job.command,
+            gpu_ids=gpu_ids, experiment_id=job.experiment_id, trial_key=job.trial_key,
+            checkpoint_sync_s=CHECKPOINT_SYNC_S, orchestrator=tracking.owner_id(),
+        )
+        outcome = runner.run(request, job.time_limit_s, heartbeat=lambda: tracking.heartbeat(client, run_id))
+        retry(lambda: tracking.finish_trial_run(client, run_id, outcome, request.paths.log),
+              TRACKING_PATIENCE_S, "storing the trial's result")
+    except Exception as e:  # hpsweep's bookkeeping failed (tracking down for too long): a machine failure
+        outcome = TrialOutcome(False, None, f"hpsweep could not run the trial: {type(e).__name__}: {e}",
+                               retryable=True, started_at=time.time(), ended_at=time.time())
+        if run_id is not None:
+            tracking.try_mark_failed(client, run_id, outcome.reason)
+    return TrialResult(run_id, outcome)
 
 
 class LocalLauncher:
+    """Trials run as processes on this host, forked from one preloaded fork server."""
+
     def __init__(self, preload: list[str] | None = None):
-        self._mp = multiprocessing.get_context("forkserver")
-        # "__main__" too: otherwise every trial re-imports the main script before it starts.
-        self._mp.set_forkserver_preload(["__main__", "trainer.runner", "trainer._preload", *(preload or [])])
-        # Start (and preload) the fork server now, while the sweep sets up MLflow and Prefect.
-        threading.Thread(target=multiprocessing.forkserver.ensure_running, daemon=True).start()
+        self._runner = ProcessRunner(preload)
 
-    def run(self, request: TrialRequest, time_limit_s: float | None,
-            heartbeat: Callable[[], None] | None = None) -> TrialOutcome:
-        paths = request.paths
-        for stale in (paths.result, paths.outcome):
-            stale.unlink(missing_ok=True)
-        paths.checkpoints.mkdir(parents=True, exist_ok=True)
-        _empty_dir(paths.model)
-        proc = self._mp.Process(target=run_trial_process, args=(request,), name=f"trial-{request.run_id}")
-        proc.start()  # returns once forked: the fork server's one-time preload is not the trial's time
-        started = time.time()
-        deadline = None if time_limit_s is None else started + time_limit_s
-        while proc.is_alive() and (deadline is None or time.time() < deadline):
-            wait = HEARTBEAT_S if deadline is None else min(HEARTBEAT_S, max(0.0, deadline - time.time()))
-            proc.join(wait)
-            if heartbeat is not None and proc.is_alive():
-                _quietly(heartbeat)
-        timed_out = proc.is_alive()
-        if timed_out:
-            _kill_group(proc)
-        ended = time.time()
-        outcome = judge(
-            exitcode=proc.exitcode,
-            timed_out=timed_out,
-            time_limit_s=time_limit_s,
-            outcome=_read_json(paths.outcome),
-            result=_read_json(paths.result),
-        )
-        proc.close()
-        return TrialOutcome(**{**outcome.__dict__, "started_at": started, "ended_at": ended})
-
-
-def _quietly(fn: Callable[[], None]) -> None:
-    try:
-        fn()
-    except Exception:  # a missed heartbeat during a tracking outage is not worth failing a trial
-        pass
-
-
-def _kill_group(proc: multiprocessing.process.BaseProcess) -> None:
-    """SIGTERM the trial's whole process group, then SIGKILL what is left after the grace."""
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        pass
-    proc.join(KILL_GRACE_S)
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.join()
-
-
-def _empty_dir(path) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)
-    path.mkdir(parents=True)
-
-
-def _read_json(path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else {"value": data}
-
-
-def judge(
-    exitcode: int | None,
-    timed_out: bool,
-    time_limit_s: float | None,
-    outcome: dict[str, Any] | None,
-    result: dict[str, Any] | None,
-) -> TrialOutcome:
-    """Turn what a trial process left behind into an outcome with a reason a person can act on."""
-    if timed_out:
-        return TrialOutcome(False, None, f"time limit of {time_limit_s:g} s exceeded: killed", killed=True)
-    if exitcode is not None and exitcode < 0:
-        name = signal.Signals(-exitcode).name
-        return TrialOutcome(False, None, f"trainer process killed by {name} (out of memory or lost host?)",
-                            retryable=True, killed=True)
-    if outcome is None:
-        return TrialOutcome(False, None, f"trainer process exited with code {exitcode} without reporting",
-                            retryable=True)
-    if "error" in outcome:
-        if outcome.get("retryable"):
-            return TrialOutcome(False, None, outcome["error"], retryable=True)
-        return TrialOutcome(False, None, f"trainer raised {outcome['error']}")
-    if outcome.get("exit_code"):
-        code = outcome["exit_code"]
-        if code < 0:
-            return TrialOutcome(False, None, f"command killed by {signal.Signals(-code).name}",
-                                retryable=True, killed=True)
-        return TrialOutcome(False, None, f"command exited with code {code}")
-    return check_f1(result)
-
-
-def check_f1(result: dict[str, Any] | None) -> TrialOutcome:
-    """F1 must be a finite number in [0, 1]; anything else fails the trial with that reason."""
-    if result is None or "f1" not in result:
-        return TrialOutcome(False, None, 'trainer wrote no F1 (expected {"f1": <float>} in HPSWEEP_RESULT)')
-    f1 = result["f1"]
-    if isinstance(f1, bool) or not isinstance(f1, (int, float)):
-        return TrialOutcome(False, None, f"F1 {f1!r} is not a number")
-    if not math.isfinite(f1) or not 0.0 <= f1 <= 1.0:
-        return TrialOutcome(False, None, f"F1 {f1} is outside [0, 1]")
-    return TrialOutcome(True, float(f1))
+    def launch(self, job: TrialJob, gpu_ids: tuple[int, ...]) -> TrialResult:
+        return execute_trial(job, gpu_ids, self._runner)

@@ -18,7 +18,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from hpsweep.launcher import TrialOutcome
+from hpsweep.outcome import TrialOutcome
 from trainer.durable import identity_is_dead, process_identity
 
 TAG_SWEEP_ID = "hpsweep.sweep_id"
@@ -30,6 +30,7 @@ TAG_ATTEMPT = "hpsweep.attempt"
 TAG_STATUS = "hpsweep.status"
 TAG_REASON = "hpsweep.reason"
 TAG_DURATION = "hpsweep.duration_s"
+TAG_RETRYABLE = "hpsweep.retryable"  # "true" when the machine, not the trainer, failed the attempt
 CHAMPION_ALIAS = "champion"
 MAX_PARAM_LEN = 6000
 
@@ -110,6 +111,8 @@ def finish_trial_run(client: MlflowClient, run_id: str, outcome: TrialOutcome, l
     tags = [RunTag(TAG_STATUS, "FINISHED" if outcome.ok else "FAILED"), RunTag(TAG_DURATION, f"{duration:.3f}")]
     if outcome.reason:
         tags.append(RunTag(TAG_REASON, outcome.reason[:5000]))
+    if not outcome.ok:
+        tags.append(RunTag(TAG_RETRYABLE, str(outcome.retryable).lower()))
     metrics = [Metric("f1", outcome.f1, ts, 0)] if outcome.ok else []
     client.log_batch(run_id, metrics=metrics, tags=tags)
     status = "FINISHED" if outcome.ok else ("KILLED" if outcome.killed else "FAILED")
@@ -234,3 +237,24 @@ def reopen_trial_run(client: MlflowClient, run_id: str, attempt: int, previous_r
                                    RunTag(TAG_ATTEMPT_LOG, (log + "\n" + line).strip()[-5000:]),
                                    RunTag(TAG_OWNER, owner_id())])
     client.update_run(run_id, status="RUNNING")
+
+
+def try_mark_failed(client: MlflowClient, run_id: str, reason: str | None) -> None:
+    try:
+        client.log_batch(run_id, tags=[RunTag(TAG_STATUS, "FAILED"), RunTag(TAG_REASON, reason or "unknown")])
+        client.set_terminated(run_id, "FAILED")
+    except Exception:
+        pass  # the tracking server is what failed; the next sweep closes the run as a zombie
+
+
+def outcome_of(run) -> TrialOutcome:
+    """Read a terminal trial run back as an outcome (how a pool trial's result comes home)."""
+    tags = run.data.tags
+    status = tags.get(TAG_STATUS)
+    end = (run.info.end_time or 0) / 1000
+    start = end - float(tags.get(TAG_DURATION, 0) or 0)
+    if status == "FINISHED" and "f1" in run.data.metrics:
+        return TrialOutcome(True, run.data.metrics["f1"], started_at=start, ended_at=end)
+    return TrialOutcome(False, None, tags.get(TAG_REASON) or f"run ended {run.info.status}",
+                        retryable=tags.get(TAG_RETRYABLE) == "true", killed=run.info.status == "KILLED",
+                        started_at=start, ended_at=end)

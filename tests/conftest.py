@@ -185,3 +185,44 @@ def served_project(project: Project, prefect_server: str) -> Project:
     """A project whose sweeps use the session's real `prefect server` (not the ephemeral API)."""
     project.env["PREFECT_API_URL"] = prefect_server
     return project
+
+
+@dataclass
+class WorkPool:
+    name: str
+    limit: int | None
+    api_url: str
+
+
+def prefect_cli(api_url: str, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "PREFECT_API_URL": api_url, **(env or {})}
+    result = subprocess.run([sys.executable, "-m", "prefect", *args], env=full_env, capture_output=True,
+                            text=True, timeout=180, cwd=REPO)
+    assert result.returncode == 0, f"prefect {' '.join(args)}: {result.stdout}\n{result.stderr}"
+    return result
+
+
+@pytest.fixture(scope="session")
+def gpu_pool(prefect_server: str, tmp_path_factory: pytest.TempPathFactory):
+    """A real `process` work pool with concurrency limit 2 (the quota), the train-trial and sweep
+    deployments from prefect.yaml, and real workers polling it (stopped with SIGINT)."""
+    gpu, cpu = "test-gpu", "test-cpu"
+    prefect_cli(prefect_server, "work-pool", "create", gpu, "--type", "process")
+    prefect_cli(prefect_server, "work-pool", "set-concurrency-limit", gpu, "2")
+    prefect_cli(prefect_server, "work-pool", "create", cpu, "--type", "process")
+    deploy_env = {"HPSWEEP_HOME": str(REPO), "HPSWEEP_GPU_POOL": gpu, "HPSWEEP_CPU_POOL": cpu}
+    prefect_cli(prefect_server, "--no-prompt", "deploy", "--all", env=deploy_env)
+    logs = tmp_path_factory.mktemp("workers")
+    worker_env = {**os.environ, "PREFECT_API_URL": prefect_server, "PREFECT_WORKER_QUERY_SECONDS": "1",
+                  "PREFECT_WORKER_PREFETCH_SECONDS": "1",
+                  "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+                  "HPSWEEP_HEARTBEAT_S": "2"}
+    workers = [subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", pool,
+                                 "--type", "process"], env=worker_env, cwd=REPO,
+                                stdout=(logs / f"{pool}.log").open("wb"), stderr=subprocess.STDOUT)
+               for pool in (gpu, cpu)]
+    try:
+        yield WorkPool(gpu, 2, prefect_server)
+    finally:
+        for w in workers:
+            stop(w)

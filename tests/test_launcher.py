@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from hpsweep.gpus import GpuPool, host_gpus, max_parallel_trials
-from hpsweep.launcher import LocalLauncher, check_f1, judge
+from hpsweep.outcome import check_f1, judge
+from hpsweep.process import ProcessRunner
 from trainer.runner import TrialRequest
 
 
@@ -56,7 +57,7 @@ def alive(pid: int) -> bool:
 
 @pytest.fixture(scope="module")
 def launcher():
-    return LocalLauncher()
+    return ProcessRunner()
 
 
 def request(tmp_path: Path, command: list[str]) -> TrialRequest:

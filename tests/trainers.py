@@ -16,8 +16,9 @@ from typing import Any
 from trainer.contract import DataRefs, TrainContext
 
 
-def record(event: dict[str, Any]) -> None:
-    path = os.environ.get("HPSWEEP_TEST_RECORD")
+def record(event: dict[str, Any], path: str | None = None) -> None:
+    """Append to `path`, else $HPSWEEP_TEST_RECORD (a pool worker's trainers get the path as a setting)."""
+    path = path or os.environ.get("HPSWEEP_TEST_RECORD")
     if path:
         with open(path, "a") as f:  # one short append per line: atomic enough on Linux
             f.write(json.dumps(event) + "\n")
@@ -29,8 +30,9 @@ def sleepy(hparams: dict[str, Any], data: DataRefs, ctx: TrainContext) -> float:
     `mode: raise` raises like a trainer rejecting its hparams.
     """
     start = time.time()
+    where = ctx.settings.get("record_path")
     record({"event": "start", "t": start, "pid": os.getpid(), "hparams": hparams,
-            "cuda": os.environ.get("CUDA_VISIBLE_DEVICES", ""), "device": ctx.device})
+            "cuda": os.environ.get("CUDA_VISIBLE_DEVICES", ""), "device": ctx.device}, where)
     if hparams.get("mode") == "raise":
         raise ValueError(f"bad hparams: {hparams}")
     epochs = int(ctx.settings.get("epochs", 2))
@@ -39,7 +41,7 @@ def sleepy(hparams: dict[str, Any], data: DataRefs, ctx: TrainContext) -> float:
         time.sleep(sleep_s / epochs)
         ctx.report(epoch, val_f1=float(hparams.get("f1", 0.5)) * epoch / epochs)
     (ctx.model_dir / "weights.txt").write_text(json.dumps(hparams))
-    record({"event": "end", "t": time.time(), "pid": os.getpid(), "hparams": hparams})
+    record({"event": "end", "t": time.time(), "pid": os.getpid(), "hparams": hparams}, where)
     return float(hparams.get("f1", 0.5))
 
 

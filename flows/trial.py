@@ -1,0 +1,32 @@
+"""The `train-trial` flow: one attempt of one combination, on a work pool's worker.
+
+Deployed on the GPU work pool (see prefect.yaml); the sweep launches it with
+`run_deployment` (hpsweep.pool.PoolLauncher). It records the trial in MLflow itself, so
+the sweep reads the result back from the tracking server wherever the trial ran.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from prefect import flow
+
+from hpsweep.gpus import host_gpus
+from hpsweep.launcher import TrialJob, execute_trial
+from hpsweep.process import ProcessRunner
+
+
+@flow(name="train-trial", persist_result=False, log_prints=True)
+def train_trial(job: dict[str, Any]) -> dict[str, Any]:
+    """Train one combination and log it to MLflow; returns the run id, F1 and reason."""
+    # The sweep's folder, when this worker shares its disk; else the worker's own.
+    cwd = job.get("cwd") if Path(job.get("cwd", "")).is_dir() else os.getcwd()
+    trial = TrialJob(**{**job, "cwd": cwd, "work_dir": os.environ.get("HPSWEEP_WORK_DIR", job["work_dir"])})
+    # The GPUs this worker's container (or host) was given are the trial's.
+    gpu_ids = host_gpus()[: trial.gpus]
+    entry_module = (trial.entrypoint or "").partition(":")[0]
+    result = execute_trial(trial, gpu_ids, ProcessRunner(preload=[entry_module] if entry_module else []))
+    return {"run_id": result.run_id, "ok": result.outcome.ok, "f1": result.outcome.f1,
+            "reason": result.outcome.reason}

@@ -1,0 +1,86 @@
+"""The pool launcher: each trial attempt is a flow run of the `train-trial` deployment on a
+Prefect work pool whose concurrency limit is the GPU quota (a process pool in tests, an ECS
+GPU pool in AWS). The pool's limit, not code in the sweep, decides how many trials run, so
+the pool never starts more GPU containers than the quota allows.
+"""
+
+from __future__ import annotations
+
+import time
+
+from mlflow.tracking import MlflowClient
+from prefect.client.orchestration import get_client
+from prefect.deployments import run_deployment
+from prefect.exceptions import ObjectNotFound
+
+from hpsweep import tracking
+from hpsweep.inputs import Problem, SweepInputError
+from hpsweep.launcher import TrialJob, TrialResult
+from hpsweep.outcome import TrialOutcome
+
+
+def check_pool_limit(pool: str | None, quota: int) -> int:
+    """The pool's concurrency limit, if it is set and at most the quota; else an input error."""
+    if not pool:
+        raise SweepInputError([Problem("--pool", "required with --launcher pool")])
+    with get_client(sync_client=True) as client:
+        try:
+            work_pool = client.read_work_pool(pool)
+        except ObjectNotFound:
+            raise SweepInputError([Problem("--pool", f"work pool '{pool}' does not exist: create it with "
+                                           f"`prefect work-pool create {pool} --type process` (or ecs)")]) from None
+    limit = work_pool.concurrency_limit
+    fix = f"run `prefect work-pool set-concurrency-limit {pool} {quota}`"
+    if limit is None:
+        raise SweepInputError([Problem("--pool", f"work pool '{pool}' has no concurrency limit, so it could "
+                                       f"start more trials than the quota of {quota} GPUs: {fix}")])
+    if limit > quota:
+        raise SweepInputError([Problem("--pool", f"work pool '{pool}' allows {limit} runs at once, more than "
+                                       f"the quota of {quota} GPUs: {fix}")])
+    return limit
+
+
+def idempotency_key(job: TrialJob, salt: str = "") -> str:
+    """One flow run per trial key and attempt: a rerun of the sweep (or a retried API call)
+    gets the existing flow run back instead of launching the trial again. ``salt`` (the sweep
+    id under --retrain) asks for new flow runs on purpose."""
+    return f"hpsweep:{job.trial_key}:attempt-{job.attempt}{':' + salt if salt else ''}"
+
+
+class PoolLauncher:
+    """Launches `train-trial` flow runs and reads each trial's outcome back from MLflow."""
+
+    def __init__(self, deployment: str, poll_interval_s: float = 1.0, salt: str = ""):
+        self.deployment = deployment
+        self.poll_interval_s = poll_interval_s
+        self.salt = salt
+
+    def launch(self, job: TrialJob, gpu_ids: tuple[int, ...]) -> TrialResult:
+        flow_run = run_deployment(
+            self.deployment, parameters={"job": job.as_dict()}, idempotency_key=idempotency_key(job, self.salt),
+            timeout=None, poll_interval=self.poll_interval_s, as_subflow=True,
+            tags=["hpsweep", f"sweep:{job.sweep_id}"],
+        )
+        return self._result(job, flow_run)
+
+    def _result(self, job: TrialJob, flow_run) -> TrialResult:
+        client = MlflowClient(job.tracking_uri)
+        launched = flow_run.parameters.get("job", {})
+        runs = client.search_runs(
+            [job.experiment_id],
+            f"tags.`{tracking.TAG_TRIAL_KEY}` = '{job.trial_key}' and "
+            f"tags.`{tracking.TAG_SWEEP_ID}` = '{launched.get('sweep_id', job.sweep_id)}'",
+            order_by=["attributes.start_time DESC"], max_results=1)
+        if not runs or runs[0].info.status == "RUNNING":
+            state = flow_run.state
+            reason = f"pool flow run '{flow_run.name}' ended {state.type.value if state else 'without a state'}"
+            if state is not None and state.message:
+                reason += f": {state.message}"
+            now = time.time()
+            return TrialResult(runs[0].info.run_id if runs else None,
+                               TrialOutcome(False, None, reason, retryable=True, started_at=now, ended_at=now))
+        run = runs[0]
+        if launched.get("sweep_id") != job.sweep_id:  # an earlier sweep launched it: this sweep adopts it
+            client.set_tag(run.info.run_id, tracking.TAG_SWEEP_ID, job.sweep_id)
+            client.set_tag(run.info.run_id, "hpsweep.adopted_from_sweep", launched.get("sweep_id", ""))
+        return TrialResult(run.info.run_id, tracking.outcome_of(run))

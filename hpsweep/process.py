@@ -1,0 +1,111 @@
+"""One process per trial attempt on this host, forked from a preloaded fork server.
+
+Each trial is a process forked from a fork server that has already imported MLflow and
+the trainer's module, so starting a trial costs milliseconds, not the seconds a fresh
+Python interpreter needs. A crashing, hanging or memory-hungry trainer takes down only
+its own process group.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import multiprocessing.forkserver
+import os
+import signal
+import threading
+import time
+from typing import Any, Callable
+
+from hpsweep.outcome import TrialOutcome, judge
+from trainer.runner import TrialRequest, run_trial_process
+
+# How often a running trial tells the tracking store it is alive; a run silent for
+# ZOMBIE_AFTER_S is closed as a zombie by the next sweep.
+HEARTBEAT_S = float(os.environ.get("HPSWEEP_HEARTBEAT_S", "30"))
+ZOMBIE_AFTER_S = 4 * HEARTBEAT_S
+# How often a running trial mirrors new checkpoints to the artifact store.
+CHECKPOINT_SYNC_S = float(os.environ.get("HPSWEEP_CHECKPOINT_SYNC_S", "30"))
+
+# Grace between SIGTERM and SIGKILL when a time limit hits: enough to save a checkpoint.
+KILL_GRACE_S = 5.0
+
+
+class ProcessRunner:
+    """Runs one attempt of a trial in its own process on this host; never raises for a
+    trainer's failure (it is an outcome). Safe to call from several threads at once."""
+
+    def __init__(self, preload: list[str] | None = None):
+        self._mp = multiprocessing.get_context("forkserver")
+        # "__main__" too: otherwise every trial re-imports the main script before it starts.
+        self._mp.set_forkserver_preload(["__main__", "trainer.runner", "trainer._preload", *(preload or [])])
+        # Start (and preload) the fork server now, while the sweep sets up MLflow and Prefect.
+        threading.Thread(target=multiprocessing.forkserver.ensure_running, daemon=True).start()
+
+    def run(self, request: TrialRequest, time_limit_s: float | None,
+            heartbeat: Callable[[], None] | None = None) -> TrialOutcome:
+        paths = request.paths
+        for stale in (paths.result, paths.outcome):
+            stale.unlink(missing_ok=True)
+        paths.checkpoints.mkdir(parents=True, exist_ok=True)
+        _empty_dir(paths.model)
+        proc = self._mp.Process(target=run_trial_process, args=(request,), name=f"trial-{request.run_id}")
+        proc.start()  # returns once forked: the fork server's one-time preload is not the trial's time
+        started = time.time()
+        deadline = None if time_limit_s is None else started + time_limit_s
+        while proc.is_alive() and (deadline is None or time.time() < deadline):
+            wait = HEARTBEAT_S if deadline is None else min(HEARTBEAT_S, max(0.0, deadline - time.time()))
+            proc.join(wait)
+            if heartbeat is not None and proc.is_alive():
+                _quietly(heartbeat)
+        timed_out = proc.is_alive()
+        if timed_out:
+            _kill_group(proc)
+        ended = time.time()
+        outcome = judge(
+            exitcode=proc.exitcode,
+            timed_out=timed_out,
+            time_limit_s=time_limit_s,
+            outcome=_read_json(paths.outcome),
+            result=_read_json(paths.result),
+        )
+        proc.close()
+        return TrialOutcome(**{**outcome.__dict__, "started_at": started, "ended_at": ended})
+
+
+def _quietly(fn: Callable[[], None]) -> None:
+    try:
+        fn()
+    except Exception:  # a missed heartbeat during a tracking outage is not worth failing a trial
+        pass
+
+
+def _kill_group(proc: multiprocessing.process.BaseProcess) -> None:
+    """SIGTERM the trial's whole process group, then SIGKILL what is left after the grace."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    proc.join(KILL_GRACE_S)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.join()
+
+
+def _empty_dir(path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+
+
+def _read_json(path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else {"value": data}
+
+
