@@ -60,6 +60,8 @@ class PoolLauncher:
             self.deployment, parameters={"job": job.as_dict()}, idempotency_key=idempotency_key(job, self.salt),
             timeout=None, poll_interval=self.poll_interval_s, as_subflow=True,
             tags=["hpsweep", f"sweep:{job.sweep_id}"],
+            # The ECS template's GPU request per trial (a string: ECS takes the count as one).
+            job_variables={"gpus": str(job.gpus)},
         )
         return self._result(job, flow_run)
 
