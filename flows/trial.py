@@ -26,7 +26,8 @@ def train_trial(job: dict[str, Any]) -> dict[str, Any]:
     trial = TrialJob(**{**job, "cwd": cwd, "work_dir": os.environ.get("HPSWEEP_WORK_DIR", job["work_dir"])})
     # The GPUs this worker's container (or host) was given are the trial's.
     gpu_ids = host_gpus()[: trial.gpus]
-    entry_module = (trial.entrypoint or "").partition(":")[0]
-    result = execute_trial(trial, gpu_ids, ProcessRunner(preload=[entry_module] if entry_module else []))
+    # One trial per flow run: fork it straight from this process, which has imported
+    # MLflow already (a fork server would pay those imports a second time).
+    result = execute_trial(trial, gpu_ids, ProcessRunner(start_method="fork"))
     return {"run_id": result.run_id, "ok": result.outcome.ok, "f1": result.outcome.f1,
             "reason": result.outcome.reason}

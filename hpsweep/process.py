@@ -35,8 +35,12 @@ class ProcessRunner:
     """Runs one attempt of a trial in its own process on this host; never raises for a
     trainer's failure (it is an outcome). Safe to call from several threads at once."""
 
-    def __init__(self, preload: list[str] | None = None):
-        self._mp = multiprocessing.get_context("forkserver")
+    def __init__(self, preload: list[str] | None = None, start_method: str = "forkserver"):
+        """``forkserver`` (the sweep: many trials, from a process with many threads) or ``fork``
+        (a pool's train-trial flow run: one trial, from a process that has imported it all)."""
+        self._mp = multiprocessing.get_context(start_method)
+        if start_method != "forkserver":
+            return
         # "__main__" too: otherwise every trial re-imports the main script before it starts.
         self._mp.set_forkserver_preload(["__main__", "trainer.runner", "trainer._preload", *(preload or [])])
         # Start (and preload) the fork server now, while the sweep sets up MLflow and Prefect.
