@@ -155,19 +155,30 @@ def test_orchestrator_killed_mid_sweep_then_rerun_trains_only_the_rest(fault_pro
     args = setup(project, "kill-orchestrator", combos, epochs=4, epoch_s=0.5)
     proc = subprocess.Popen([sys.executable, "-m", "hpsweep.cli", *args, "--quota", "2"], cwd=project.root,
                             env=project.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 240
-    while sum(e["event"] == "end" for e in events(record)) < 2:
+    deadline = time.monotonic() + 400
+
+    def mid_sweep() -> bool:  # two trials done, and one with a checkpoint still training
+        evs = events(record)
+        ended = {e["pid"] for e in evs if e["event"] == "end"}
+        training = {e["pid"] for e in evs if e["event"] == "epoch" and e["epoch"] >= 2} - ended
+        return len(ended) >= 2 and bool(training)
+
+    while not mid_sweep():
         assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read().decode()[-3000:]
-        time.sleep(0.2)
-    time.sleep(0.7)  # let the next trials get some epochs (and checkpoints) in
+        time.sleep(0.1)
     proc.kill()  # kill -9 of the orchestrator
     proc.wait()
-    time.sleep(3)  # its trainers notice within a second and kill themselves
-    killed_at = time.time()  # (a late bound of their end: conservative for the quota check)
     evs = events(record)
     ended_pids = {e["pid"] for e in evs if e["event"] == "end"}
     orphans = [e["pid"] for e in evs if e["event"] == "start" and e["pid"] not in ended_pids]
+    for _ in range(300):  # its trainers notice within a second or two and kill themselves
+        if orphans and not any(alive(p) for p in orphans):
+            break
+        time.sleep(0.1)
+        evs = events(record)
+        orphans = [e["pid"] for e in evs if e["event"] == "start" and e["pid"] not in ended_pids]
     assert orphans and not any(alive(p) for p in orphans)  # none trains on unobserved
+    killed_at = time.time()  # (a late bound of their end: conservative for the quota check)
     with record.open("a") as f:
         for pid in orphans:
             f.write(json.dumps({"event": "killed", "pid": pid, "t": killed_at}) + "\n")
