@@ -42,6 +42,15 @@ def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None, lo
     raise RuntimeError(f"{url} not up after {timeout}s: {log.read_text()[-3000:] if log else ''}")
 
 
+def alive(pid: int) -> bool:
+    """Running or sleeping; a killed process not yet reaped by init ('Z') counts as gone."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state not in ("Z", "X")
+
+
 def stop(proc: subprocess.Popen) -> None:
     """SIGINT first (servers and workers shut down cleanly on it), then kill."""
     if proc.poll() is None:

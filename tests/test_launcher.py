@@ -10,6 +10,7 @@ import pytest
 
 from hpsweep.gpus import GpuPool, host_gpus, max_parallel_trials
 from hpsweep.outcome import check_f1, judge
+from tests.conftest import alive
 from hpsweep.process import ProcessRunner
 from trainer.runner import TrialRequest
 
@@ -44,15 +45,6 @@ def test_gpu_discovery_and_packing():
     assert set(a).isdisjoint(b) and len(set(a + b)) == 4
     pool.give_back(a)
     assert pool.take(2) == a
-
-
-def alive(pid: int) -> bool:
-    """Running or sleeping; a killed process not yet reaped by init ('Z') counts as gone."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state not in ("Z", "X")
 
 
 @pytest.fixture(scope="module")

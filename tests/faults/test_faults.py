@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import Project
+from tests.conftest import Project, alive
 
 pytestmark = pytest.mark.slow
 
@@ -42,12 +42,15 @@ def events(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state not in ("Z", "X")
+def start_sweep_until(project: Project, args: list[str], record: Path, ready) -> subprocess.Popen:
+    """Start `hpsweep` (quota 2) in the background; return once ready(events) holds."""
+    proc = subprocess.Popen([sys.executable, "-m", "hpsweep.cli", *args, "--quota", "2"], cwd=project.root,
+                            env=project.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 400
+    while not ready(events(record)):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read().decode()[-3000:]
+        time.sleep(0.1)
+    return proc
 
 
 def peak_concurrency(evs: list[dict]) -> int:
@@ -153,19 +156,13 @@ def test_orchestrator_killed_mid_sweep_then_rerun_trains_only_the_rest(fault_pro
     project, record = fault_project, fault_project.root / "events.jsonl"
     combos = [{"f1": round(0.3 + 0.1 * i, 2), "mode": "ok"} for i in range(6)]
     args = setup(project, "kill-orchestrator", combos, epochs=4, epoch_s=0.5)
-    proc = subprocess.Popen([sys.executable, "-m", "hpsweep.cli", *args, "--quota", "2"], cwd=project.root,
-                            env=project.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 400
 
-    def mid_sweep() -> bool:  # two trials done, and one with a checkpoint still training
-        evs = events(record)
+    def mid_sweep(evs: list[dict]) -> bool:  # two trials done, and one with a checkpoint still training
         ended = {e["pid"] for e in evs if e["event"] == "end"}
         training = {e["pid"] for e in evs if e["event"] == "epoch" and e["epoch"] >= 2} - ended
         return len(ended) >= 2 and bool(training)
 
-    while not mid_sweep():
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read().decode()[-3000:]
-        time.sleep(0.1)
+    proc = start_sweep_until(project, args, record, mid_sweep)
     proc.kill()  # kill -9 of the orchestrator
     proc.wait()
     evs = events(record)
@@ -216,12 +213,7 @@ def test_tracking_server_restart_mid_sweep_loses_nothing(fault_project: Project,
     project, record = fault_project, fault_project.root / "events.jsonl"
     combos = [{"f1": round(0.4 + 0.1 * i, 2), "mode": "ok"} for i in range(4)]
     args = setup(project, "restart-tracking", combos, epochs=8, epoch_s=0.5)
-    proc = subprocess.Popen([sys.executable, "-m", "hpsweep.cli", *args, "--quota", "2"], cwd=project.root,
-                            env=project.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 240
-    while sum(e["event"] == "epoch" for e in events(record)) < 3:
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read().decode()[-3000:]
-        time.sleep(0.2)
+    proc = start_sweep_until(project, args, record, lambda evs: sum(e["event"] == "epoch" for e in evs) >= 3)
     mlflow_server.restart(down_s=3)
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out.decode()[-4000:]
