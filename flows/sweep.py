@@ -318,7 +318,7 @@ def finish_sweep(client: MlflowClient, config: SweepConfig, name: str, sweep_id:
         champion = f"models:/{name}@{tracking.CHAMPION_ALIAS} (version {version}, run {best['run_id']})"
     sweep_meta = {
         "sweep_id": sweep_id, "name": name, "experiment_id": experiment_id, "parent_run_id": parent_run_id,
-        "tracking_uri": tracking_uri, "spec_hash": provenance["hpsweep.spec_hash"],
+        "tracking_uri": tracking.redact_uri(tracking_uri), "spec_hash": provenance["hpsweep.spec_hash"],
         "data_version": provenance["hpsweep.data_version"], "git_commit": provenance["hpsweep.git_commit"],
         "quota": config.quota, "champion": champion,
     }

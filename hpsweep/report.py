@@ -15,17 +15,20 @@ from typing import Any
 
 import pandas as pd
 
+PLOT_MAX = 60
 REPORT_FILES = ("leaderboard.md", "leaderboard.csv", "leaderboard.json", "f1_by_combination.png")
 
 
 def rank_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Finished trials by F1 (best first; ties keep file order), then failed ones in file order."""
-    finished = sorted((r for r in runs if r["status"] in ("FINISHED", "REUSED") and r["f1"] is not None),
-                      key=lambda r: (-r["f1"], r["index"]))
-    failed = sorted((r for r in runs if r not in finished), key=lambda r: r["index"])
+    def ok_row(r: dict[str, Any]) -> bool:
+        return r["status"] in ("FINISHED", "REUSED") and r["f1"] is not None
+
+    finished = sorted((r for r in runs if ok_row(r)), key=lambda r: (-r["f1"], r["index"]))
+    failed = sorted((r for r in runs if not ok_row(r)), key=lambda r: r["index"])
     ranked = []
     for rank, r in enumerate(finished + failed, start=1):
-        ok = r in finished
+        ok = ok_row(r)
         row = {
             "rank": rank,
             "hparams": r["hparams"],
@@ -75,10 +78,11 @@ def render_markdown(sweep: dict[str, Any], rows: list[dict[str, Any]], plot_name
         if sweep.get(key) is not None:
             lines.append(f"- {label}: `{sweep[key]}`")
     lines.append(f"- trials: {c['total']} ({c['finished']} finished, {c['reused']} reused, {c['failed']} failed)")
-    lines += ["", "| rank | " + " | ".join(_hparam_keys(rows)) + " | F1 | status | attempts | run |",
-              "|---:|" + "---|" * len(_hparam_keys(rows)) + "---:|---|---:|---|"]
+    keys = _hparam_keys(rows)
+    lines += ["", "| rank | " + " | ".join(keys) + " | F1 | status | attempts | run |",
+              "|---:|" + "---|" * len(keys) + "---:|---|---:|---|"]
     for r in rows:
-        hp = " | ".join(str(r["hparams"].get(k, "")) for k in _hparam_keys(rows))
+        hp = " | ".join(str(r["hparams"].get(k, "")) for k in keys)
         f1 = f"{r['f1']:.4f}" if r["f1"] is not None else "—"
         status = r["status"] + (f": {_one_line(r['reason'])}" if r.get("reason") else "")
         lines.append(f"| {r['rank']} | {hp} | {f1} | {status} | {r['attempts']} | `{r['run_id'][:8]}` |")
@@ -103,7 +107,8 @@ def plot_f1(rows: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    done = [r for r in rows if r["f1"] is not None]
+    # A readable plot has at most PLOT_MAX bars: the best ones (the files list every trial).
+    done = [r for r in rows if r["f1"] is not None][:PLOT_MAX]
     labels = [r.get("run_name") or json.dumps(r["hparams"]) for r in done][::-1]
     values = [r["f1"] for r in done][::-1]
     fig, ax = plt.subplots(figsize=(8, 0.3 * len(done) + 1.2))
@@ -113,7 +118,7 @@ def plot_f1(rows: list[dict[str, Any]], path: Path) -> None:
     ax.set_xlim(0, 1)
     ax.set_xlabel("validation F1")
     ax.bar_label(bars, fmt="%.3f", fontsize=6, padding=2)
-    ax.set_title(f"F1 per combination ({len(done)} trials)")
+    ax.set_title(f"F1 per combination (top {len(done)} of {len(rows)} trials)")
     fig.tight_layout()
     tmp = path.with_name(path.name + ".tmp.png")
     fig.savefig(tmp, dpi=110)

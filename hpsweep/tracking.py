@@ -44,6 +44,14 @@ def resolve_tracking_uri(explicit: str | None = None) -> str:
     return uri
 
 
+def redact_uri(uri: str) -> str:
+    """The URI without a `user:password@` part: safe to print, tag and write into reports."""
+    scheme, sep, rest = uri.partition("://")
+    if sep and "@" in rest.split("/", 1)[0]:
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return uri
+
+
 def _enable_wal(db: Path) -> None:
     # Trainer processes log metrics while the sweep writes tags: WAL lets readers and one
     # writer proceed together instead of failing with "database is locked". It persists in the file.

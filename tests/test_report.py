@@ -51,3 +51,16 @@ def test_json_and_frame_keep_hparam_types():
     assert json.loads(leaderboard_json({"sweep_id": "s"}, rows))["rows"][0]["hparams"] == {"lr": 0.1, "layers": 3,
                                                                                           "bn": True}
     assert leaderboard_frame(rows).loc[0, "layers"] == 3
+
+
+def test_credentials_never_reach_the_report():
+    from hpsweep.tracking import redact_uri
+
+    assert redact_uri("http://trainer:s3cret@mlflow:5000") == "http://***@mlflow:5000"
+    assert redact_uri("postgresql://postgres:pw@db:5432/mlflow") == "postgresql://***@db:5432/mlflow"
+    assert redact_uri("sqlite:////tmp/a@b/mlflow.db") == "sqlite:////tmp/a@b/mlflow.db"
+
+
+def test_ranks_ten_thousand_trials():
+    rows = rank_rows([run(i, (i * 7919 % 10007) / 10007) for i in range(10_000)])
+    assert [r["rank"] for r in rows[:3]] == [1, 2, 3] and rows[0]["f1"] >= rows[-1]["f1"]
