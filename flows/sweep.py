@@ -64,6 +64,7 @@ class SweepContext:
     max_attempts: int = 3
     holds_quota: bool = True  # local launcher: workers take quota slots; pool: the pool's limit does
     trial_task: Any = None  # run_trial with this sweep's retry settings
+    versions: dict[str, str] = field(default_factory=dict)  # spec/data/code versions, tagged on every trial
     run_ids: dict[int, str] = field(default_factory=dict)  # trial index → its MLflow run, across attempts
 
 
@@ -123,6 +124,7 @@ def run_trial(trial: PlannedTrial, ctx: SweepContext, gpu_ids: tuple[int, ...]) 
         attempt=attempt, settings=dict(spec.settings), train=str(ctx.inputs.train.resolve()), val=str(ctx.inputs.val.resolve()),
         entrypoint=spec.trainer.entrypoint, command=spec.trainer.command, time_limit_s=spec.time_limit_s,
         gpus=spec.resources.gpus, run_id=ctx.run_ids.get(trial.index), work_dir=str(ctx.work_dir),
+        versions=ctx.versions,
     )
     result = ctx.launcher.launch(job, gpu_ids)
     outcome = result.outcome
@@ -225,7 +227,8 @@ def sweep(config: SweepConfig) -> dict[str, Any]:
     zombies = tracking.reap_zombies(client, experiment_id, ZOMBIE_AFTER_S)
     if zombies:
         logger.warning("closed %d zombie run(s) left RUNNING by a dead process: %s", len(zombies), zombies)
-    reused = {} if config.retrain else tracking.finished_runs_by_key(client, experiment_id, {t.key for t in trials})
+    reused = {} if config.retrain else tracking.finished_runs_by_key(client, experiment_id,
+                                                                     {t.key for t in trials}, versions)
     to_train = [t for t in trials if t.key not in reused]
     pooled = config.launcher == "pool"
     if pooled:
@@ -252,7 +255,7 @@ def sweep(config: SweepConfig) -> dict[str, Any]:
         sweep_id=sweep_id, name=name, experiment_id=experiment_id, parent_run_id=parent_run_id,
         tracking_uri=tracking_uri, inputs=inputs, work_dir=config.work_dir, quota_limit=config.quota_limit,
         launcher=_launcher(config, entry_module, sweep_id) if to_train else None,
-        gpu_pool=GpuPool(host), max_attempts=config.max_attempts, holds_quota=not pooled,
+        gpu_pool=GpuPool(host), max_attempts=config.max_attempts, holds_quota=not pooled, versions=versions,
         trial_task=run_trial.with_options(
             retries=config.max_attempts - 1,
             retry_delay_seconds=[config.retry_delay_s * 4**i for i in range(max(1, config.max_attempts - 1))]),

@@ -48,6 +48,7 @@ class TrialJob:
     gpus: int = 1
     run_id: str | None = None  # set from the second attempt on: retries continue the same run
     work_dir: str = ".hpsweep"
+    versions: dict[str, str] = field(default_factory=dict)  # spec hash, data and code versions (tags)
     cwd: str = field(default_factory=lambda: str(Path.cwd()))
 
     def as_dict(self) -> dict[str, Any]:
@@ -79,7 +80,8 @@ def execute_trial(job: TrialJob, gpu_ids: tuple[int, ...], runner: ProcessRunner
         if run_id is None:
             run_id = retry(lambda: tracking.start_trial_run(
                 client, job.experiment_id, job.parent_run_id, job.sweep_id, job.index, job.hparams,
-                job.trial_key, job.attempt, tags={"hpsweep.gpus": ",".join(map(str, gpu_ids)) or "cpu"},
+                job.trial_key, job.attempt,
+                tags={**job.versions, "hpsweep.gpus": ",".join(map(str, gpu_ids)) or "cpu"},
             ), TRACKING_PATIENCE_S, "creating the trial's run")
         trial_dir = Path(job.work_dir) / "trials" / job.trial_key
         trial_dir.mkdir(parents=True, exist_ok=True)

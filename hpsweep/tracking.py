@@ -220,10 +220,17 @@ def reap_zombies(client: MlflowClient, exp_id: str, stale_after_s: float) -> lis
     return reaped
 
 
-def finished_runs_by_key(client: MlflowClient, exp_id: str, keys: set[str]) -> dict[str, dict[str, Any]]:
-    """The newest FINISHED trial run (with its F1 stored) for each of ``keys`` in the experiment."""
+def finished_runs_by_key(client: MlflowClient, exp_id: str, keys: set[str],
+                         versions: dict[str, str] | None = None) -> dict[str, dict[str, Any]]:
+    """The newest FINISHED trial run (with its F1 stored) for each of ``keys`` in the experiment.
+
+    ``versions`` (spec hash, data and code versions, which every trial key includes) narrow the
+    search to runs that could match, instead of reading the experiment's whole history.
+    """
     found: dict[str, dict[str, Any]] = {}
     flt = f"tags.`{TAG_ROLE}` = 'trial' and tags.`{TAG_STATUS}` = 'FINISHED' and attributes.status = 'FINISHED'"
+    for tag, value in (versions or {}).items():
+        flt += f" and tags.`{tag}` = '{value}'"
     token = None
     while True:
         page = client.search_runs([exp_id], flt, order_by=["attributes.start_time DESC"], max_results=1000,
