@@ -30,7 +30,7 @@ POOL_SPEC = """
 name: {name}
 trainer:
   entrypoint: tests.trainers:sleepy
-settings: {{epochs: 2, sleep_s: 2.0, record_path: "{record}"}}
+settings: {{epochs: 2, sleep_s: 6.0, record_path: "{record}"}}  # long enough to overlap despite start jitter
 """
 
 
