@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -125,6 +126,9 @@ def _run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s",
                         handlers=[RichHandler(console=console, show_path=False)])
     logging.getLogger("hpsweep").setLevel(logging.INFO)
+    # The embedded default starts Prefect's temporary API; its 20 s start-up budget is too
+    # short on a busy 2-core machine (seen in CI), so give it two minutes unless told otherwise.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     from hpsweep import progress
     from flows.sweep import sweep
 
