@@ -12,6 +12,7 @@ import json
 import multiprocessing
 import multiprocessing.forkserver
 import os
+import shutil
 import signal
 import threading
 import time
@@ -99,8 +100,6 @@ def _kill_group(proc: multiprocessing.process.BaseProcess) -> None:
 
 
 def _empty_dir(path) -> None:
-    import shutil
-
     shutil.rmtree(path, ignore_errors=True)
     path.mkdir(parents=True)
 
