@@ -1,7 +1,8 @@
-"""The leaderboard: rank trial rows read back from MLflow and render them (md, csv, json, png).
+"""The leaderboard: rank trial rows read back from MLflow and render them (md, csv, json, plots).
 
-Pure functions except ``write_report``; nothing here talks to MLflow or Prefect.
-``leaderboard.json`` is a public contract:
+Pure functions except ``write_report`` (writes files) and ``learning_curves`` (reads metric
+histories through the MlflowClient it is given); nothing here talks to Prefect. The figures
+themselves are drawn in ``hpsweep.plots``. ``leaderboard.json`` is a public contract:
 ``{"sweep_id": ..., "rows": [{"rank", "hparams", "f1", "status", "run_id", ...}]}``,
 rows sorted by F1 descending, failed trials last with ``"f1": null`` and a ``"reason"``.
 """
@@ -10,13 +11,27 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-PLOT_MAX = 60
-REPORT_FILES = ("leaderboard.md", "leaderboard.csv", "leaderboard.json", "f1_by_combination.png")
+from hpsweep import plots
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
+
+PLOT_MAX = plots.BAR_MAX
+F1_BY_COMBINATION = "f1_by_combination.png"
+F1_BY_HPARAM = "f1_by_hparam.png"
+LEARNING_CURVES = "learning_curves.png"
+# Always written; F1_BY_HPARAM too when the trials have hparams, LEARNING_CURVES when curves have points.
+REPORT_FILES = ("leaderboard.md", "leaderboard.csv", "leaderboard.json", F1_BY_COMBINATION)
+PLOT_FILES = (F1_BY_COMBINATION, F1_BY_HPARAM, LEARNING_CURVES)
+CURVE_METRIC = "val_f1"
+
+Curves = dict[str, list[tuple[int, float]]]
 
 
 def rank_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -68,7 +83,10 @@ def leaderboard_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
                                                         "duration_s", "run_id"])
 
 
-def render_markdown(sweep: dict[str, Any], rows: list[dict[str, Any]], plot_name: str | None = None) -> str:
+def render_markdown(sweep: dict[str, Any], rows: list[dict[str, Any]], plot_name: str | None = None, *,
+                    images: Sequence[tuple[str, str]] = (), notes: Sequence[str] = ()) -> str:
+    """The leaderboard as markdown: sweep header, plots (``plot_name`` and ``images``: (caption,
+    relative link) pairs, shown before the table so a long table never hides them), then every trial."""
     c = counts(rows)
     lines = [f"# Sweep `{sweep['name']}` — {sweep['sweep_id']}", ""]
     for label, key in (("MLflow experiment", "experiment_id"), ("parent run", "parent_run_id"),
@@ -78,6 +96,12 @@ def render_markdown(sweep: dict[str, Any], rows: list[dict[str, Any]], plot_name
         if sweep.get(key) is not None:
             lines.append(f"- {label}: `{sweep[key]}`")
     lines.append(f"- trials: {c['total']} ({c['finished']} finished, {c['reused']} reused, {c['failed']} failed)")
+    figures = ([("F1 per combination", plot_name)] if plot_name else []) + list(images)
+    if figures or notes:
+        lines += ["", "## Plots", ""]
+        lines += [f"![{caption}]({link})\n" for caption, link in figures]
+        lines += [f"{note}\n" for note in notes]
+        lines += ["## Trials"]
     keys = _hparam_keys(rows)
     lines += ["", "| rank | " + " | ".join(keys) + " | F1 | status | attempts | run |",
               "|---:|" + "---|" * len(keys) + "---:|---|---:|---|"]
@@ -86,8 +110,6 @@ def render_markdown(sweep: dict[str, Any], rows: list[dict[str, Any]], plot_name
         f1 = f"{r['f1']:.4f}" if r["f1"] is not None else "—"
         status = r["status"] + (f": {_one_line(r['reason'])}" if r.get("reason") else "")
         lines.append(f"| {r['rank']} | {hp} | {f1} | {status} | {r['attempts']} | `{r['run_id'][:8]}` |")
-    if plot_name:
-        lines += ["", f"![F1 per combination]({plot_name})"]
     return "\n".join(lines) + "\n"
 
 
@@ -101,40 +123,82 @@ def _one_line(text: str, limit: int = 120) -> str:
 
 
 def plot_f1(rows: list[dict[str, Any]], path: Path) -> None:
-    """Horizontal bars, best at the top; failed trials are listed in the report, not plotted."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    # A readable plot has at most PLOT_MAX bars: the best ones (the files list every trial).
-    done = [r for r in rows if r["f1"] is not None][:PLOT_MAX]
-    labels = [r.get("run_name") or json.dumps(r["hparams"]) for r in done][::-1]
-    values = [r["f1"] for r in done][::-1]
-    fig, ax = plt.subplots(figsize=(8, 0.3 * len(done) + 1.2))
-    bars = ax.barh(range(len(done)), values, color=["#2a7" if i == len(done) - 1 else "#58a"
-                                                    for i in range(len(done))])
-    ax.set_yticks(range(len(done)), labels, fontsize=7)
-    ax.set_xlim(0, 1)
-    ax.set_xlabel("validation F1")
-    ax.bar_label(bars, fmt="%.3f", fontsize=6, padding=2)
-    ax.set_title(f"F1 per combination (top {len(done)} of {len(rows)} trials)")
-    fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    """Horizontal bars of the best ``PLOT_MAX`` trials; failed trials are listed in the report, not plotted."""
+    plots.save(plots.f1_by_combination_figure(rows), path)
 
 
-def write_report(report_dir: Path, sweep: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Path]:
-    """Write the four report files, each atomically (a crash never leaves half a file)."""
+def plot_f1_by_hparam(rows: list[dict[str, Any]], path: Path) -> None:
+    """One panel per hparam key: F1 against that hparam's values."""
+    plots.save(plots.f1_by_hparam_figure(rows), path)
+
+
+def plot_learning_curves(rows: list[dict[str, Any]], curves: Curves, path: Path, metric: str = CURVE_METRIC) -> None:
+    """One line per run in ``curves``, labelled with its rank and F1."""
+    plots.save(plots.learning_curves_figure(rows, curves, metric), path)
+
+
+def learning_curves(client: MlflowClient, rows: list[dict[str, Any]], top: int = 5,
+                    metric: str = CURVE_METRIC) -> Curves:
+    """run_id → [(step, value)] of ``metric`` for the ``top`` best finished or reused rows, in rank order.
+
+    Steps are ascending; a step logged twice (a retried trial that resumed and logged it again)
+    keeps its latest value. A run that no longer exists gets an empty history; any other
+    tracking error propagates (the caller decides whether a report without curves will do).
+    """
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
+
+    if top < 0:
+        raise ValueError(f"top must be >= 0, got {top}")
+    chosen = [r for r in rows if r["status"] in ("FINISHED", "REUSED") and r["f1"] is not None][:top]
+    curves: Curves = {}
+    for row in chosen:
+        try:
+            history = client.get_metric_history(row["run_id"], metric)
+        except MlflowException as e:
+            if e.error_code != ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+                raise
+            history = []
+        latest: dict[int, float] = {}
+        for m in sorted(history, key=lambda m: (m.step, m.timestamp)):
+            latest[int(m.step)] = float(m.value)
+        curves[row["run_id"]] = sorted(latest.items())
+    return curves
+
+
+def write_report(report_dir: Path, sweep: dict[str, Any], rows: list[dict[str, Any]],
+                 curves: Curves | None = None, curve_metric: str = CURVE_METRIC) -> dict[str, Path]:
+    """Write the leaderboard (md, csv, json) and its plots, each file atomically; return every file written.
+
+    Always: ``leaderboard.{md,csv,json}`` and ``f1_by_combination.png``; ``f1_by_hparam.png`` when
+    the trials have hparams; ``learning_curves.png`` when ``curves`` (from ``learning_curves``)
+    hold at least one point. A plot not drawn this time is removed from ``report_dir`` so the
+    folder never shows a stale one. The markdown links every plot by its relative name.
+    """
     report_dir.mkdir(parents=True, exist_ok=True)
-    paths = {name: report_dir / name for name in REPORT_FILES}
-    plot_f1(rows, paths["f1_by_combination.png"])
-    _write_text(paths["leaderboard.md"], render_markdown(sweep, rows, "f1_by_combination.png"))
+    figures: dict[str, Path] = {}
+    plot_f1(rows, report_dir / F1_BY_COMBINATION)
+    figures[F1_BY_COMBINATION] = report_dir / F1_BY_COMBINATION
+    if _hparam_keys(rows):
+        plot_f1_by_hparam(rows, report_dir / F1_BY_HPARAM)
+        figures[F1_BY_HPARAM] = report_dir / F1_BY_HPARAM
+    notes = []
+    if curves and any(curves.values()):
+        plot_learning_curves(rows, curves, report_dir / LEARNING_CURVES, curve_metric)
+        figures[LEARNING_CURVES] = report_dir / LEARNING_CURVES
+    elif curves is not None:
+        notes.append(f"No learning curves: the top trials logged no per-step `{curve_metric}`.")
+    for name in PLOT_FILES:
+        if name not in figures:
+            (report_dir / name).unlink(missing_ok=True)
+    captions = {F1_BY_COMBINATION: "F1 per combination", F1_BY_HPARAM: "F1 against each hparam",
+                LEARNING_CURVES: f"Learning curves ({curve_metric}) of the top trials"}
+    images = [(captions[name], name) for name in figures]
+    paths = {name: report_dir / name for name in ("leaderboard.md", "leaderboard.csv", "leaderboard.json")}
+    _write_text(paths["leaderboard.md"], render_markdown(sweep, rows, images=images, notes=notes))
     _write_text(paths["leaderboard.csv"], leaderboard_frame(rows).to_csv(index=False))
     _write_text(paths["leaderboard.json"], leaderboard_json(sweep, rows))
-    return paths
+    return {**paths, **figures}
 
 
 def _write_text(path: Path, text: str) -> None:

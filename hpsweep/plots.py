@@ -1,0 +1,220 @@
+"""The report's figures, drawn with matplotlib's Agg backend (no display, safe in workers and CI).
+
+Each ``*_figure`` function is pure: ranked rows (as produced by ``report.rank_rows``) in, a
+``Figure`` out; ``save`` writes one atomically and closes it. Every figure stays readable and
+fast for tens of thousands of trials: at most ``BAR_MAX`` bars, at most ``CATEGORY_MAX``
+categories per panel, and scatter clouds whose opacity falls with their size.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import statistics
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # before pyplot: hpsweep never opens a window
+
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+__all__ = ["BAR_MAX", "CATEGORY_MAX", "f1_by_combination_figure", "f1_by_hparam_figure", "is_log_scale",
+           "learning_curves_figure", "save"]
+
+BAR_MAX = 60  # bars in the F1-per-combination plot: the best ones (the md/csv/json list every trial)
+CATEGORY_MAX = 30  # categories per F1-vs-hparam panel: those with the best F1
+LOG_SPAN = 100.0  # a positive numeric hparam whose max/min reaches this gets a log axis (lr, alpha, ...)
+PANEL_COLUMNS = 3
+BEST, OTHER = "#2a7", "#58a"
+
+Row = Mapping[str, Any]
+Curves = Mapping[str, Sequence[tuple[int, float]]]
+
+
+def f1_by_combination_figure(rows: Sequence[Row]) -> Figure:
+    """Horizontal bars of the best ``BAR_MAX`` finished trials, best at the top, F1 on each bar."""
+    done = [r for r in rows if r["f1"] is not None]
+    shown = done[:BAR_MAX][::-1]
+    height = 0.3 * len(shown) + 1.2
+    if len(done) <= BAR_MAX:
+        fig, ax = plt.subplots(figsize=(8, height))
+    else:  # the bars show the best; a strip below shows where they sit among all trials
+        fig, (ax, all_ax) = plt.subplots(2, 1, figsize=(8, height + 2.2), height_ratios=[height, 2.2])
+        all_ax.plot(range(1, len(done) + 1), [r["f1"] for r in done], color=OTHER, linewidth=1)
+        all_ax.axvspan(1, len(shown), color=BEST, alpha=0.2, label=f"top {len(shown)} (bars above)")
+        all_ax.set_xlim(1, len(done))
+        all_ax.set_ylim(0, 1)
+        all_ax.set_xlabel("rank")
+        all_ax.set_ylabel("F1")
+        all_ax.set_title(f"all {len(done)} finished trials, best first", fontsize=9)
+        all_ax.legend(fontsize=7, loc="lower left")
+        all_ax.grid(alpha=0.3)
+    bars = ax.barh(range(len(shown)), [r["f1"] for r in shown],
+                   color=[BEST if i == len(shown) - 1 else OTHER for i in range(len(shown))])
+    ax.set_yticks(range(len(shown)), [_label(r) for r in shown], fontsize=7)
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("validation F1")
+    ax.bar_label(bars, fmt="%.3f", fontsize=6, padding=2)
+    failed = len(rows) - len(done)
+    ax.set_title(f"F1 per combination (top {len(shown)} of {len(rows)} trials"
+                 + (f", {failed} failed" if failed else "") + ")", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def f1_by_hparam_figure(rows: Sequence[Row]) -> Figure:
+    """One panel per hparam key (in file order): F1 of every finished trial against that hparam.
+
+    Numeric hparams are a scatter (log x-axis when their values span ``LOG_SPAN`` or more) with
+    the best F1 at each value joined by a line; other hparams (str, bool, mixed) are a box per
+    value with the trials jittered over it. Failed trials have no F1 and are not drawn.
+    """
+    keys = list(dict.fromkeys(k for r in rows for k in r["hparams"]))
+    done = [r for r in rows if r["f1"] is not None]
+    ncols = min(PANEL_COLUMNS, max(len(keys), 1))
+    nrows = max(math.ceil(len(keys) / ncols), 1)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4 * ncols, 3.2 * nrows), squeeze=False)
+    panels = axes.ravel()
+    for ax, key in zip(panels, keys):
+        points = [(r["hparams"][key], r["f1"]) for r in done if r["hparams"].get(key) is not None]
+        if points and all(_is_number(x) for x, _ in points):
+            _numeric_panel(ax, [float(x) for x, _ in points], [y for _, y in points])
+        else:
+            _categorical_panel(ax, points)
+        ax.set_title(key, fontsize=10)
+        ax.set_ylim(0, 1.02)
+        ax.grid(axis="y", alpha=0.3)
+        if not points:
+            ax.text(0.5, 0.5, "no finished trials", ha="center", va="center", transform=ax.transAxes)
+    for ax in panels[len(keys):]:
+        fig.delaxes(ax)
+    for row_axes in axes:
+        if row_axes[0] in fig.axes:
+            row_axes[0].set_ylabel("validation F1")
+    fig.suptitle(f"F1 against each hparam ({len(done)} finished trials)", fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def learning_curves_figure(rows: Sequence[Row], curves: Curves, metric: str = "val_f1") -> Figure:
+    """One line per trial in ``curves`` (run_id → [(step, value)]), in rank order, labelled by rank."""
+    by_id = {r["run_id"]: r for r in rows}
+    ranked = sorted(curves, key=lambda run_id: by_id[run_id]["rank"] if run_id in by_id else math.inf)
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for run_id in ranked:
+        points = curves[run_id]
+        if not points:
+            continue
+        row = by_id.get(run_id)
+        label = run_id[:8] if row is None else f"#{row['rank']} {_f1_text(row)}  {_label(row)}"
+        steps, values = zip(*points)
+        ax.plot(steps, values, marker="o" if len(points) <= 30 else None, markersize=3, label=label)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("step (epoch)")
+    ax.set_ylabel(metric)
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend(fontsize=7, loc="best")
+    else:
+        ax.text(0.5, 0.5, f"no {metric} history logged", ha="center", va="center", transform=ax.transAxes)
+    ax.set_title(f"Learning curves of the top {len(ax.lines)} trials ({metric} per step)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def is_log_scale(values: Sequence[float]) -> bool:
+    """Positive values spanning ``LOG_SPAN`` or more (learning rates, weight decays) read best on a log axis."""
+    return bool(values) and min(values) > 0 and max(values) / min(values) >= LOG_SPAN
+
+
+def save(fig: Figure, path: Path, dpi: int = 110) -> Path:
+    """Write ``fig`` as a PNG atomically (a crash never leaves half an image) and close it."""
+    tmp = path.with_name(path.name + ".tmp.png")
+    try:
+        fig.savefig(tmp, dpi=dpi, format="png")
+    finally:
+        plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def _numeric_panel(ax: Any, xs: list[float], ys: list[float]) -> None:
+    log = is_log_scale(xs)
+    groups: dict[float, list[float]] = {}
+    for x, y in zip(xs, ys):
+        groups.setdefault(x, []).append(y)
+    values = sorted(groups)
+    drawn_xs = xs
+    if 1 < len(values) <= CATEGORY_MAX:  # a grid: spread each value's trials a little so they do not stack
+        where = [math.log10(v) for v in values] if log else values
+        half = 0.15 * min(b - a for a, b in zip(where, where[1:]))
+        rng = random.Random(0)  # the same report draws the same image
+        shift = [rng.uniform(-half, half) for _ in xs]
+        drawn_xs = [x * 10 ** d if log else x + d for x, d in zip(xs, shift)]
+    ax.scatter(drawn_xs, ys, s=_marker_size(len(xs)), alpha=_alpha(len(xs)), color=OTHER, linewidths=0)
+    if len(values) <= 50:
+        # Few trials per value: the best F1 reached at each; many: the median (the best is always near 1).
+        many = len(xs) >= 5 * len(values)
+        line = [statistics.median(groups[v]) if many else max(groups[v]) for v in values]
+        ax.plot(values, line, color=BEST, marker="_", markersize=12, linewidth=1.2,
+                label="median F1" if many else "best F1")
+        ax.legend(fontsize=7, loc="lower right")
+    if log:
+        ax.set_xscale("log")
+
+
+def _categorical_panel(ax: Any, points: list[tuple[Any, float]]) -> None:
+    groups: dict[str, list[float]] = {}
+    for x, y in points:
+        groups.setdefault(str(x), []).append(y)
+    names = sorted(groups, key=lambda n: max(groups[n]), reverse=True)[:CATEGORY_MAX]
+    if len(groups) > len(names):
+        ax.set_xlabel(f"best {len(names)} of {len(groups)} values", fontsize=8)
+    names.sort(key=_natural_key)
+    if not names:
+        ax.set_xticks([])
+        return
+    ax.boxplot([groups[n] for n in names], positions=range(len(names)), widths=0.6, showfliers=False,
+               medianprops={"color": BEST})
+    rng = random.Random(0)  # the same report draws the same image
+    n_points = sum(len(groups[n]) for n in names)
+    for i, name in enumerate(names):
+        ys = groups[name]
+        ax.scatter([i + rng.uniform(-0.2, 0.2) for _ in ys], ys, s=_marker_size(n_points), alpha=_alpha(n_points),
+                   color=OTHER, linewidths=0, zorder=3)
+    ax.set_xticks(range(len(names)), names, rotation=30 if len(names) > 4 else 0, ha="right" if len(names) > 4
+                  else "center", fontsize=7)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _natural_key(name: str) -> tuple[int, float | str]:
+    try:
+        return (0, float(name))
+    except ValueError:
+        return (1, name)
+
+
+def _alpha(n: int) -> float:
+    return max(0.08, min(0.9, 20 / math.sqrt(n))) if n else 0.9
+
+
+def _marker_size(n: int) -> float:
+    return 24.0 if n <= 100 else 10.0 if n <= 2000 else 4.0
+
+
+def _label(row: Row) -> str:
+    text = row.get("run_name") or ", ".join(f"{k}={v}" for k, v in row["hparams"].items())
+    return text if len(text) <= 60 else text[:59] + "…"
+
+
+def _f1_text(row: Row) -> str:
+    return "failed" if row["f1"] is None else f"F1 {row['f1']:.3f}"
