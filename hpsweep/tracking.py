@@ -154,7 +154,31 @@ def _row(run) -> dict[str, Any]:
         "trial_key": tags.get(TAG_TRIAL_KEY),
         "duration_s": float(tags[TAG_DURATION]) if TAG_DURATION in tags else None,
         "artifact_uri": run.info.artifact_uri,
+        "started_at": (run.info.start_time or 0) / 1000,
+        "heartbeat": float(tags[TAG_HEARTBEAT]) if TAG_HEARTBEAT in tags else None,
     }
+
+
+def runs_by_id(client: MlflowClient, exp_id: str, run_ids: list[str]) -> dict[str, dict[str, Any]]:
+    """Trial rows for the given run ids (one search per 100 ids, not one request per run)."""
+    found: dict[str, dict[str, Any]] = {}
+    for i in range(0, len(run_ids), 100):
+        chunk = ", ".join(f"'{r}'" for r in run_ids[i:i + 100])
+        for run in client.search_runs([exp_id], f"attributes.run_id IN ({chunk})", max_results=1000):
+            found[run.info.run_id] = _row(run)
+    return found
+
+
+def finished_trial_durations(client: MlflowClient, exp_id: str, spec_hash: str | None = None,
+                             limit: int = 1000) -> list[tuple[dict[str, Any], float]]:
+    """(hparams, measured duration) of the newest ``limit`` FINISHED trials of the experiment, newest
+    first; only those trained under ``spec_hash`` when given. Bounded: planning never reads the whole history."""
+    flt = f"tags.`{TAG_ROLE}` = 'trial' and tags.`{TAG_STATUS}` = 'FINISHED' and attributes.status = 'FINISHED'"
+    if spec_hash:
+        flt += f" and tags.`hpsweep.spec_hash` = '{spec_hash}'"
+    runs = client.search_runs([exp_id], flt, order_by=["attributes.start_time DESC"], max_results=limit)
+    return [(json.loads(r.data.tags.get(TAG_HPARAMS, "{}")), float(r.data.tags[TAG_DURATION]))
+            for r in runs if TAG_DURATION in r.data.tags]
 
 
 def has_model(client: MlflowClient, run_id: str) -> bool:
