@@ -22,7 +22,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from hpsweep.config import SweepConfig, build_config
-from hpsweep.inputs import SweepInputError, load_inputs
+from hpsweep.gpus import host_gpus
+from hpsweep.inputs import SweepInputError, SweepInputs, load_inputs
 from hpsweep.progress import ProgressSink
 
 EXIT_OK, EXIT_TRIALS_FAILED, EXIT_INVALID_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
@@ -108,20 +109,31 @@ def _print_summary(result: dict[str, Any]) -> None:
     out.print(f"MLflow UI: {ui}  (experiment {result['experiment_id']}, parent run {result['parent_run_id']})")
 
 
-def _run(args: argparse.Namespace) -> int:
-    flags = {k: getattr(args, k) for k in SweepConfig.model_fields}
-    try:
-        config = build_config(flags, args.params)
-        # Validate before anything starts: no Prefect, no MLflow, no report folder on bad input.
-        load_inputs(config.combinations, config.spec, config.train, config.val, config.quota)
-        if config.launcher == "pool":
-            from hpsweep.pool import check_pool_limit
+def _validated(args: argparse.Namespace) -> tuple[SweepConfig, SweepInputs]:
+    """The config and inputs of `run`/`plan`, checked before anything starts (no Prefect, no MLflow,
+    no report folder on bad input); raises SweepInputError listing every problem."""
+    config = build_config({k: getattr(args, k) for k in SweepConfig.model_fields}, args.params)
+    # Trials on this host cannot use more GPUs than it has (a CPU host, or a pool: no check).
+    host = host_gpus() if config.launcher == "local" else ()
+    inputs = load_inputs(config.combinations, config.spec, config.train, config.val, config.quota, host)
+    if config.launcher == "pool":
+        from hpsweep.pool import check_pool_limit
 
-            check_pool_limit(config.pool, config.quota)
+        check_pool_limit(config.pool, config.quota)
+    return config, inputs
+
+
+def _input_errors(e: SweepInputError) -> int:
+    for problem in e.problems:
+        console.print(f"[red]error:[/red] {escape(str(problem))}", highlight=False, soft_wrap=True)
+    return EXIT_INVALID_INPUT
+
+
+def _run(args: argparse.Namespace) -> int:
+    try:
+        config, _ = _validated(args)
     except SweepInputError as e:
-        for problem in e.problems:
-            console.print(f"[red]error:[/red] {escape(str(problem))}", highlight=False, soft_wrap=True)
-        return EXIT_INVALID_INPUT
+        return _input_errors(e)
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s",
                         handlers=[RichHandler(console=console, show_path=False)])

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 Scalar = Union[bool, int, float, str]
 Hparams = dict[str, Scalar]
@@ -237,6 +237,18 @@ class ModelSpec(BaseModel):
     settings: dict[str, Scalar] = Field(default_factory=dict)
     resources: Resources = Field(default_factory=Resources)
     time_limit_s: float | None = Field(default=None, gt=0)
+    # A planning hint, not part of what a trial computes: excluded from the dump, so from the spec hash
+    # and trial keys (changing the guess never retrains anything).
+    expected_duration_s: float | None = Field(default=None, gt=0, allow_inf_nan=False, exclude=True,
+                                              description="expected wall-clock seconds of one trial")
+
+    @field_validator("expected_duration_s", mode="before")
+    @classmethod
+    def _a_number(cls, value: Any) -> Any:
+        # pydantic would read `true` as 1.0 and "90" as 90.0: a duration is written as a number.
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ValueError(f"expected a number of seconds (e.g. 3600), got {value!r}")
+        return value
 
 
 def load_spec(path: Path) -> ModelSpec:
@@ -329,8 +341,13 @@ class SweepInputs:
     val: Path
 
 
-def load_inputs(combinations: Path, spec: Path, train: Path, val: Path, quota: int) -> SweepInputs:
-    """Validate all inputs; raise one SweepInputError listing every problem found."""
+def load_inputs(combinations: Path, spec: Path, train: Path, val: Path, quota: int,
+                host_gpus: tuple[int, ...] = ()) -> SweepInputs:
+    """Validate all inputs; raise one SweepInputError listing every problem found.
+
+    ``host_gpus``: the GPUs of the host the trials run on (local launcher); a trial needing more
+    than there are could never start. Empty: a CPU host, or trials run elsewhere (no check).
+    """
     problems: list[Problem] = []
     loaded_combos: list[Hparams] = []
     loaded_spec: ModelSpec | None = None
@@ -351,6 +368,12 @@ def load_inputs(combinations: Path, spec: Path, train: Path, val: Path, quota: i
         problems.append(
             Problem(str(spec), f"a trial needs {loaded_spec.resources.gpus} GPUs but the quota is {quota}: "
                     "no trial could ever start", key="resources.gpus")
+        )
+    elif loaded_spec is not None and host_gpus and loaded_spec.resources.gpus > len(host_gpus):
+        problems.append(
+            Problem(str(spec), f"a trial needs {loaded_spec.resources.gpus} GPUs but this host has "
+                    f"{len(host_gpus)} ({','.join(map(str, host_gpus))}): no trial could ever start",
+                    key="resources.gpus")
         )
     if problems:
         raise SweepInputError(problems)

@@ -164,3 +164,16 @@ def test_brackets_in_keys_and_paths_are_printed_as_typed(project: Project):
     result = run(project, "params/[old]/c.csv", put(project, VALID / VALID_SPEC))
     assert assert_rejected(project, result) == ["error: params/[old]/c.csv: row 3: key '[/x]': missing value"]
     assert combos.exists()
+
+
+def test_trial_needing_more_gpus_than_the_host_has(project: Project):
+    # CUDA_VISIBLE_DEVICES names the host's GPUs: four of them, and a trial asks for five.
+    combos = put(project, VALID / VALID_COMBOS)
+    spec = project.write("params/big.yaml", "trainer: {entrypoint: 'tests.trainers:sleepy'}\n"
+                                            "resources: {gpus: 5}\n").relative_to(project.root)
+    result = project.hpsweep("run", "--combinations", combos, "--spec", str(spec), "--train", "data/train.csv",
+                             "--val", "data/val.csv", "--quota", "8", timeout=60,
+                             env={"CUDA_VISIBLE_DEVICES": "0,1,2,3"})
+    assert assert_rejected(project, result) == [
+        f"error: {spec}: key 'resources.gpus': a trial needs 5 GPUs but this host has 4 (0,1,2,3): "
+        "no trial could ever start"]

@@ -59,6 +59,8 @@ INVALID_SPECS: dict[str, list[tuple[int | None, str | None, str]]] = {
     "spec_nonscalar_setting.yaml": [
         (None, "settings.layers", r"^value \[64, 32\] is not a scalar \(int, float, str or bool\)$")],
     "spec_bad_time_limit.yaml": [(None, "time_limit_s", r"greater than 0")],
+    "spec_bad_duration.yaml": [
+        (None, "expected_duration_s", r"^expected a number of seconds \(e\.g\. 3600\), got '2h'$")],
     "spec_not_mapping.yaml": [(None, None, r"^expected a mapping with at least a 'trainer:' key$")],
     "spec_several.yaml": [
         (None, "resources.gpus", r"greater than or equal to 1"),
@@ -126,13 +128,14 @@ def test_full_spec_loads_every_key():
     assert type(spec.settings["epochs"]) is int and type(spec.settings["shuffle"]) is bool
     assert spec.resources.gpus == 1
     assert spec.time_limit_s == 7200
+    assert spec.expected_duration_s == 5400
 
 
 def test_minimal_spec_defaults_name_to_file_stem_and_one_gpu():
     spec = load_spec(VALID / "minimal-spec.yaml")
     assert spec.name == "minimal-spec"
     assert spec.resources.gpus == 1
-    assert spec.settings == {} and spec.time_limit_s is None
+    assert spec.settings == {} and spec.time_limit_s is None and spec.expected_duration_s is None
 
 
 def test_command_trainer_spec(tmp_path: Path):
@@ -150,6 +153,42 @@ def test_load_inputs_accepts_the_valid_files(tmp_path: Path):
     assert len(inputs.combinations) == 3
     assert inputs.spec.name == "digits-mlp"
     assert inputs.train == tmp_path / "train.csv" and inputs.val == tmp_path / "val"
+
+
+@pytest.mark.parametrize("value, message", [
+    ("true", r"expected a number of seconds \(e\.g\. 3600\), got True"),
+    ("'90'", r"expected a number of seconds \(e\.g\. 3600\), got '90'"),
+    ("0", r"greater than 0"), ("-1.5", r"greater than 0"), (".inf", r"finite number"),
+])
+def test_expected_duration_must_be_a_positive_number(tmp_path: Path, value: str, message: str):
+    path = tmp_path / "spec.yaml"
+    path.write_text(f"trainer: {{entrypoint: 'tests.trainers:sleepy'}}\nexpected_duration_s: {value}\n")
+    with pytest.raises(SweepInputError) as info:
+        load_spec(path)
+    assert_problems(info.value, path, [(None, "expected_duration_s", message)])
+
+
+def test_expected_duration_is_not_part_of_the_spec_hash(tmp_path: Path):
+    # A planning hint: changing it must not change trial keys (nothing is retrained for a new guess).
+    from hpsweep.versions import spec_hash
+
+    plain, hinted = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    plain.write_text("name: s\ntrainer: {entrypoint: 'tests.trainers:sleepy'}\n")
+    hinted.write_text(plain.read_text() + "expected_duration_s: 120\n")
+    assert spec_hash(load_spec(plain)) == spec_hash(load_spec(hinted))
+
+
+def test_trial_needing_more_gpus_than_the_host_has_is_refused(tmp_path: Path):
+    (tmp_path / "train.csv").write_text("x\n")
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("trainer: {entrypoint: 'tests.trainers:sleepy'}\nresources: {gpus: 5}\n")
+    with pytest.raises(SweepInputError) as info:
+        load_inputs(VALID / "combos.csv", spec, tmp_path / "train.csv", tmp_path / "train.csv", 8, (0, 1, 2, 3))
+    assert [str(p) for p in info.value.problems] == [
+        f"{spec}: key 'resources.gpus': a trial needs 5 GPUs but this host has 4 (0,1,2,3): "
+        "no trial could ever start"]
+    # A CPU host (no GPUs) or trials run elsewhere: no host check.
+    assert load_inputs(VALID / "combos.csv", spec, tmp_path / "train.csv", tmp_path / "train.csv", 8).spec
 
 
 # ---------------------------------------------------------------- invalid files
