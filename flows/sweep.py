@@ -31,6 +31,7 @@ from hpsweep.inputs import Hparams, SweepInputs, load_inputs
 from hpsweep.launcher import LocalLauncher, TrialJob, TrialLauncher
 from hpsweep.outcome import TrialOutcome
 from hpsweep.pool import PoolLauncher, check_pool_limit
+from hpsweep.dvcdata import data_ref
 from hpsweep.process import HEARTBEAT_S, ZOMBIE_AFTER_S
 from hpsweep.quota import ensure_quota_limit
 from hpsweep.report import counts, rank_rows, render_markdown, write_report
@@ -66,6 +67,7 @@ class SweepContext:
     trial_task: Any = None  # run_trial with this sweep's retry settings
     versions: dict[str, str] = field(default_factory=dict)  # spec/data/code versions, tagged on every trial
     run_ids: dict[int, str] = field(default_factory=dict)  # trial index → its MLflow run, across attempts
+    data_refs: dict[str, dict[str, Any]] = field(default_factory=dict)  # DVC refs: hosts without the files fetch
 
 
 class RetryableTrialFailure(Exception):
@@ -122,6 +124,7 @@ def run_trial(trial: PlannedTrial, ctx: SweepContext, gpu_ids: tuple[int, ...]) 
         sweep_id=ctx.sweep_id, experiment_id=ctx.experiment_id, parent_run_id=ctx.parent_run_id,
         tracking_uri=ctx.tracking_uri, index=trial.index, hparams=trial.hparams, trial_key=trial.key,
         attempt=attempt, settings=dict(spec.settings), train=str(ctx.inputs.train.resolve()), val=str(ctx.inputs.val.resolve()),
+        data=ctx.data_refs,
         entrypoint=spec.trainer.entrypoint, command=spec.trainer.command, time_limit_s=spec.time_limit_s,
         gpus=spec.resources.gpus, run_id=ctx.run_ids.get(trial.index), work_dir=str(ctx.work_dir),
         versions=ctx.versions,
@@ -256,6 +259,7 @@ def sweep(config: SweepConfig) -> dict[str, Any]:
         tracking_uri=tracking_uri, inputs=inputs, work_dir=config.work_dir, quota_limit=config.quota_limit,
         launcher=_launcher(config, entry_module, sweep_id) if to_train else None,
         gpu_pool=GpuPool(host), max_attempts=config.max_attempts, holds_quota=not pooled, versions=versions,
+        data_refs={"train": data_ref(inputs.train).as_dict(), "val": data_ref(inputs.val).as_dict()},
         trial_task=run_trial.with_options(
             retries=config.max_attempts - 1,
             retry_delay_seconds=[config.retry_delay_s * 4**i for i in range(max(1, config.max_attempts - 1))]),

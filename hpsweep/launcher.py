@@ -10,6 +10,7 @@ recorded in MLflow the same way wherever it ran.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any, Protocol
 from mlflow.tracking import MlflowClient
 
 from hpsweep import tracking
+from hpsweep.datacache import DataCache, DataRef
 from hpsweep.outcome import TrialOutcome
 from hpsweep.process import CHECKPOINT_SYNC_S, ProcessRunner
 from trainer.durable import retry
@@ -49,6 +51,8 @@ class TrialJob:
     run_id: str | None = None  # set from the second attempt on: retries continue the same run
     work_dir: str = ".hpsweep"
     versions: dict[str, str] = field(default_factory=dict)  # spec hash, data and code versions (tags)
+    # DataRef dicts ("train", "val"): how a host without the sweep's files fetches them (DVC remote).
+    data: dict[str, dict[str, Any]] = field(default_factory=dict)
     cwd: str = field(default_factory=lambda: str(Path.cwd()))
 
     def as_dict(self) -> dict[str, Any]:
@@ -83,11 +87,13 @@ def execute_trial(job: TrialJob, gpu_ids: tuple[int, ...], runner: ProcessRunner
                 job.trial_key, job.attempt,
                 tags={**job.versions, "hpsweep.gpus": ",".join(map(str, gpu_ids)) or "cpu"},
             ), TRACKING_PATIENCE_S, "creating the trial's run")
+        train, val, source = trial_data(job)  # may fetch from the DVC remote: after the run exists, so it shows
+        retry(lambda: client.set_tag(run_id, "hpsweep.data_source", source), TRACKING_PATIENCE_S, "tagging the run")
         trial_dir = Path(job.work_dir) / "trials" / job.trial_key
         trial_dir.mkdir(parents=True, exist_ok=True)
         request = TrialRequest(
             run_id=run_id, tracking_uri=job.tracking_uri, hparams=job.hparams, settings=dict(job.settings),
-            train=str(Path(job.train).resolve()), val=str(Path(job.val).resolve()),
+            train=str(train), val=str(val),
             trial_dir=str(trial_dir.resolve()), cwd=job.cwd, entrypoint=job.entrypoint, command=job.command,
             gpu_ids=gpu_ids, experiment_id=job.experiment_id, trial_key=job.trial_key,
             checkpoint_sync_s=CHECKPOINT_SYNC_S, orchestrator=tracking.owner_id(),
@@ -101,6 +107,27 @@ def execute_trial(job: TrialJob, gpu_ids: tuple[int, ...], runner: ProcessRunner
         if run_id is not None:
             tracking.try_mark_failed(client, run_id, outcome.reason)
     return TrialResult(run_id, outcome)
+
+
+def trial_data(job: TrialJob, environ: dict[str, str] | None = None) -> tuple[Path, Path, str]:
+    """The train and validation paths this host reads, and where they came from ("local" or "cache").
+
+    The sweep's own paths when this host has them (the embedded default, a shared disk);
+    otherwise, or always with HPSWEEP_STAGE_DATA=always, this host's data cache, filled from
+    the DVC remote once per host (hpsweep.datacache). Staging errors are machine failures.
+    """
+    env = os.environ if environ is None else environ
+    always = env.get("HPSWEEP_STAGE_DATA", "auto") == "always"
+    paths = {name: Path(getattr(job, name)) for name in ("train", "val")}
+    if not always and all(p.exists() for p in paths.values()):
+        return paths["train"].resolve(), paths["val"].resolve(), "local"
+    missing = [name for name in paths if name not in job.data]
+    if missing:
+        raise FileNotFoundError(f"{', '.join(str(paths[m]) for m in missing)} not on this host, and the sweep "
+                                "sent no DVC reference for it: track the data with DVC and push it to a remote")
+    cache = DataCache.from_env(env)
+    staged = {name: cache.stage(DataRef.from_dict(job.data[name])) for name in paths}
+    return staged["train"], staged["val"], "cache"
 
 
 class LocalLauncher:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import yaml
 
+from hpsweep.dvcdata import content_md5
 from hpsweep.inputs import Hparams, ModelSpec, canonical_json, resolve_entrypoint
 
 _CHUNK = 1 << 20
@@ -39,18 +40,16 @@ def file_md5(path: Path) -> str:
 
 
 def data_version(path: Path) -> str:
-    """DVC's md5 when the path is DVC-tracked (free: no re-hashing of tens of GB), else an md5 of the content."""
-    dvc_file = path.with_name(path.name + ".dvc")
-    if dvc_file.is_file():
-        outs = (yaml.safe_load(dvc_file.read_text()) or {}).get("outs") or []
-        if outs and outs[0].get("md5"):
-            return str(outs[0]["md5"])
+    """DVC's md5 of a file (its content hash, memoized: hpsweep.dvcdata), or a hash over a folder's files.
+
+    Read from the bytes, not from a `.dvc` file, so data changed without `dvc add` is a new version.
+    """
     if path.is_file():
-        return file_md5(path)
+        return content_md5(path)
     h = hashlib.md5()
     for f in sorted(p for p in path.rglob("*") if p.is_file()):
         h.update(str(f.relative_to(path)).encode())
-        h.update(file_md5(f).encode())
+        h.update(content_md5(f).encode())
     return h.hexdigest()
 
 
