@@ -1,8 +1,19 @@
-"""Ranking and rendering: pure functions over rows as read back from MLflow."""
+"""Ranking and rendering: pure functions over rows as read back from MLflow; learning curves from a
+real (SQLite) MLflow store."""
 
 import json
+import re
+from pathlib import Path
 
-from hpsweep.report import leaderboard_frame, leaderboard_json, rank_rows, render_markdown, write_report
+import matplotlib.pyplot as plt
+import pytest
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from hpsweep import plots
+from hpsweep.report import (leaderboard_frame, leaderboard_json, learning_curves, rank_rows, render_markdown,
+                            write_report)
 
 
 def run(index, f1, status="FINISHED", reason=None, **hp):
@@ -36,7 +47,9 @@ def test_report_files_agree(tmp_path):
     assert csv[1].startswith("1,0.01,tanh,0.75,FINISHED")
     md = paths["leaderboard.md"].read_text()
     assert md.index("0.7500") < md.index("0.2500") < md.index("outside [0, 1]")
-    assert paths["f1_by_combination.png"].read_bytes()[:4] == b"\x89PNG"
+    assert set(paths) == {"leaderboard.md", "leaderboard.csv", "leaderboard.json", "f1_by_combination.png",
+                          "f1_by_hparam.png"}  # no curves given: no learning-curve plot
+    assert images_linked(paths["leaderboard.md"]) == ["f1_by_combination.png", "f1_by_hparam.png"]
     assert not list(tmp_path.glob("*.tmp*"))
 
 
@@ -64,3 +77,143 @@ def test_credentials_never_reach_the_report():
 def test_ranks_ten_thousand_trials():
     rows = rank_rows([run(i, (i * 7919 % 10007) / 10007) for i in range(10_000)])
     assert [r["rank"] for r in rows[:3]] == [1, 2, 3] and rows[0]["f1"] >= rows[-1]["f1"]
+
+
+def images_linked(md: Path) -> list[str]:
+    """The markdown's image links, each checked to be a valid PNG beside it (as a viewer would load it)."""
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md.read_text())
+    for link in links:
+        assert not Path(link).is_absolute() and "/" not in link, link  # relative: the folder can move
+        with Image.open(md.parent / link) as image:
+            assert image.format == "PNG" and image.width > 100 and image.height > 100
+            image.verify()
+    return links
+
+
+def test_f1_by_hparam_has_one_panel_per_hparam_key():
+    rows = rank_rows([run(i, f1, lr=lr, hidden=h, act=a, bn=i % 2 == 0)
+                      for i, (f1, lr, h, a) in enumerate([(0.9, 0.01, 64, "relu"), (0.5, 0.0001, 8, "tanh"),
+                                                         (0.7, 0.1, 64, "relu"), (0.3, 0.001, 128, "gelu")])]
+                     + [run(9, None, "FAILED", "boom", lr=0.5, hidden=8, act="relu", bn=True)])
+    fig = plots.f1_by_hparam_figure(rows)
+    panels = {ax.get_title(): ax for ax in fig.axes}
+    assert list(panels) == ["lr", "hidden", "act", "bn"]  # one per key, in file order, no empty panels
+    assert panels["lr"].get_xscale() == "log"  # 1e-4 .. 1e-1 spans three decades
+    assert panels["hidden"].get_xscale() == "linear"  # 8 .. 128 is numeric but not log-worthy
+    assert [t.get_text() for t in panels["act"].get_xticklabels()] == ["gelu", "relu", "tanh"]
+    assert [t.get_text() for t in panels["bn"].get_xticklabels()] == ["False", "True"]
+    # every finished trial is a point in the numeric panels; the failed one (no F1) is not
+    lr_points = sum(len(c.get_offsets()) for c in panels["lr"].collections)
+    assert lr_points == 4
+    plt.close(fig)
+
+
+def test_log_axis_only_when_values_span_decades():
+    assert plots.is_log_scale([0.0001, 0.001, 0.03])
+    assert not plots.is_log_scale([8, 64, 128])
+    assert not plots.is_log_scale([0.0, 0.1, 0.5])  # zero: no log axis
+    assert not plots.is_log_scale([-1.0, 100.0])
+
+
+def test_a_categorical_hparam_with_many_values_shows_the_best_ones():
+    rows = rank_rows([run(i, i / 100, name=f"model-{i}") for i in range(100)])
+    fig = plots.f1_by_hparam_figure(rows)
+    ax = fig.axes[0]
+    plt.close(fig)
+    labels = [t.get_text() for t in ax.get_xticklabels()]
+    assert len(labels) == plots.CATEGORY_MAX and "model-99" in labels and "model-0" not in labels
+    assert f"best {plots.CATEGORY_MAX} of 100 values" in ax.get_xlabel()
+
+
+def test_f1_bars_stay_readable_for_thousands_of_trials(tmp_path):
+    rows = rank_rows([run(i, (i * 7919 % 2003) / 2003, lr=10 ** -(i % 4), depth=i % 7) for i in range(1000)])
+    paths = write_report(tmp_path, {"sweep_id": "s", "name": "big"}, rows)
+    fig = plots.f1_by_combination_figure(rows)
+    bars, overview = fig.axes
+    plt.close(fig)
+    assert len(bars.patches) == plots.BAR_MAX and "top 60 of 1000" in bars.get_title()
+    assert len(overview.lines[0].get_xdata()) == 1000  # all trials, best first, below the bars
+    with Image.open(paths["f1_by_combination.png"]) as image:
+        assert image.height < 3000  # not one bar per trial
+    assert images_linked(paths["leaderboard.md"]) == ["f1_by_combination.png", "f1_by_hparam.png"]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> MlflowClient:
+    """A real MLflow tracking store (SQLite), shared by this module's tests (one experiment each)."""
+    return MlflowClient(f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}")
+
+
+def trial(client: MlflowClient, exp: str, index: int, f1: float | None, history: list[tuple[int, float]],
+          status: str = "FINISHED", **hp) -> dict:
+    """A trial run with its per-epoch val_f1 (logged one value per call, like a trainer) and its row."""
+    run_id = client.create_run(exp, run_name=f"trial {index}").info.run_id
+    for step, value in history:
+        client.log_metric(run_id, "val_f1", value, step=step)
+    if f1 is not None:
+        client.log_metric(run_id, "f1", f1)
+    client.set_terminated(run_id, status)
+    return {**run(index, f1, status, None if f1 is not None else "boom", **hp), "run_id": run_id}
+
+
+def test_learning_curves_of_the_top_trials_come_from_their_metric_history(store, tmp_path):
+    exp = store.create_experiment("curves")
+    runs = [trial(store, exp, i, f1, [(e, f1 * e / 4) for e in range(1, 5)], lr=10 ** -i, act="relu")
+            for i, f1 in enumerate([0.6, 0.9, 0.7, 0.8, 0.5, 0.65, 0.55], start=1)]
+    # a failed trial with the longest history must not be drawn; a reused one counts as finished
+    runs.append(trial(store, exp, 8, None, [(e, 0.99) for e in range(1, 9)], "FAILED", lr=1.0, act="relu"))
+    runs[2]["status"] = "REUSED"
+    rows = rank_rows(runs)
+
+    curves = learning_curves(store, rows)
+    assert list(curves) == [r["run_id"] for r in rows[:5]]  # top 5 (default), in rank order
+    best = rows[0]
+    assert best["f1"] == 0.9 and curves[best["run_id"]] == [(1, 0.225), (2, 0.45), (3, 0.675), (4, 0.9)]
+    assert rows[2]["status"] == "REUSED" and rows[2]["run_id"] in curves
+
+    assert list(learning_curves(store, rows, top=20)) == [r["run_id"] for r in rows[:7]]  # never the failed one
+    assert learning_curves(store, rows, top=0) == {}
+    assert learning_curves(store, rows, top=2, metric="loss") == {rows[0]["run_id"]: [], rows[1]["run_id"]: []}
+    with pytest.raises(ValueError, match="top"):
+        learning_curves(store, rows, top=-1)
+
+    report = tmp_path / "report"
+    paths = write_report(report, {"sweep_id": "s", "name": "curves"}, rows, curves)
+    assert images_linked(paths["leaderboard.md"]) == ["f1_by_combination.png", "f1_by_hparam.png",
+                                                      "learning_curves.png"]
+    assert set(paths) >= {"leaderboard.md", "leaderboard.csv", "leaderboard.json", "learning_curves.png"}
+    assert all(p.exists() for p in paths.values())
+    fig = plots.learning_curves_figure(rows, curves)
+    (ax,) = fig.axes
+    assert [line.get_label()[:10] for line in ax.lines] == ["#1 F1 0.90", "#2 F1 0.80", "#3 F1 0.70",
+                                                           "#4 F1 0.65", "#5 F1 0.60"]
+    assert list(ax.lines[0].get_ydata()) == [0.225, 0.45, 0.675, 0.9]
+    plt.close(fig)
+
+    # Regenerated without curves: the learning-curve plot goes, not left stale beside the new report.
+    paths = write_report(report, {"sweep_id": "s", "name": "curves"}, rows)
+    assert "learning_curves.png" not in paths and not (report / "learning_curves.png").exists()
+    assert "learning_curves.png" not in paths["leaderboard.md"].read_text()
+    # The leaderboard.json contract is unchanged by the plots.
+    data = json.loads(paths["leaderboard.json"].read_text())
+    assert set(data) == {"sweep_id", "name", "counts", "rows"}
+    assert set(data["rows"][0]) == {"rank", "hparams", "f1", "status", "run_id", "run_name", "attempts",
+                                    "duration_s"}
+
+
+def test_a_resumed_trial_that_logged_an_epoch_twice_keeps_the_latest_value(store):
+    exp = store.create_experiment("resumed")
+    row = trial(store, exp, 1, 0.8, [(1, 0.3), (2, 0.5)])
+    # the retried attempt resumed from epoch 1's checkpoint and logged epochs 2 and 3 again, later
+    store.log_batch(row["run_id"], metrics=[Metric("val_f1", 0.6, 10**13, 2), Metric("val_f1", 0.8, 10**13, 3)])
+    assert learning_curves(store, rank_rows([row])) == {row["run_id"]: [(1, 0.3), (2, 0.6), (3, 0.8)]}
+
+
+def test_top_trials_without_a_metric_history_get_a_note_not_an_empty_plot(store, tmp_path):
+    exp = store.create_experiment("silent")
+    rows = rank_rows([trial(store, exp, 1, 0.8, []), trial(store, exp, 2, 0.7, [])])
+    curves = learning_curves(store, rows)
+    assert curves == {rows[0]["run_id"]: [], rows[1]["run_id"]: []}
+    paths = write_report(tmp_path, {"sweep_id": "s", "name": "silent"}, rows, curves)
+    assert "learning_curves.png" not in paths
+    assert "logged no per-step `val_f1`" in paths["leaderboard.md"].read_text()
