@@ -235,3 +235,45 @@ def gpu_pool(prefect_server: str, tmp_path_factory: pytest.TempPathFactory):
     finally:
         for w in workers:
             stop(w)
+
+
+@dataclass
+class S3Endpoint:
+    """moto in server mode on loopback: an S3-compatible endpoint for DVC remotes and the data cache."""
+
+    url: str
+    env: dict[str, str]  # credentials and endpoint for subprocesses (dvc, hpsweep, workers)
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.url, region_name="us-east-1",
+                            aws_access_key_id="test", aws_secret_access_key="test")
+
+    def bucket(self) -> str:
+        name = f"hpsweep-{uuid.uuid4().hex[:10]}"
+        self.client().create_bucket(Bucket=name)
+        return name
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(tmp_path_factory: pytest.TempPathFactory):
+    port = free_port()
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=log.open("w"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL_S3": url}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # this process's boto3 (the data cache) talks to moto too
+    try:
+        wait_http(f"{url}/moto-api/", 60, proc, log)
+        yield S3Endpoint(url, env)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        stop(proc)

@@ -1,0 +1,163 @@
+"""The per-host data cache against a real S3-compatible endpoint (moto in server mode) and a folder remote.
+
+What a user notices: the first trial on a host fetches, later ones don't, four trials starting
+together fetch once, a damaged copy is fetched again instead of being trained on, and the
+cache stays under its cap.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing
+import os
+from pathlib import Path
+
+import pytest
+
+from hpsweep.datacache import DataCache, DataFetchError, DataRef, Remote
+from hpsweep.launcher import TrialJob, trial_data
+
+
+def put_object(s3_endpoint, bucket: str, data: bytes, prefix: str = "dvc") -> DataRef:
+    """Upload ``data`` where DVC 3 would push it, and return the reference a sweep would send."""
+    md5 = hashlib.md5(data).hexdigest()
+    s3_endpoint.client().put_object(Bucket=bucket, Key=f"{prefix}/files/md5/{md5[:2]}/{md5[2:]}", Body=data)
+    return DataRef(path="data/train.csv", md5=md5, size=len(data),
+                   remote=Remote(url=f"s3://{bucket}/{prefix}", endpoint_url=s3_endpoint.url))
+
+
+@pytest.fixture
+def remote_file(s3_endpoint):
+    data = os.urandom(3 << 20)
+    return put_object(s3_endpoint, s3_endpoint.bucket(), data), data
+
+
+def test_cold_fetch_then_warm_hits(tmp_path: Path, remote_file):
+    ref, data = remote_file
+    cache = DataCache(tmp_path / "cache")
+    path = cache.stage(ref)
+    assert path.read_bytes() == data
+    assert (cache.stats.fetches, cache.stats.bytes_fetched, cache.stats.hits) == (1, len(data), 0)
+
+    assert cache.stage(ref) == path
+    later_trial = DataCache(tmp_path / "cache")  # another trial process on the same host
+    assert later_trial.stage(ref) == path
+    assert (cache.stats.fetches, cache.stats.hits, later_trial.stats.fetches, later_trial.stats.hits) == (1, 1, 0, 1)
+
+
+def _stage_in_process(root: str, ref: dict, barrier, out) -> None:
+    cache = DataCache(Path(root))
+    barrier.wait()  # all four start staging at the same moment
+    cache.stage(DataRef.from_dict(ref))
+    out.put((cache.stats.fetches, cache.stats.bytes_fetched))
+
+
+def test_four_concurrent_trials_fetch_once(tmp_path: Path, s3_endpoint):
+    data = os.urandom(24 << 20)  # big enough that the fetch is still running when the others arrive
+    ref = put_object(s3_endpoint, s3_endpoint.bucket(), data)
+    ctx = multiprocessing.get_context("spawn")  # separate processes, as trials are
+    barrier, out = ctx.Barrier(4), ctx.Queue()
+    procs = [ctx.Process(target=_stage_in_process, args=(str(tmp_path / "cache"), ref.as_dict(), barrier, out))
+             for _ in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    results = [out.get(timeout=5) for _ in procs]
+    assert sum(fetches for fetches, _ in results) == 1
+    assert sum(nbytes for _, nbytes in results) == len(data)
+    assert DataCache(tmp_path / "cache").path_for(ref.md5).read_bytes() == data
+
+
+def test_truncated_copy_is_fetched_again(tmp_path: Path, remote_file):
+    ref, data = remote_file
+    cache = DataCache(tmp_path / "cache")
+    path = cache.stage(ref)
+    with path.open("r+b") as f:  # a copy cut short (disk full, killed copy, a careless hand)
+        f.truncate(len(data) // 2)
+    assert cache.stage(ref).read_bytes() == data
+    assert (cache.stats.fetches, cache.stats.refetches) == (2, 1)
+
+
+def test_overwritten_copy_of_the_same_size_is_caught_by_its_hash(tmp_path: Path, remote_file):
+    ref, data = remote_file
+    cache = DataCache(tmp_path / "cache")
+    path = cache.stage(ref)
+    path.write_bytes(b"\0" * len(data))  # same size, new mtime: the seal no longer matches
+    assert cache.stage(ref).read_bytes() == data
+    assert cache.stats.refetches == 1
+
+
+def test_corrupt_remote_object_is_never_published(tmp_path: Path, s3_endpoint):
+    bucket = s3_endpoint.bucket()
+    good = put_object(s3_endpoint, bucket, b"the real bytes\n")
+    s3_endpoint.client().put_object(Bucket=bucket, Key=f"dvc/files/md5/{good.md5[:2]}/{good.md5[2:]}",
+                                    Body=b"rotten bytes\n")
+    cache = DataCache(tmp_path / "cache")
+    with pytest.raises(DataFetchError, match="corrupt"):
+        cache.stage(good)
+    assert not cache.path_for(good.md5).exists()
+    assert not list(cache.path_for(good.md5).parent.glob("*partial*"))
+
+
+def test_missing_object_says_what_to_do(tmp_path: Path, s3_endpoint):
+    bucket = s3_endpoint.bucket()
+    ref = DataRef(path="data/val.csv", md5="0" * 32, remote=Remote(f"s3://{bucket}/dvc", s3_endpoint.url))
+    with pytest.raises(DataFetchError, match=f"s3://{bucket}/dvc/files/md5/00/"):
+        DataCache(tmp_path / "cache").stage(ref)
+    no_remote = DataRef(path="data/val.csv", md5="0" * 32)
+    with pytest.raises(DataFetchError, match="dvc remote add"):
+        DataCache(tmp_path / "cache").stage(no_remote)
+
+
+def test_size_cap_evicts_the_least_recently_used(tmp_path: Path, s3_endpoint):
+    bucket = s3_endpoint.bucket()
+    refs = [put_object(s3_endpoint, bucket, os.urandom(1 << 20)) for _ in range(3)]
+    cache = DataCache(tmp_path / "cache", max_bytes=int(2.5 * (1 << 20)))
+    first, second = cache.stage(refs[0]), cache.stage(refs[1])
+    os.utime(second.with_name(second.name + ".ok"), (1, 1))  # refs[1] used long ago, refs[0] recently
+    cache.stage(refs[2])
+    assert first.exists() and cache.path_for(refs[2].md5).exists()
+    assert not second.exists()
+    assert cache.stats.evictions == 1
+    assert sum(size for _, size, _ in cache.entries()) <= cache.max_bytes
+
+
+def test_folder_remote(tmp_path: Path):
+    data = b"label,p0\n1,3\n"
+    md5 = hashlib.md5(data).hexdigest()
+    obj = tmp_path / "remote" / "files" / "md5" / md5[:2] / md5[2:]
+    obj.parent.mkdir(parents=True)
+    obj.write_bytes(data)
+    ref = DataRef(path="data/train.csv", md5=md5, remote=Remote(url=str(tmp_path / "remote")))
+    assert DataCache(tmp_path / "cache").stage(ref).read_bytes() == data
+
+
+def test_settings_come_from_the_environment(tmp_path: Path):
+    cache = DataCache.from_env({"HPSWEEP_DATA_CACHE": str(tmp_path / "c"), "HPSWEEP_DATA_CACHE_MAX_GB": "1.5"})
+    assert (cache.root, cache.max_bytes) == (tmp_path / "c", 1_500_000_000)
+
+
+def _job(train: str, val: str, data: dict) -> TrialJob:
+    return TrialJob(sweep_id="s", experiment_id="1", parent_run_id="p", tracking_uri="sqlite:///x.db", index=1,
+                    hparams={}, trial_key="k", attempt=1, settings={}, train=train, val=val, data=data)
+
+
+def test_a_host_without_the_files_stages_them(tmp_path: Path, s3_endpoint):
+    bucket = s3_endpoint.bucket()
+    train, val = put_object(s3_endpoint, bucket, b"train bytes\n"), put_object(s3_endpoint, bucket, b"val bytes\n")
+    job = _job("/elsewhere/data/train.csv", "/elsewhere/data/val.csv",
+               {"train": train.as_dict(), "val": val.as_dict()})
+    env = {"HPSWEEP_DATA_CACHE": str(tmp_path / "cache")}
+    got_train, got_val, source = trial_data(job, env)
+    assert (got_train.read_bytes(), got_val.read_bytes(), source) == (b"train bytes\n", b"val bytes\n", "cache")
+
+    local = tmp_path / "train.csv"
+    local.write_bytes(b"train bytes\n")
+    here = _job(str(local), str(local), {"train": train.as_dict(), "val": val.as_dict()})
+    assert trial_data(here, env)[2] == "local"  # this host has the files: no staging
+    assert trial_data(here, {**env, "HPSWEEP_STAGE_DATA": "always"})[2] == "cache"
+
+    with pytest.raises(FileNotFoundError, match="track the data with DVC"):
+        trial_data(_job("/elsewhere/train.csv", "/elsewhere/val.csv", {}), env)
