@@ -194,11 +194,21 @@ def write_report(report_dir: Path, sweep: dict[str, Any], rows: list[dict[str, A
     captions = {F1_BY_COMBINATION: "F1 per combination", F1_BY_HPARAM: "F1 against each hparam",
                 LEARNING_CURVES: f"Learning curves ({curve_metric}) of the top trials"}
     images = [(captions[name], name) for name in figures]
-    paths = {name: report_dir / name for name in ("leaderboard.md", "leaderboard.csv", "leaderboard.json")}
+    paths = {name: report_dir / name
+             for name in ("leaderboard.md", "leaderboard.csv", "leaderboard.json", "best.json")}
     _write_text(paths["leaderboard.md"], render_markdown(sweep, rows, images=images, notes=notes))
     _write_text(paths["leaderboard.csv"], leaderboard_frame(rows).to_csv(index=False))
     _write_text(paths["leaderboard.json"], leaderboard_json(sweep, rows))
+    _write_text(paths["best.json"], json.dumps(best_summary(sweep, rows), indent=2) + "\n")
     return {**paths, **figures}
+
+
+def best_summary(sweep: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The small metrics file `dvc metrics show` / `dvc metrics diff` read: the winner and the counts."""
+    best = next((r for r in rows if r["f1"] is not None), None)
+    return {"best_f1": best["f1"] if best else None, "best_hparams": best["hparams"] if best else None,
+            "best_run_id": best["run_id"] if best else None, "sweep_id": sweep.get("sweep_id"),
+            **{f"trials_{k}": v for k, v in counts(rows).items()}}
 
 
 def _write_text(path: Path, text: str) -> None:

@@ -47,8 +47,10 @@ def test_report_files_agree(tmp_path):
     assert csv[1].startswith("1,0.01,tanh,0.75,FINISHED")
     md = paths["leaderboard.md"].read_text()
     assert md.index("0.7500") < md.index("0.2500") < md.index("outside [0, 1]")
-    assert set(paths) == {"leaderboard.md", "leaderboard.csv", "leaderboard.json", "f1_by_combination.png",
-                          "f1_by_hparam.png"}  # no curves given: no learning-curve plot
+    assert set(paths) == {"leaderboard.md", "leaderboard.csv", "leaderboard.json", "best.json",
+                          "f1_by_combination.png", "f1_by_hparam.png"}  # no curves given: no learning-curve plot
+    best = json.loads(paths["best.json"].read_text())  # DVC's metrics file: the winner and the counts
+    assert (best["best_f1"], best["best_hparams"], best["trials_failed"]) == (0.75, {"lr": 0.01, "act": "tanh"}, 1)
     assert images_linked(paths["leaderboard.md"]) == ["f1_by_combination.png", "f1_by_hparam.png"]
     assert not list(tmp_path.glob("*.tmp*"))
 
