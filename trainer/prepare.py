@@ -1,7 +1,12 @@
 """Prepare the demo dataset: scikit-learn's bundled digits, split into train/val CSVs.
 
 Nothing is downloaded (the digits data ships inside scikit-learn), so this works offline.
-Usage: ``python -m trainer.prepare --out data``
+Two steps, as `dvc.yaml`'s stages run them (the raw file stands in for a download):
+
+    python -m trainer.prepare raw --out data/raw/digits.csv
+    python -m trainer.prepare split --raw data/raw/digits.csv --out data [--val-fraction F] [--seed S]
+
+``python -m trainer.prepare --out data`` does both without keeping the raw file.
 """
 
 from __future__ import annotations
@@ -26,24 +31,38 @@ def _write_csv_atomic(df: pd.DataFrame, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def prepare(out_dir: Path, val_fraction: float = 0.25, seed: int = 0) -> tuple[Path, Path]:
+def raw_frame() -> pd.DataFrame:
+    """The digits as one table: columns p0..p63 (pixel intensities 0..16) and label."""
+    X, y = load_digits(return_X_y=True)
+    df = pd.DataFrame(X.astype(np.int64), columns=[f"p{i}" for i in range(N_FEATURES)])
+    df["label"] = y
+    return df
+
+
+def write_raw(path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_csv_atomic(raw_frame(), path)
+    return path
+
+
+def split(raw: pd.DataFrame, out_dir: Path, val_fraction: float = 0.25, seed: int = 0) -> tuple[Path, Path]:
     """Write ``train.csv`` and ``val.csv`` (columns p0..p63, label) into ``out_dir``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    X, y = load_digits(return_X_y=True)
     # Stratified so every digit class appears in validation in the same proportion.
-    X_tr, X_val, y_tr, y_val = train_test_split(
-        X, y, test_size=val_fraction, random_state=seed, stratify=y
-    )
-    columns = [f"p{i}" for i in range(N_FEATURES)]
+    train, val = train_test_split(raw, test_size=val_fraction, random_state=seed, stratify=raw["label"])
     paths = []
-    for name, X_part, y_part in (("train", X_tr, y_tr), ("val", X_val, y_val)):
-        df = pd.DataFrame(X_part.astype(np.int64), columns=columns)
-        df["label"] = y_part
+    for name, part in (("train", train), ("val", val)):
         path = out_dir / f"{name}.csv"
-        _write_csv_atomic(df, path)
+        _write_csv_atomic(part, path)
         paths.append(path)
     return paths[0], paths[1]
+
+
+def prepare(out_dir: Path, val_fraction: float = 0.25, seed: int = 0) -> tuple[Path, Path]:
+    """Both steps at once (`hpsweep prepare`, `hpsweep demo`): the same split as raw → split."""
+    return split(raw_frame(), out_dir, val_fraction, seed)
 
 
 def load_xy(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -57,12 +76,18 @@ def load_xy(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Write the digits train/val CSVs.")
-    parser.add_argument("--out", type=Path, default=Path("data"), help="output folder")
+    parser = argparse.ArgumentParser(description="Write the digits raw table, or its train/val split.")
+    parser.add_argument("step", nargs="?", choices=["raw", "split"], help="one step (default: both, no raw file)")
+    parser.add_argument("--out", type=Path, default=None, help="the raw CSV (raw) or the output folder")
+    parser.add_argument("--raw", type=Path, default=Path("data/raw/digits.csv"), help="raw CSV to split")
     parser.add_argument("--val-fraction", type=float, default=0.25)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    train, val = prepare(args.out, args.val_fraction, args.seed)
+    if args.step == "raw":
+        print(f"wrote {write_raw(args.out or Path('data/raw/digits.csv'))}")
+        return
+    raw = pd.read_csv(args.raw) if args.step == "split" else raw_frame()
+    train, val = split(raw, args.out or Path("data"), args.val_fraction, args.seed)
     print(f"wrote {train} and {val}")
 
 
