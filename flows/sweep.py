@@ -24,28 +24,22 @@ from prefect.concurrency.sync import concurrency
 from prefect.runtime import task_run as current_task_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from hpsweep import progress, tracking
+from hpsweep import plan, progress, tracking
 from hpsweep.config import SweepConfig
 from hpsweep.gpus import GpuPool, host_gpus, max_parallel_trials
-from hpsweep.inputs import Hparams, SweepInputs, load_inputs
+from hpsweep.inputs import SweepInputs, load_inputs
 from hpsweep.launcher import LocalLauncher, TrialJob, TrialLauncher
 from hpsweep.outcome import TrialOutcome
 from hpsweep.pool import PoolLauncher, check_pool_limit
 from hpsweep.dvcdata import data_ref
 from hpsweep.process import HEARTBEAT_S, ZOMBIE_AFTER_S
 from hpsweep.quota import ensure_quota_limit
-from hpsweep.report import counts, rank_rows, render_markdown, write_report
-from hpsweep.versions import code_version, data_version, git_commit, spec_hash, trial_key
+from hpsweep.plan import PlannedTrial, plan_trials  # re-exported: the flow's planning is hpsweep.plan's
+from hpsweep.report import counts, learning_curves, rank_rows, render_markdown, write_report
+from hpsweep.versions import git_commit
 
 # A dead orchestrator's slots come back after this long (Prefect renews it while we live).
 SLOT_LEASE_S = 60.0  # the shortest lease Prefect accepts
-
-
-@dataclass(frozen=True)
-class PlannedTrial:
-    index: int  # 1-based position in the combinations file
-    hparams: Hparams
-    key: str
 
 
 @dataclass(frozen=True)
@@ -90,21 +84,6 @@ def _is_retryable(task, task_run, state) -> bool:
 
 def new_sweep_id(name: str) -> str:
     return f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-
-
-def plan_trials(inputs: SweepInputs) -> tuple[list[PlannedTrial], dict[str, str]]:
-    """A trial key per combination, plus the versions it was derived from (provenance tags)."""
-    versions = {
-        "hpsweep.spec_hash": spec_hash(inputs.spec),
-        "hpsweep.data_version": f"{data_version(inputs.train)}/{data_version(inputs.val)}",
-        "hpsweep.code_version": code_version(inputs.spec),
-    }
-    trials = [
-        PlannedTrial(i, hp, trial_key(hp, versions["hpsweep.spec_hash"], versions["hpsweep.data_version"],
-                                      versions["hpsweep.code_version"]))
-        for i, hp in enumerate(inputs.combinations, start=1)
-    ]
-    return trials, versions
 
 
 @task(name="trial", persist_result=False, cache_policy=NO_CACHE, retry_condition_fn=_is_retryable,
@@ -215,14 +194,15 @@ def sweep(config: SweepConfig) -> dict[str, Any]:
     Returns the leaderboard summary: sweep id, counts, report paths, champion.
     """
     logger = get_run_logger()
-    inputs = load_inputs(config.combinations, config.spec, config.train, config.val, config.quota)
+    host = host_gpus()
+    inputs = load_inputs(config.combinations, config.spec, config.train, config.val, config.quota,
+                         host if config.launcher == "local" else ())
     name = config.name or inputs.spec.name or config.spec.stem
     trials, versions = plan_trials(inputs)
     tracking_uri = tracking.resolve_tracking_uri(config.tracking_uri)
     client = MlflowClient(tracking_uri)
     sweep_id = new_sweep_id(name)
     gpus = inputs.spec.resources.gpus
-    host = host_gpus()
     if config.launcher == "local":
         ensure_quota_limit(config.quota_limit, config.quota)
 
@@ -230,9 +210,8 @@ def sweep(config: SweepConfig) -> dict[str, Any]:
     zombies = tracking.reap_zombies(client, experiment_id, ZOMBIE_AFTER_S)
     if zombies:
         logger.warning("closed %d zombie run(s) left RUNNING by a dead process: %s", len(zombies), zombies)
-    reused = {} if config.retrain else tracking.finished_runs_by_key(client, experiment_id,
-                                                                     {t.key for t in trials}, versions)
-    to_train = [t for t in trials if t.key not in reused]
+    reused = plan.reusable_runs(client, experiment_id, trials, versions, config.retrain)
+    to_train = plan.trials_to_train(trials, reused)
     pooled = config.launcher == "pool"
     if pooled:
         pool_limit = check_pool_limit(config.pool, config.quota)
@@ -240,17 +219,25 @@ def sweep(config: SweepConfig) -> dict[str, Any]:
         parallel = max(1, min(len(to_train), 2 * pool_limit + 2))
     else:
         parallel = max_parallel_trials(config.quota, gpus, host, max(1, len(to_train)))
+    to_train, estimates, order = _dispatch(client, experiment_id, inputs, versions, to_train, parallel)
 
     provenance = {**versions, "hpsweep.git_commit": git_commit(), "hpsweep.quota": str(config.quota)}
     parent_run_id = tracking.start_parent_run(
-        client, experiment_id, sweep_id, provenance,
+        client, experiment_id, sweep_id,
+        {**provenance, plan.TAG_DISPATCH: order, **_flow_run_tag()},
         params={"combinations": config.combinations, "spec": config.spec, "train": config.train,
                 "val": config.val, "quota": config.quota, "gpus_per_trial": gpus, "trials": len(trials),
-                "reused": len(reused), "max_attempts": config.max_attempts},
+                "reused": len(reused), "max_attempts": config.max_attempts, "parallel": parallel},
     )
-    plan = [{"index": t.index, "key": t.key, "hparams": t.hparams,
-             "reused_run_id": reused[t.key]["run_id"] if t.key in reused else None} for t in trials]
-    client.log_text(parent_run_id, json.dumps(plan, indent=1), "plan.json")  # what `report` re-reads later
+    # What `hpsweep report` and `hpsweep status` re-read later: every trial, its estimate, its turn.
+    est = {t.index: e for t, e in zip(to_train, estimates)}
+    turn = {t.index: i for i, t in enumerate(to_train, start=1)}
+    plan_rows = [{"index": t.index, "key": t.key, "hparams": t.hparams,
+             "reused_run_id": reused[t.key]["run_id"] if t.key in reused else None,
+             "expected_duration_s": est[t.index].seconds if t.index in est else None,
+             "duration_source": est[t.index].source if t.index in est else None,
+             "dispatch_position": turn.get(t.index)} for t in trials]
+    client.log_text(parent_run_id, json.dumps(plan_rows, indent=1), "plan.json")
     beat = Heartbeat(client, parent_run_id)
 
     entry_module = (inputs.spec.trainer.entrypoint or "").partition(":")[0]
@@ -265,8 +252,8 @@ def sweep(config: SweepConfig) -> dict[str, Any]:
             retry_delay_seconds=[config.retry_delay_s * 4**i for i in range(max(1, config.max_attempts - 1))]),
     )
     logger.info("sweep %s: %d combinations, %d reused, %d to train, %d at once (quota %d, %d GPU(s) per "
-                "trial, host GPUs %s)", sweep_id, len(trials), len(reused), len(to_train), parallel,
-                config.quota, gpus, list(host) or "none")
+                "trial, host GPUs %s), %s", sweep_id, len(trials), len(reused), len(to_train), parallel,
+                config.quota, gpus, list(host) or "none", order)
     progress.current().begin(len(to_train), parallel)
     try:
         _train_all(to_train, ctx, parallel, logger)
@@ -275,6 +262,30 @@ def sweep(config: SweepConfig) -> dict[str, Any]:
         beat.stop()
     return finish_sweep(client, config, name, sweep_id, experiment_id, parent_run_id, tracking_uri, provenance,
                         trials, reused)
+
+
+def _dispatch(client: MlflowClient, experiment_id: str, inputs: SweepInputs, versions: dict[str, str],
+              to_train: list[PlannedTrial], parallel: int
+              ) -> tuple[list[PlannedTrial], list[plan.Estimate], str]:
+    """The trials in the order to start them, their estimates, and that order's description.
+
+    The order only matters when trials wait for a slot; only then is the duration history read.
+    """
+    waits = len(to_train) > parallel
+    history = plan.duration_history(client, experiment_id, versions["hpsweep.spec_hash"]) if waits \
+        else plan.DurationHistory()
+    estimates = plan.estimate_durations(to_train, inputs.spec.expected_duration_s, history)
+    if not waits:
+        return to_train, estimates, f"{plan.FILE_ORDER} (every trial starts at once)"
+    ordered, ordered_est, order = plan.dispatch_order(to_train, estimates)
+    return ordered, ordered_est, plan.describe_order(order, ordered_est)
+
+
+def _flow_run_tag() -> dict[str, str]:
+    """The Prefect flow run of this sweep, so `hpsweep status` can ask Prefect for its state."""
+    from prefect.runtime import flow_run
+
+    return {"hpsweep.flow_run_id": str(flow_run.id)} if flow_run.id else {}
 
 
 def _launcher(config: SweepConfig, entry_module: str, sweep_id: str) -> TrialLauncher:
@@ -312,25 +323,61 @@ def reused_rows(trials: list[PlannedTrial], reused: dict[str, dict[str, Any]]) -
             for t in trials if t.key in reused]
 
 
+def sweep_meta(sweep_id: str, name: str, experiment_id: str, parent_run_id: str, tracking_uri: str,
+               provenance: dict[str, str], quota: int | str | None) -> dict[str, Any]:
+    """The report's header (leaderboard.json's top-level keys, but for the champion)."""
+    return {
+        "sweep_id": sweep_id, "name": name, "experiment_id": experiment_id, "parent_run_id": parent_run_id,
+        "tracking_uri": tracking.redact_uri(tracking_uri), "spec_hash": provenance.get("hpsweep.spec_hash"),
+        "data_version": provenance.get("hpsweep.data_version"), "git_commit": provenance.get("hpsweep.git_commit"),
+        "quota": int(quota) if quota is not None else None, "champion": None,
+    }
+
+
+def report_sweep(client: MlflowClient, meta: dict[str, Any], trials: list[PlannedTrial],
+                 reused: dict[str, dict[str, Any]], report_dir: Path, register: bool
+                 ) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, Path]]:
+    """Read a sweep's trials back from MLflow (the source of truth), rank them, write the report.
+
+    ``register``: point the model's ``champion`` alias at the best trial (the sweep does); else only
+    name the current champion when it is this sweep's best (`hpsweep report` changes nothing in MLflow).
+    Returns the ranked rows, the header written and every file written.
+    """
+    runs = tracking.sweep_runs(client, meta["experiment_id"], meta["sweep_id"]) + reused_rows(trials, reused)
+    rows = rank_rows(runs + never_started(trials, runs))
+    best = next((r for r in rows if r["f1"] is not None), None)
+    meta = {**meta, "champion": _champion(client, meta["name"], best, register)}
+    curves = learning_curves(client, rows)
+    paths = write_report(report_dir, meta, rows, curves=curves)
+    return rows, meta, paths
+
+
+def _champion(client: MlflowClient, name: str, best: dict[str, Any] | None, register: bool) -> str | None:
+    if best is None:
+        return None
+    if register:
+        if not tracking.has_model(client, best["run_id"]):
+            return None
+        version = tracking.register_champion(client, name, best["run_id"])
+    else:
+        try:
+            current = client.get_model_version_by_alias(name, tracking.CHAMPION_ALIAS)
+        except Exception:  # no registered model or no alias: nothing to name
+            return None
+        if current.run_id != best["run_id"]:
+            return None
+        version = current.version
+    return f"models:/{name}@{tracking.CHAMPION_ALIAS} (version {version}, run {best['run_id']})"
+
+
 def finish_sweep(client: MlflowClient, config: SweepConfig, name: str, sweep_id: str, experiment_id: str,
                  parent_run_id: str, tracking_uri: str, provenance: dict[str, str],
                  trials: list[PlannedTrial], reused: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Read the trials back from MLflow (the source of truth), rank, register, write the report."""
-    runs = tracking.sweep_runs(client, experiment_id, sweep_id) + reused_rows(trials, reused)
-    rows = rank_rows(runs + never_started(trials, runs))
-    champion = None
-    best = next((r for r in rows if r["f1"] is not None), None)
-    if best is not None and tracking.has_model(client, best["run_id"]):
-        version = tracking.register_champion(client, name, best["run_id"])
-        champion = f"models:/{name}@{tracking.CHAMPION_ALIAS} (version {version}, run {best['run_id']})"
-    sweep_meta = {
-        "sweep_id": sweep_id, "name": name, "experiment_id": experiment_id, "parent_run_id": parent_run_id,
-        "tracking_uri": tracking.redact_uri(tracking_uri), "spec_hash": provenance["hpsweep.spec_hash"],
-        "data_version": provenance["hpsweep.data_version"], "git_commit": provenance["hpsweep.git_commit"],
-        "quota": config.quota, "champion": champion,
-    }
+    """Report (read, rank, register, write), log the report to the parent run, close it, publish to Prefect."""
     report_dir = config.report_dir or Path("reports") / name
-    paths = write_report(report_dir, sweep_meta, rows)
+    meta = sweep_meta(sweep_id, name, experiment_id, parent_run_id, tracking_uri, provenance, config.quota)
+    rows, header, paths = report_sweep(client, meta, trials, reused, report_dir, register=True)
+    best = next((r for r in rows if r["f1"] is not None), None)
     for path in paths.values():
         client.log_artifact(parent_run_id, str(path), "report")
     c = counts(rows)
@@ -341,10 +388,10 @@ def finish_sweep(client: MlflowClient, config: SweepConfig, name: str, sweep_id:
     client.set_terminated(parent_run_id, "FINISHED" if c["failed"] == 0 else "FAILED")
 
     artifact_key = "".join(ch if ch.isalnum() else "-" for ch in name.lower()).strip("-") or "sweep"
-    create_markdown_artifact(render_markdown(sweep_meta, rows), key=f"{artifact_key}-leaderboard",
+    create_markdown_artifact(render_markdown(header, rows), key=f"{artifact_key}-leaderboard",
                              description=f"Leaderboard of sweep {sweep_id}")
     create_table_artifact([{"rank": r["rank"], **r["hparams"], "f1": r["f1"], "status": r["status"],
                             "attempts": r["attempts"], "reason": r.get("reason", "")} for r in rows],
                           key=f"{artifact_key}-table", description=f"Trials of sweep {sweep_id}")
-    return {**sweep_meta, "counts": c, "report_dir": str(report_dir),
+    return {**header, "counts": c, "report_dir": str(report_dir),
             "top": rows[:3], "report_files": {k: str(v) for k, v in paths.items()}}

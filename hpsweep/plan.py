@@ -1,0 +1,277 @@
+"""Know before you spend: which trials a sweep will train, how long each should take, the
+GPU-hours, the makespan under the quota and the cost; and the order to start them in.
+
+Pure functions over plain data, shared by `hpsweep plan` (which starts nothing) and the `sweep`
+flow (which starts the longest trials first when it can predict them). The only reads are
+``reusable_runs`` and ``duration_history``: two bounded MLflow queries through the client given.
+
+Where a trial's duration estimate comes from, best first:
+
+- ``measured``: a FINISHED trial of the same experiment with the same hparams under the same
+  spec (its ``hpsweep.duration_s``, the newest one);
+- ``spec``: the spec's ``expected_duration_s``;
+- ``median``: the median duration of the experiment's finished trials (those under the same spec
+  when there are any, else all of them; the newest ``HISTORY_LIMIT``);
+- ``unknown``: nothing to go on (no estimate, file order, no GPU-hours or cost).
+"""
+
+from __future__ import annotations
+
+import heapq
+import statistics
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from hpsweep.inputs import Hparams, SweepInputs, canonical_json
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
+
+# Assumed list prices (docs/design.md §2: g5.xlarge, us-east-1); pass your own on the command line.
+DEFAULT_PRICE_PER_GPU_HOUR = 1.006
+DEFAULT_SPOT_PRICE_PER_GPU_HOUR = 0.40
+HISTORY_LIMIT = 1000  # finished trials read for estimates: planning never reads a whole history
+
+TAG_DISPATCH = "hpsweep.dispatch_order"  # on the parent run: how the sweep ordered its trials
+LONGEST_FIRST, FILE_ORDER = "longest first", "file order"
+
+Source = Literal["measured", "spec", "median", "unknown"]
+
+
+@dataclass(frozen=True)
+class PlannedTrial:
+    index: int  # 1-based position in the combinations file
+    hparams: Hparams
+    key: str
+
+
+@dataclass(frozen=True)
+class Estimate:
+    seconds: float | None
+    source: Source
+
+
+@dataclass(frozen=True)
+class DurationHistory:
+    """Measured durations of earlier trials of the experiment, newest first: (hparams, seconds)."""
+
+    same_spec: tuple[tuple[Hparams, float], ...] = ()  # trained under this spec hash
+    other: tuple[tuple[Hparams, float], ...] = ()  # any spec; read only when same_spec is empty
+
+
+@dataclass(frozen=True)
+class Prices:
+    on_demand: float = DEFAULT_PRICE_PER_GPU_HOUR  # $ per GPU-hour
+    spot: float = DEFAULT_SPOT_PRICE_PER_GPU_HOUR
+
+
+def plan_trials(inputs: SweepInputs) -> tuple[list[PlannedTrial], dict[str, str]]:
+    """A trial key per combination, plus the versions it was derived from (provenance tags)."""
+    from hpsweep.versions import code_version, data_version, spec_hash, trial_key
+
+    versions = {
+        "hpsweep.spec_hash": spec_hash(inputs.spec),
+        "hpsweep.data_version": f"{data_version(inputs.train)}/{data_version(inputs.val)}",
+        "hpsweep.code_version": code_version(inputs.spec),
+    }
+    trials = [
+        PlannedTrial(i, hp, trial_key(hp, versions["hpsweep.spec_hash"], versions["hpsweep.data_version"],
+                                      versions["hpsweep.code_version"]))
+        for i, hp in enumerate(inputs.combinations, start=1)
+    ]
+    return trials, versions
+
+
+def trials_to_train(trials: list[PlannedTrial], reused: dict[str, dict[str, Any]]) -> list[PlannedTrial]:
+    """Every trial without a reusable FINISHED run, in file order."""
+    return [t for t in trials if t.key not in reused]
+
+
+# ---------------------------------------------------------------- estimates and order
+
+
+def estimate_durations(trials: list[PlannedTrial], spec_duration_s: float | None,
+                       history: DurationHistory) -> list[Estimate]:
+    """One estimate per trial (see the module docstring for the order of sources)."""
+    measured: dict[str, float] = {}
+    for hparams, seconds in history.same_spec:
+        measured.setdefault(canonical_json(hparams), seconds)  # newest first: the first one wins
+    pool = [s for _, s in history.same_spec] or [s for _, s in history.other]
+    median = statistics.median(pool) if pool else None
+    out = []
+    for t in trials:
+        seconds = measured.get(canonical_json(t.hparams))
+        if seconds is not None:
+            out.append(Estimate(seconds, "measured"))
+        elif spec_duration_s is not None:
+            out.append(Estimate(float(spec_duration_s), "spec"))
+        elif median is not None:
+            out.append(Estimate(median, "median"))
+        else:
+            out.append(Estimate(None, "unknown"))
+    return out
+
+
+def dispatch_order(trials: list[PlannedTrial], estimates: list[Estimate]
+                   ) -> tuple[list[PlannedTrial], list[Estimate], str]:
+    """Longest first when every trial has an estimate (a shorter makespan under a quota: the long
+    ones do not end up alone at the tail); file order otherwise. Ties keep file order."""
+    if not trials or any(e.seconds is None for e in estimates):
+        return list(trials), list(estimates), FILE_ORDER
+    if len({e.seconds for e in estimates}) == 1:
+        return list(trials), list(estimates), FILE_ORDER  # all equal: longest first is file order
+    pairs = sorted(zip(trials, estimates), key=lambda p: -(p[1].seconds or 0.0))  # stable
+    return [t for t, _ in pairs], [e for _, e in pairs], LONGEST_FIRST
+
+
+def describe_order(order: str, estimates: list[Estimate]) -> str:
+    """The dispatch order and where its durations came from, e.g. 'longest first (3 measured, 2 median)'."""
+    sources = source_counts(estimates)
+    detail = ", ".join(f"{n} {s}" for s, n in sources.items() if n)
+    return f"{order} ({detail})" if detail else order
+
+
+def source_counts(estimates: list[Estimate]) -> dict[str, int]:
+    out = {"measured": 0, "spec": 0, "median": 0, "unknown": 0}
+    for e in estimates:
+        out[e.source] += 1
+    return out
+
+
+def list_schedule(durations: list[float], slots: int, busy: list[float] = ()) -> float:  # type: ignore[assignment]
+    """Makespan of starting ``durations`` in the given order, each on the first free slot.
+
+    ``busy``: seconds until each already-occupied slot frees up (running trials; status's ETA).
+    Greedy list scheduling, exactly what the GPU workers do with their queue.
+    """
+    if slots < 1:
+        raise ValueError(f"slots must be at least 1, got {slots}")
+    free = sorted(list(busy)[:slots]) + [0.0] * max(0, slots - len(busy))
+    heapq.heapify(free)
+    for d in durations:
+        heapq.heappush(free, heapq.heappop(free) + d)
+    return max(free) if free else 0.0
+
+
+def slots_for(quota: int, gpus_per_trial: int, host: tuple[int, ...] = ()) -> int:
+    """Trials that can run at once: floor(quota / gpus), fewer if this host has fewer GPUs."""
+    cap = quota // gpus_per_trial
+    if host:
+        cap = min(cap, len(host) // gpus_per_trial)
+    return max(1, cap)
+
+
+# ---------------------------------------------------------------- the plan
+
+
+def make_plan(trials: list[PlannedTrial], reused: dict[str, dict[str, Any]], estimates: list[Estimate],
+              slots: int, gpus_per_trial: int, prices: Prices) -> dict[str, Any]:
+    """The plan as plain JSON-able data. ``estimates`` are for ``trials_to_train(trials, reused)``."""
+    to_train = trials_to_train(trials, reused)
+    if len(estimates) != len(to_train):
+        raise ValueError(f"{len(estimates)} estimates for {len(to_train)} trials to train")
+    ordered, ordered_est, order = dispatch_order(to_train, estimates)
+    known = all(e.seconds is not None for e in estimates)
+    seconds = [e.seconds or 0.0 for e in estimates]
+    gpu_hours = sum(seconds) * gpus_per_trial / 3600 if known else None
+    saved = [r.get("duration_s") for r in reused.values()]
+    est_by_index = {t.index: e for t, e in zip(to_train, estimates)}
+    position = {t.index: i for i, t in enumerate(ordered, start=1)}
+    return {
+        "trials": len(trials),
+        "reused": len(trials) - len(to_train),
+        "to_train": len(to_train),
+        "slots": slots,
+        "gpus_per_trial": gpus_per_trial,
+        "duration_sources": source_counts(estimates),
+        "gpu_hours": gpu_hours,
+        "reuse_saves_gpu_hours": (sum(saved) * gpus_per_trial / 3600
+                                  if saved and all(s is not None for s in saved) else None),
+        "makespan_s": list_schedule([e.seconds or 0.0 for e in ordered_est], slots) if known else None,
+        "makespan_file_order_s": list_schedule(seconds, slots) if known else None,
+        "lower_bound_s": max(sum(seconds) / slots, max(seconds, default=0.0)) if known else None,
+        "cost": {
+            "price_per_gpu_hour": prices.on_demand,
+            "spot_price_per_gpu_hour": prices.spot,
+            "on_demand": gpu_hours * prices.on_demand if gpu_hours is not None else None,
+            "spot": gpu_hours * prices.spot if gpu_hours is not None else None,
+        },
+        "dispatch_order": order,
+        "rows": [
+            {"index": t.index, "hparams": t.hparams, "key": t.key,
+             "reused_run_id": reused[t.key]["run_id"] if t.key in reused else None,
+             "expected_duration_s": est_by_index[t.index].seconds if t.index in est_by_index else None,
+             "duration_source": est_by_index[t.index].source if t.index in est_by_index else None,
+             "dispatch_position": position.get(t.index)}
+            for t in trials
+        ],
+    }
+
+
+def human_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "unknown"
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def render_plan(plan: dict[str, Any], name: str, quota: int, host: tuple[int, ...], launcher: str) -> str:
+    """The terminal view of ``make_plan``'s output."""
+    src = plan["duration_sources"]
+    labels = {"measured": "measured (same hparams, same spec)", "spec": "from the spec's expected_duration_s",
+              "median": "median of earlier trials", "unknown": "unknown"}
+    lines = [f"plan for sweep {name} (nothing has been started)",
+             f"  trials      {plan['trials']} combinations: {plan['to_train']} to train, {plan['reused']} "
+             "reused (a FINISHED run with the same trial key)"]
+    if plan["to_train"]:
+        lines.append("  durations   " + ", ".join(f"{n} {labels[s]}" for s, n in src.items() if n))
+        known = [r["expected_duration_s"] for r in plan["rows"] if r["expected_duration_s"] is not None]
+        if known:
+            lines.append(f"  per trial   min {human_duration(min(known))}, median "
+                         f"{human_duration(statistics.median(known))}, max {human_duration(max(known))}")
+    where = (f"host GPUs: {','.join(map(str, host))}" if host else "CPU host") if launcher == "local" \
+        else "on the work pool"
+    lines.append(f"  slots       {plan['slots']} trial(s) at once (quota {quota} / {plan['gpus_per_trial']} "
+                 f"GPU(s) per trial; {where})")
+    if plan["to_train"] and plan["gpu_hours"] is None:
+        lines.append("  GPU-hours   unknown: set expected_duration_s in the spec, or run some trials of this "
+                     "experiment first")
+    elif plan["to_train"]:
+        saved = plan["reuse_saves_gpu_hours"]
+        lines.append(f"  GPU-hours   {plan['gpu_hours']:.2f}" + (f" (reuse saves {saved:.2f})" if saved else ""))
+        lines.append(f"  makespan    {human_duration(plan['makespan_s'])} {plan['dispatch_order']} "
+                     f"(file order: {human_duration(plan['makespan_file_order_s'])}; lower bound "
+                     f"{human_duration(plan['lower_bound_s'])}), plus start-up")
+        c = plan["cost"]
+        lines.append(f"  cost        ${c['on_demand']:,.2f} on demand at ${c['price_per_gpu_hour']:.3f}/GPU-h, "
+                     f"${c['spot']:,.2f} on spot at ${c['spot_price_per_gpu_hour']:.3f}/GPU-h")
+    lines.append(f"  dispatch    {plan['dispatch_order']}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- the two reads
+
+
+def reusable_runs(client: "MlflowClient", experiment_id: str | None, trials: list[PlannedTrial],
+                  versions: dict[str, str], retrain: bool) -> dict[str, dict[str, Any]]:
+    """Trial key → the FINISHED run the sweep will reuse instead of training (none with --retrain)."""
+    from hpsweep import tracking
+
+    if retrain or experiment_id is None:
+        return {}
+    return tracking.finished_runs_by_key(client, experiment_id, {t.key for t in trials}, versions)
+
+
+def duration_history(client: "MlflowClient", experiment_id: str | None, spec_hash: str) -> DurationHistory:
+    """The newest finished trials' durations: under this spec first, any spec only when there are none."""
+    from hpsweep import tracking
+
+    if experiment_id is None:
+        return DurationHistory()
+    same = tracking.finished_trial_durations(client, experiment_id, spec_hash, HISTORY_LIMIT)
+    if same:
+        return DurationHistory(tuple(same))
+    return DurationHistory((), tuple(tracking.finished_trial_durations(client, experiment_id, None, HISTORY_LIMIT)))
