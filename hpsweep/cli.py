@@ -9,9 +9,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import Any
@@ -21,9 +23,10 @@ from rich.logging import RichHandler
 from rich.markup import escape
 from rich.table import Table
 
-from hpsweep.config import SweepConfig, build_config
+from hpsweep.config import SweepConfig, build_config, read_params
 from hpsweep.gpus import host_gpus
-from hpsweep.inputs import SweepInputError, SweepInputs, load_inputs
+from hpsweep.inputs import Problem, SweepInputError, SweepInputs, load_inputs
+from hpsweep.plan import DEFAULT_PRICE_PER_GPU_HOUR, DEFAULT_SPOT_PRICE_PER_GPU_HOUR
 from hpsweep.progress import ProgressSink
 
 EXIT_OK, EXIT_TRIALS_FAILED, EXIT_INVALID_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
@@ -58,6 +61,34 @@ def build_parser() -> argparse.ArgumentParser:
     _run_flags(run)
     demo = sub.add_parser("demo", help="prepare the digits data (if missing) and run the demo sweep from params.yaml")
     _run_flags(demo)
+    plan = sub.add_parser("plan", help="what `run` would do and cost, without starting anything",
+                          description="Validate like `run` (same flags, same errors, exit 2), then show how many "
+                          "trials would train and how many are reused, the GPU-hours, the makespan under the quota "
+                          "(longest first) and the cost on demand and on spot. Durations come from earlier trials "
+                          "of the same experiment (same hparams and spec: measured; else their median) or the "
+                          "spec's expected_duration_s. Starts no trial and writes nothing.",
+                          epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _run_flags(plan)
+    plan.add_argument("--price-per-gpu-hour", type=float, default=DEFAULT_PRICE_PER_GPU_HOUR, dest="price",
+                      help="on-demand $ per GPU-hour (default: %(default)s, a g5.xlarge's assumed list price)")
+    plan.add_argument("--spot-price-per-gpu-hour", type=float, default=DEFAULT_SPOT_PRICE_PER_GPU_HOUR,
+                      dest="spot_price", help="spot $ per GPU-hour (default: %(default)s)")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON (for machines)")
+    for command, text in (("status", "what a sweep is doing: running, queued, done, failed, ETA (from MLflow, "
+                                     "and Prefect when PREFECT_API_URL is set)"),
+                          ("report", "write the report of a past (or running) sweep again, from MLflow")):
+        cmd = sub.add_parser(command, help=text, description=text[0].upper() + text[1:] + ".")
+        cmd.add_argument("sweep", nargs="?", default=None, metavar="SWEEP",
+                         help="a sweep name (its latest execution) or a sweep id (default: params.yaml's sweep.name)")
+        cmd.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: params.yaml's "
+                         "sweep.tracking_uri, else $MLFLOW_TRACKING_URI, else ./mlflow.db)")
+        cmd.add_argument("--params", type=Path, default=Path("params.yaml"),
+                         help="YAML whose `sweep:` section gives the defaults (default: %(default)s)")
+        if command == "report":
+            cmd.add_argument("--report-dir", type=Path, default=None, help="where to write it (default: "
+                             "params.yaml's sweep.report_dir for its sweep, else reports/<name>)")
+        else:
+            cmd.add_argument("--json", action="store_true", help="print the status as JSON (for machines)")
     prep = sub.add_parser("prepare", help="write the demo's train/validation split (scikit-learn digits)")
     prep.add_argument("--out", type=Path, default=DEMO_DATA, help="output folder (default: %(default)s)")
     return parser
@@ -151,6 +182,124 @@ def _run(args: argparse.Namespace) -> int:
     return EXIT_OK if result["counts"]["failed"] == 0 else EXIT_TRIALS_FAILED
 
 
+def _plan(args: argparse.Namespace) -> int:
+    started = time.monotonic()
+    try:
+        config, inputs = _validated(args)
+        bad = [Problem(f"--{flag}", f"must be at least 0, got {value}") for flag, value in
+               (("price-per-gpu-hour", args.price), ("spot-price-per-gpu-hour", args.spot_price)) if value < 0]
+        if bad:
+            raise SweepInputError(bad)
+    except SweepInputError as e:
+        return _input_errors(e)
+    from hpsweep import plan
+    from hpsweep.status import SweepNotFound, existing_tracking_uri
+
+    trials, versions = plan.plan_trials(inputs)
+    name = config.name or inputs.spec.name or config.spec.stem
+    reused: dict[str, dict[str, Any]] = {}
+    history = plan.DurationHistory()
+    try:
+        uri = existing_tracking_uri(config.tracking_uri)
+    except SweepNotFound:
+        uri = None  # no store yet: nothing to reuse or learn from (and none is created)
+    if uri is not None:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(uri)
+        exp = client.get_experiment_by_name(name)
+        exp_id = exp.experiment_id if exp is not None else None
+        reused = plan.reusable_runs(client, exp_id, trials, versions, config.retrain)
+        history = plan.duration_history(client, exp_id, versions["hpsweep.spec_hash"])
+    to_train = plan.trials_to_train(trials, reused)
+    estimates = plan.estimate_durations(to_train, inputs.spec.expected_duration_s, history)
+    host = host_gpus() if config.launcher == "local" else ()
+    gpus = inputs.spec.resources.gpus
+    result = plan.make_plan(trials, reused, estimates, plan.slots_for(config.quota, gpus, host), gpus,
+                            plan.Prices(args.price, args.spot_price))
+    result = {"name": name, "quota": config.quota, "launcher": config.launcher, "host_gpus": list(host),
+              "planning_s": round(time.monotonic() - started, 3), **result}
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        Console(highlight=False).print(escape(plan.render_plan(result, name, config.quota, host, config.launcher)),
+                                       soft_wrap=True)
+    return EXIT_OK
+
+
+def _open_sweep(args: argparse.Namespace):
+    """The MLflow client and the sweep SWEEP names (default: params.yaml's sweep name)."""
+    from mlflow.tracking import MlflowClient
+
+    from hpsweep.status import SweepNotFound, existing_tracking_uri, find_sweep
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # plan.json is one small file
+    params = read_params(args.params)
+    sweep = args.sweep or params.get("name")
+    if not sweep:
+        raise SweepNotFound(f"give a sweep name or id ({args.params} has no sweep.name)")
+    client = MlflowClient(existing_tracking_uri(args.tracking_uri or params.get("tracking_uri")))
+    return client, find_sweep(client, sweep), params
+
+
+def _status(args: argparse.Namespace) -> int:
+    from hpsweep import tracking
+    from hpsweep.process import ZOMBIE_AFTER_S
+    from hpsweep.status import SweepNotFound, load_plan, prefect_state, render, summarize
+
+    try:
+        client, record, _ = _open_sweep(args)
+    except (SweepNotFound, SweepInputError) as e:
+        return _not_found(e)
+    runs = tracking.sweep_runs(client, record.experiment_id, record.sweep_id)
+    prefect = prefect_state(record.tags.get("hpsweep.flow_run_id")) if record.parent_status == "RUNNING" else None
+    status = summarize(record, load_plan(client, record.parent_run_id), runs, time.time(), ZOMBIE_AFTER_S, prefect)
+    if args.json:
+        print(json.dumps(status, indent=1, default=str))
+    else:
+        Console(highlight=False).print(escape(render(status)), soft_wrap=True)
+    return EXIT_OK
+
+
+def _report(args: argparse.Namespace) -> int:
+    from hpsweep import tracking
+    from hpsweep.plan import PlannedTrial
+    from hpsweep.status import SweepNotFound, load_plan
+
+    try:
+        client, record, params = _open_sweep(args)
+    except (SweepNotFound, SweepInputError) as e:
+        return _not_found(e)
+    from flows.sweep import report_sweep, sweep_meta
+
+    plan_rows = load_plan(client, record.parent_run_id) or []  # an older sweep: its runs alone
+    trials = [PlannedTrial(p["index"], p["hparams"], p["key"]) for p in plan_rows]
+    reused_ids = {p["key"]: p["reused_run_id"] for p in plan_rows if p.get("reused_run_id")}
+    found = tracking.runs_by_id(client, record.experiment_id, list(reused_ids.values()))
+    reused = {key: found[run_id] for key, run_id in reused_ids.items() if run_id in found}
+    report_dir = args.report_dir or (Path(params["report_dir"]) if params.get("report_dir")
+                                     and params.get("name") == record.name else Path("reports") / record.name)
+    meta = sweep_meta(record.sweep_id, record.name, record.experiment_id, record.parent_run_id,
+                      client.tracking_uri, record.tags, record.tags.get("hpsweep.quota"))
+    rows, header, paths = report_sweep(client, meta, trials, reused, report_dir, register=False)
+    if record.parent_status == "RUNNING":
+        console.print(f"note: sweep {record.sweep_id} is still running: trials not yet ended are listed as failed")
+    from hpsweep.report import counts
+
+    uri = header["tracking_uri"]
+    _print_summary({**header, "counts": counts(rows), "report_dir": str(report_dir), "top": rows[:3],
+                    "tracking_uri": uri})
+    Console().print("wrote " + ", ".join(str(p) for p in paths.values()), highlight=False, soft_wrap=True)
+    return EXIT_OK
+
+
+def _not_found(e: Exception) -> int:
+    problems = e.problems if isinstance(e, SweepInputError) else [str(e)]
+    for problem in problems:
+        console.print(f"[red]error:[/red] {escape(str(problem))}", highlight=False, soft_wrap=True)
+    return EXIT_INVALID_INPUT
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -160,6 +309,9 @@ def main(argv: list[str] | None = None) -> int:
             train, val = prepare(args.out)
             console.print(f"wrote {train} and {val}")
             return EXIT_OK
+        commands = {"plan": _plan, "status": _status, "report": _report}
+        if args.command in commands:
+            return commands[args.command](args)
         if args.command == "demo":
             if not (DEMO_DATA / "train.csv").exists() or not (DEMO_DATA / "val.csv").exists():
                 from trainer.prepare import prepare

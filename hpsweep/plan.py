@@ -241,15 +241,23 @@ def render_plan(plan: dict[str, Any], name: str, quota: int, host: tuple[int, ..
                      "experiment first")
     elif plan["to_train"]:
         saved = plan["reuse_saves_gpu_hours"]
-        lines.append(f"  GPU-hours   {plan['gpu_hours']:.2f}" + (f" (reuse saves {saved:.2f})" if saved else ""))
+        lines.append(f"  GPU-hours   {_amount(plan['gpu_hours'])}" + (f" (reuse saves {_amount(saved)})" if saved else ""))
         lines.append(f"  makespan    {human_duration(plan['makespan_s'])} {plan['dispatch_order']} "
                      f"(file order: {human_duration(plan['makespan_file_order_s'])}; lower bound "
                      f"{human_duration(plan['lower_bound_s'])}), plus start-up")
         c = plan["cost"]
-        lines.append(f"  cost        ${c['on_demand']:,.2f} on demand at ${c['price_per_gpu_hour']:.3f}/GPU-h, "
-                     f"${c['spot']:,.2f} on spot at ${c['spot_price_per_gpu_hour']:.3f}/GPU-h")
+        lines.append(f"  cost        ${_amount(c['on_demand'])} on demand at ${c['price_per_gpu_hour']:g}/GPU-h, "
+                     f"${_amount(c['spot'])} on spot at ${c['spot_price_per_gpu_hour']:g}/GPU-h (spot: before "
+                     "rework after interruptions)")
+    if not plan["to_train"]:
+        lines.append("  GPU-hours   0: every trial is reused (--retrain trains them again)")
     lines.append(f"  dispatch    {plan['dispatch_order']}")
     return "\n".join(lines)
+
+
+def _amount(x: float) -> str:
+    """Two decimals, but never 0.00 for a small non-zero amount (a short sweep still costs something)."""
+    return f"{x:,.2f}" if x >= 1 or x == 0 else f"{x:.2g}"
 
 
 # ---------------------------------------------------------------- the two reads
