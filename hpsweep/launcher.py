@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from mlflow.entities import RunTag
 from mlflow.tracking import MlflowClient
 
 from hpsweep import tracking
@@ -87,13 +88,15 @@ def execute_trial(job: TrialJob, gpu_ids: tuple[int, ...], runner: ProcessRunner
                 job.trial_key, job.attempt,
                 tags={**job.versions, "hpsweep.gpus": ",".join(map(str, gpu_ids)) or "cpu"},
             ), TRACKING_PATIENCE_S, "creating the trial's run")
-        train, val, source = trial_data(job)  # may fetch from the DVC remote: after the run exists, so it shows
-        retry(lambda: client.set_tag(run_id, "hpsweep.data_source", source), TRACKING_PATIENCE_S, "tagging the run")
+        data = trial_data(job)  # may fetch from the DVC remote: after the run exists, so it shows
+        retry(lambda: client.log_batch(run_id, tags=[
+            RunTag("hpsweep.data_source", data.source), RunTag("hpsweep.data_fetched_bytes", str(data.fetched_bytes))]),
+            TRACKING_PATIENCE_S, "tagging the run")
         trial_dir = Path(job.work_dir) / "trials" / job.trial_key
         trial_dir.mkdir(parents=True, exist_ok=True)
         request = TrialRequest(
             run_id=run_id, tracking_uri=job.tracking_uri, hparams=job.hparams, settings=dict(job.settings),
-            train=str(train), val=str(val),
+            train=str(data.train), val=str(data.val),
             trial_dir=str(trial_dir.resolve()), cwd=job.cwd, entrypoint=job.entrypoint, command=job.command,
             gpu_ids=gpu_ids, experiment_id=job.experiment_id, trial_key=job.trial_key,
             checkpoint_sync_s=CHECKPOINT_SYNC_S, orchestrator=tracking.owner_id(),
@@ -109,8 +112,16 @@ def execute_trial(job: TrialJob, gpu_ids: tuple[int, ...], runner: ProcessRunner
     return TrialResult(run_id, outcome)
 
 
-def trial_data(job: TrialJob, environ: dict[str, str] | None = None) -> tuple[Path, Path, str]:
-    """The train and validation paths this host reads, and where they came from ("local" or "cache").
+@dataclass(frozen=True)
+class TrialData:
+    train: Path
+    val: Path
+    source: str  # "local": the sweep's own files; "cache": this host's data cache
+    fetched_bytes: int = 0  # what this trial downloaded from the DVC remote (0 on a cache hit)
+
+
+def trial_data(job: TrialJob, environ: dict[str, str] | None = None) -> TrialData:
+    """The train and validation files this host reads, and where they came from.
 
     The sweep's own paths when this host has them (the embedded default, a shared disk);
     otherwise, or always with HPSWEEP_STAGE_DATA=always, this host's data cache, filled from
@@ -120,14 +131,14 @@ def trial_data(job: TrialJob, environ: dict[str, str] | None = None) -> tuple[Pa
     always = env.get("HPSWEEP_STAGE_DATA", "auto") == "always"
     paths = {name: Path(getattr(job, name)) for name in ("train", "val")}
     if not always and all(p.exists() for p in paths.values()):
-        return paths["train"].resolve(), paths["val"].resolve(), "local"
+        return TrialData(paths["train"].resolve(), paths["val"].resolve(), "local")
     missing = [name for name in paths if name not in job.data]
     if missing:
         raise FileNotFoundError(f"{', '.join(str(paths[m]) for m in missing)} not on this host, and the sweep "
                                 "sent no DVC reference for it: track the data with DVC and push it to a remote")
     cache = DataCache.from_env(env)
     staged = {name: cache.stage(DataRef.from_dict(job.data[name])) for name in paths}
-    return staged["train"], staged["val"], "cache"
+    return TrialData(staged["train"], staged["val"], "cache", cache.stats.bytes_fetched)
 
 
 class LocalLauncher:

@@ -150,14 +150,16 @@ def test_a_host_without_the_files_stages_them(tmp_path: Path, s3_endpoint):
     job = _job("/elsewhere/data/train.csv", "/elsewhere/data/val.csv",
                {"train": train.as_dict(), "val": val.as_dict()})
     env = {"HPSWEEP_DATA_CACHE": str(tmp_path / "cache")}
-    got_train, got_val, source = trial_data(job, env)
-    assert (got_train.read_bytes(), got_val.read_bytes(), source) == (b"train bytes\n", b"val bytes\n", "cache")
+    got = trial_data(job, env)
+    assert (got.train.read_bytes(), got.val.read_bytes(), got.source, got.fetched_bytes) == \
+        (b"train bytes\n", b"val bytes\n", "cache", len(b"train bytes\n") + len(b"val bytes\n"))
+    assert trial_data(job, env).fetched_bytes == 0  # the next trial on this host: a cache hit
 
     local = tmp_path / "train.csv"
     local.write_bytes(b"train bytes\n")
     here = _job(str(local), str(local), {"train": train.as_dict(), "val": val.as_dict()})
-    assert trial_data(here, env)[2] == "local"  # this host has the files: no staging
-    assert trial_data(here, {**env, "HPSWEEP_STAGE_DATA": "always"})[2] == "cache"
+    assert trial_data(here, env).source == "local"  # this host has the files: no staging
+    assert trial_data(here, {**env, "HPSWEEP_STAGE_DATA": "always"}).source == "cache"
 
     with pytest.raises(FileNotFoundError, match="track the data with DVC"):
         trial_data(_job("/elsewhere/train.csv", "/elsewhere/val.csv", {}), env)
