@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -20,7 +20,7 @@ from mlflow.entities import RunTag
 from mlflow.tracking import MlflowClient
 
 from hpsweep import tracking
-from hpsweep.datacache import DataCache, DataRef
+from hpsweep.datacache import DataCache, DataRef, Remote
 from hpsweep.outcome import TrialOutcome
 from hpsweep.process import CHECKPOINT_SYNC_S, ProcessRunner
 from trainer.durable import retry
@@ -125,7 +125,8 @@ def trial_data(job: TrialJob, environ: dict[str, str] | None = None) -> TrialDat
 
     The sweep's own paths when this host has them (the embedded default, a shared disk);
     otherwise, or always with HPSWEEP_STAGE_DATA=always, this host's data cache, filled from
-    the DVC remote once per host (hpsweep.datacache). Staging errors are machine failures.
+    the DVC remote once per host (hpsweep.datacache): the sweep's default remote, or this
+    host's HPSWEEP_DATA_REMOTE when set. Staging errors are machine failures.
     """
     env = os.environ if environ is None else environ
     always = env.get("HPSWEEP_STAGE_DATA", "auto") == "always"
@@ -137,7 +138,11 @@ def trial_data(job: TrialJob, environ: dict[str, str] | None = None) -> TrialDat
         raise FileNotFoundError(f"{', '.join(str(paths[m]) for m in missing)} not on this host, and the sweep "
                                 "sent no DVC reference for it: track the data with DVC and push it to a remote")
     cache = DataCache.from_env(env)
-    staged = {name: cache.stage(DataRef.from_dict(job.data[name])) for name in paths}
+    refs = {name: DataRef.from_dict(job.data[name]) for name in paths}
+    if env.get("HPSWEEP_DATA_REMOTE"):  # this host's way to the same DVC objects (e.g. the ECS job template's)
+        remote = Remote(env["HPSWEEP_DATA_REMOTE"], env.get("AWS_ENDPOINT_URL_S3"))
+        refs = {name: replace(ref, remote=remote) for name, ref in refs.items()}
+    staged = {name: cache.stage(ref) for name, ref in refs.items()}
     return TrialData(staged["train"], staged["val"], "cache", cache.stats.bytes_fetched)
 
 
