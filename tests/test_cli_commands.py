@@ -1,0 +1,52 @@
+"""`hpsweep report`: the report of any past sweep, written again from MLflow alone, is the one the
+sweep wrote (same files, same ranking), by sweep name (latest execution) or by sweep id."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from tests.conftest import Project
+from tests.test_sweep_e2e import SLEEPY_SPEC, leaderboard, run_sweep
+
+pytestmark = pytest.mark.slow
+
+
+def files(folder) -> set[str]:
+    return {p.name for p in folder.iterdir()}
+
+
+def test_report_regenerates_a_past_sweep(served_project: Project):
+    project = served_project
+    combos = [{"f1": f, "mode": "ok"} for f in (0.61, 0.93, 0.72)] + [{"f1": 0.99, "mode": "raise"}]
+    spec = SLEEPY_SPEC.format(name="again", sleep_s=0.1, gpus=1)
+    assert run_sweep(project, combos, spec, 2).returncode == 1  # one trial fails: still a report
+    report_dir = project.root / "reports" / "again"
+    first = leaderboard(project, "again")
+    written = files(report_dir)
+    assert {"leaderboard.md", "leaderboard.csv", "leaderboard.json", "f1_by_combination.png"} <= written
+    shutil.rmtree(report_dir)
+
+    result = project.hpsweep("report", "again")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert files(report_dir) == written
+    assert leaderboard(project, "again") == first  # same header, same rows, same ranking
+    assert "0.9300" in result.stdout and "leaderboard.md" in result.stdout
+
+    # A rerun reuses everything that finished; the first sweep's report is still there by its id.
+    assert run_sweep(project, combos, spec, 2).returncode == 1
+    latest = leaderboard(project, "again")
+    assert latest["sweep_id"] != first["sweep_id"]
+    assert [r["status"] for r in latest["rows"]] == ["REUSED"] * 3 + ["FAILED"]
+    result = project.hpsweep("report", first["sweep_id"], "--report-dir", "old")
+    assert result.returncode == 0, result.stdout + result.stderr
+    old = json.loads((project.root / "old" / "leaderboard.json").read_text())
+    assert {k: v for k, v in old.items() if k != "champion"} == {k: v for k, v in first.items() if k != "champion"}
+    assert [(r["rank"], r["run_id"], r["f1"]) for r in old["rows"]] == [
+        (r["rank"], r["run_id"], r["f1"]) for r in first["rows"]]
+    # And by name, the latest execution: the reused rows keep their original runs and F1s.
+    shutil.rmtree(report_dir)
+    assert project.hpsweep("report", "again").returncode == 0
+    assert leaderboard(project, "again") == latest
