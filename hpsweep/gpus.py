@@ -2,61 +2,182 @@
 
 The quota (how many GPUs the organisation may use at once) is a Prefect concurrency
 limit; this module only answers "which physical GPU does this trial get", so no GPU is
-ever handed to two running trials.
+ever handed to two running trials: not within one sweep (a lock-protected free list) and
+not across sweeps or pool workers sharing the host (one ``flock`` per GPU).
+
+GPU ids are NVML's numbering (nvidia-smi's, PCI bus order); trial processes get
+``CUDA_DEVICE_ORDER=PCI_BUS_ID`` so CUDA numbers them the same way.
 """
 
 from __future__ import annotations
 
+import fcntl
+import logging
 import os
+import tempfile
 import threading
+import time
+from pathlib import Path
+
+log = logging.getLogger("hpsweep")
+
+ENV_GPU_LOCK_DIR = "HPSWEEP_GPU_LOCK_DIR"  # where the per-GPU lock files live (default: a temp folder)
 
 
 def host_gpus(environ: dict[str, str] | None = None) -> tuple[int, ...]:
-    """The parent's CUDA_VISIBLE_DEVICES when set, else what NVML reports, else none (CPU trials)."""
+    """The parent's CUDA_VISIBLE_DEVICES when set, else what NVML reports, else none (CPU trials).
+
+    CUDA_VISIBLE_DEVICES is read as CUDA reads it: the list ends at the first entry that
+    is not a device (``-1`` is the usual "hide every GPU"); ``GPU-<uuid>`` entries are
+    turned into NVML indices.
+    """
     env = os.environ if environ is None else environ
     visible = env.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None:
-        return tuple(int(x) for x in visible.split(",") if x.strip() and x.strip().lstrip("-").isdigit()
-                     and int(x) >= 0)
+    if visible is None:
+        return tuple(range(_nvml_count()))
+    ids: list[int] = []
+    for token in (t.strip() for t in visible.split(",")):
+        index = int(token) if token.isdigit() else _nvml_index_of_uuid(token) if token.startswith("GPU-") else None
+        if index is None or index in ids:
+            if token:
+                log.warning("CUDA_VISIBLE_DEVICES=%s: stopping at %r, as CUDA does (host GPUs: %s)", visible,
+                            token, ids or "none")
+            break
+        ids.append(index)
+    return tuple(ids)
+
+
+def _nvml_count() -> int:
     try:
         import pynvml  # nvidia-ml-py; optional
 
         pynvml.nvmlInit()
         try:
-            return tuple(range(pynvml.nvmlDeviceGetCount()))
+            return int(pynvml.nvmlDeviceGetCount())
         finally:
             pynvml.nvmlShutdown()
     except Exception:  # no driver, no library: a CPU host
-        return ()
+        return 0
+
+
+def _nvml_index_of_uuid(uuid: str) -> int | None:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            return int(pynvml.nvmlDeviceGetIndex(pynvml.nvmlDeviceGetHandleByUUID(uuid)))
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # unknown UUID (or a MIG instance, which has no index), no driver
+        return None
+
+
+def default_lock_dir() -> Path:
+    return Path(os.environ.get(ENV_GPU_LOCK_DIR) or Path(tempfile.gettempdir()) / "hpsweep-gpu-locks")
 
 
 class GpuPool:
-    """Hands out distinct GPU ids to running trials. Thread-safe."""
+    """Hands out distinct GPU ids to running trials. Thread-safe, and safe across processes.
 
-    def __init__(self, gpu_ids: tuple[int, ...]):
+    Within a process a free list does the job. Between processes on one host (two sweeps
+    sharing a quota, or pool workers) each handed-out GPU is also held with an exclusive
+    ``flock`` on ``<lock_dir>/gpu-<id>.lock``; the kernel drops it when the holder dies, so a
+    crashed sweep never strands a GPU. ``take`` waits while another process holds GPUs.
+    """
+
+    def __init__(self, gpu_ids: tuple[int, ...], lock_dir: Path | None = None, poll_s: float = 0.5):
         self._free = list(gpu_ids)
+        self._held: dict[int, int] = {}  # GPU id -> fd of its lock file
         self._lock = threading.Lock()
+        self._lock_dir = default_lock_dir() if lock_dir is None else Path(lock_dir)
+        self._poll_s = poll_s
         self.has_gpus = bool(gpu_ids)
 
-    def take(self, count: int) -> tuple[int, ...]:
-        """``count`` free GPUs, or () on a CPU host. Callers never ask for more than are free,
-        because trial concurrency is capped at floor(host GPUs / GPUs per trial)."""
+    def take(self, count: int, timeout_s: float | None = None) -> tuple[int, ...]:
+        """``count`` GPUs no other trial holds, or () on a CPU host.
+
+        Raises RuntimeError when this pool itself has fewer than ``count`` free (a caller
+        bug: trial concurrency is capped at floor(host GPUs / GPUs per trial)), TimeoutError
+        when other processes keep them busy past ``timeout_s``.
+        """
         if not self.has_gpus:
             return ()
-        with self._lock:
-            if len(self._free) < count:
-                raise RuntimeError(f"asked for {count} GPUs with only {self._free} free")
-            taken, self._free = self._free[:count], self._free[count:]
-            return tuple(taken)
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        warned = False
+        while True:
+            with self._lock:
+                if len(self._free) < count:
+                    raise RuntimeError(f"asked for {count} GPUs with only {self._free} free")
+                got = self._lock_free(count)
+                if got is not None:
+                    return got
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"{count} GPU(s) of {self._free} still held by other processes "
+                                   f"after {timeout_s:g}s (locks in {self._lock_dir})")
+            if not warned:
+                log.warning("waiting for GPUs: another process on this host holds some of %s (locks in %s)",
+                            self._free, self._lock_dir)
+                warned = True
+            time.sleep(self._poll_s)
+
+    def _lock_free(self, count: int) -> tuple[int, ...] | None:
+        """Lock ``count`` free GPUs, in free-list order (called with self._lock held)."""
+        got: list[tuple[int, int]] = []
+        for gpu in self._free:
+            fd = self._try_flock(gpu)
+            if fd is not None:
+                got.append((gpu, fd))
+                if len(got) == count:
+                    break
+        if len(got) < count:
+            for _, fd in got:
+                os.close(fd)  # closing drops the flock
+            return None
+        for gpu, fd in got:
+            self._free.remove(gpu)
+            self._held[gpu] = fd
+        return tuple(gpu for gpu, _ in got)
+
+    def _try_flock(self, gpu: int) -> int | None:
+        self._lock_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            # Open file descriptors are not inherited by trial or helper processes (O_CLOEXEC),
+            # so the lock lives exactly as long as this process holds the GPU.
+            fd = os.open(self._lock_dir / f"gpu-{gpu}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        except OSError as e:  # e.g. another user's lock folder: fall back to in-process exclusivity
+            log.warning("cannot open the GPU lock file in %s (%s); GPU %d is not guarded against other "
+                        "processes", self._lock_dir, e, gpu)
+            return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        return fd
 
     def give_back(self, gpu_ids: tuple[int, ...]) -> None:
         with self._lock:
-            self._free.extend(gpu_ids)
+            for gpu in gpu_ids:
+                fd = self._held.pop(gpu, None)
+                if fd is not None:
+                    os.close(fd)
+            # Freed GPUs go to the front, so the next take (a worker's next trial) reuses them.
+            self._free[:0] = [g for g in gpu_ids if g not in self._free]
 
 
 def max_parallel_trials(quota: int, gpus_per_trial: int, host: tuple[int, ...], trials: int) -> int:
-    """At most floor(quota / gpus) trials at once, fewer if this host has fewer GPUs."""
+    """min(floor(quota / gpus), floor(host GPUs / gpus), trials), at least 1.
+
+    A host with GPUs but fewer than one trial needs is a ValueError (the sweep's input check
+    rejects it first, with the file and key); a CPU host runs CPU trials under the quota alone.
+    """
+    if gpus_per_trial < 1:
+        raise ValueError(f"gpus_per_trial must be >= 1, got {gpus_per_trial}")
     cap = quota // gpus_per_trial
     if host:
+        if gpus_per_trial > len(host):
+            raise ValueError(f"gpus_per_trial={gpus_per_trial} but this host has only {len(host)} GPU(s) "
+                             f"({','.join(map(str, host))})")
         cap = min(cap, len(host) // gpus_per_trial)
     return max(1, min(cap, trials))
