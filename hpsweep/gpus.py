@@ -39,7 +39,7 @@ def host_gpus(environ: dict[str, str] | None = None) -> tuple[int, ...]:
     for token in (t.strip() for t in visible.split(",")):
         index = int(token) if token.isdigit() else _nvml_index_of_uuid(token) if token.startswith("GPU-") else None
         if index is None or index in ids:
-            if token:
+            if token and token != "-1":  # -1 is the usual way to hide every GPU, not a mistake
                 log.warning("CUDA_VISIBLE_DEVICES=%s: stopping at %r, as CUDA does (host GPUs: %s)", visible,
                             token, ids or "none")
             break

@@ -90,3 +90,31 @@ def test_one_gpu_trials_pack_four_gpus_with_quota_8(served_project: Project, tmp
     # (run bookkeeping and a fork, no quota re-acquire: seconds at most on a loaded 2-core machine).
     assert sorted(gpu_of.values()) == ["0", "0", "1", "1", "2", "2", "3", "3"]
     assert len(gaps) == 4 and max(gaps) < 5.0, gaps
+
+
+@pytest.mark.slow
+def test_system_metrics_without_a_gpu_still_log_cpu_and_memory(tmp_path: Path):
+    """A trial handed GPU ids on a host with no driver (like this one) gets host metrics, no GPU ones,
+    and a trial shorter than the sampling interval still gets its one closing sample."""
+    from mlflow.tracking import MlflowClient
+
+    from trainer.durable import MetricsLogger, SystemMetrics
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_id = client.create_run(client.create_experiment("sysmetrics")).info.run_id
+    metrics = MetricsLogger(client, run_id)
+    system = SystemMetrics(metrics, interval_s=0.3, gpu_ids=(0, 1), client=client, run_id=run_id)
+    time.sleep(1.0)
+    system.stop()
+    metrics.flush()
+    cpu = client.get_metric_history(run_id, "system/cpu_utilization_percentage")
+    assert len(cpu) >= 2 and sorted(m.step for m in cpu) == list(range(len(cpu)))
+    keys = set(client.get_run(run_id).data.metrics)
+    assert "system/system_memory_usage_percentage" in keys and not any(k.startswith("system/gpu") for k in keys)
+
+    # A retry in the same run continues the steps; a sample interval longer than the trial still logs once.
+    metrics = MetricsLogger(client, run_id)
+    SystemMetrics(metrics, interval_s=60, client=client, run_id=run_id).stop()
+    metrics.flush()
+    steps = [m.step for m in client.get_metric_history(run_id, "system/cpu_utilization_percentage")]
+    assert sorted(steps) == list(range(len(cpu) + 1))

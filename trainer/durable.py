@@ -6,6 +6,8 @@
 - ``CheckpointSync`` mirrors the checkpoint folder to the run's ``checkpoints/`` artifacts,
   so another host (or a rerun after the local disk is gone) resumes from the last one.
 - ``restore_checkpoints`` fetches them back before an attempt starts with an empty folder.
+- ``SystemMetrics`` samples CPU, memory, disk, network and the trial's GPUs into the run as
+  MLflow system metrics (``system/...``), so a starved GPU shows in the MLflow UI.
 """
 
 from __future__ import annotations
@@ -22,11 +24,16 @@ from pathlib import Path
 from typing import Callable, TypeVar
 
 from mlflow.entities import Metric
+from mlflow.system_metrics.metrics.cpu_monitor import CPUMonitor
+from mlflow.system_metrics.metrics.disk_monitor import DiskMonitor
+from mlflow.system_metrics.metrics.gpu_monitor import GPUMonitor
+from mlflow.system_metrics.metrics.network_monitor import NetworkMonitor
 from mlflow.tracking import MlflowClient
 
 log = logging.getLogger("hpsweep.trial")
 T = TypeVar("T")
 CHECKPOINT_ARTIFACT_DIR = "checkpoints"
+SYSTEM_PREFIX = "system/"  # MLflow's: the run page's System metrics section shows these keys
 
 
 def retry(fn: Callable[[], T], deadline_s: float, what: str, first_wait_s: float = 0.5) -> T:
@@ -125,6 +132,104 @@ class CheckpointSync:
         self._stop.set()
         self._thread.join()
         self.sync_once()
+
+
+class SystemMetrics:
+    """Samples the host and the trial's GPUs every ``interval_s`` into the trial's run.
+
+    The values and names are MLflow's own system metrics (``mlflow.system_metrics``: CPU and
+    memory via psutil, disk, network, and per GPU utilisation, memory and power via NVML), logged
+    as ``system/<name>`` at steps 0, 1, 2, ... through the trial's ``MetricsLogger``, so they
+    share its retries on a tracking outage and its final flush. Unlike MLflow's
+    ``SystemMetricsMonitor`` it watches only this trial's GPUs (``gpu_0`` is the trial's
+    ``cuda:0``, whichever physical GPU that is; the run's ``hpsweep.gpus`` tag says which),
+    polls no run status, and takes one last sample at ``stop``, so a trial shorter than the
+    interval still gets a point (CPU utilisation over its whole life). A retry continues the
+    steps after the previous attempt's.
+
+    Everything (NVML included) starts in a background thread and any failure only logs a
+    warning: metrics are never worth slowing or failing a trial. No GPU, no driver or no
+    ``nvidia-ml-py`` means no GPU metrics.
+    """
+
+    def __init__(self, metrics: MetricsLogger, interval_s: float, gpu_ids: tuple[int, ...] = (),
+                 client: MlflowClient | None = None, run_id: str | None = None):
+        self._metrics, self._interval_s, self._gpu_ids = metrics, interval_s, tuple(gpu_ids)
+        self._client, self._run_id = client, run_id
+        self._stop = threading.Event()
+        self._monitors: list = []
+        self._thread = threading.Thread(target=self._loop, name="hpsweep-system-metrics", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        try:
+            self._monitors = self._make_monitors()
+            step = self._first_step()
+            self._collect()
+            for m in self._monitors:  # psutil's first CPU reading is relative to nothing: drop it
+                m.clear_metrics()
+        except Exception as e:
+            log.warning("system metrics off for this trial: %s: %s", type(e).__name__, e)
+            return
+        while not self._stop.wait(self._interval_s):
+            step = self._publish(step)
+        self._publish(step)
+
+    def _make_monitors(self) -> list:
+        monitors: list = [CPUMonitor(), DiskMonitor(), NetworkMonitor()]
+        if self._gpu_ids:
+            gpu = trial_gpu_monitor(self._gpu_ids)
+            if gpu is not None:
+                monitors.append(gpu)
+        return monitors
+
+    def _first_step(self) -> int:
+        """After the previous attempt's last system step (0 for a fresh run)."""
+        if self._client is None or self._run_id is None:
+            return 0
+        try:
+            run = self._client.get_run(self._run_id)
+        except Exception:
+            return 0
+        steps = [m.step for m in getattr(run.data, "_metric_objs", []) if m.key.startswith(SYSTEM_PREFIX)]
+        return max(steps) + 1 if steps else 0
+
+    def _collect(self) -> None:
+        for m in self._monitors:
+            try:
+                m.collect_metrics()
+            except Exception as e:  # e.g. a GPU fallen off the bus: keep the other metrics
+                log.warning("system metrics: %s failed: %s", type(m).__name__, e)
+
+    def _publish(self, step: int) -> int:
+        self._collect()
+        values: dict[str, float] = {}
+        for m in self._monitors:
+            try:
+                values.update(m.aggregate_metrics())
+            except Exception:  # nothing collected (ZeroDivisionError) or a broken monitor
+                pass
+            m.clear_metrics()
+        if values:
+            self._metrics.log(step, {SYSTEM_PREFIX + k: v for k, v in values.items()})
+        return step + 1
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Take the last sample and hand it to the metrics logger (flush that afterwards)."""
+        self._stop.set()
+        self._thread.join(timeout_s)  # a thread stuck on a tracking outage is left behind
+
+
+def trial_gpu_monitor(gpu_ids: tuple[int, ...]):
+    """MLflow's ``GPUMonitor`` narrowed to ``gpu_ids`` (NVML indices), or None without NVML or GPUs."""
+    try:
+        monitor = GPUMonitor()  # raises without nvidia-ml-py or a driver
+        handles = monitor.gpu_handles
+        monitor.gpu_handles = [handles[i] for i in gpu_ids]  # metric names follow list positions
+        return monitor
+    except Exception as e:
+        log.info("no GPU metrics for GPUs %s: %s: %s", list(gpu_ids), type(e).__name__, e)
+        return None
 
 
 def restore_checkpoints(client: MlflowClient, experiment_id: str, trial_key: str, dest: Path,

@@ -23,11 +23,27 @@ from pathlib import Path
 from typing import Any
 
 from trainer import contract
-from trainer.durable import CheckpointSync, MetricsLogger, exit_when_dead, restore_checkpoints, retry
+from trainer.durable import (CheckpointSync, MetricsLogger, SystemMetrics, exit_when_dead, restore_checkpoints,
+                             retry)
 
 # Imported here so the fork server pays for it once; trials only fork.
 import mlflow  # noqa: F401
 from mlflow.tracking import MlflowClient
+
+# Seconds between system-metric samples of a running trial (CPU, memory, its GPUs); 0 turns
+# them off. MLflow's own variable is honoured when ours is unset.
+ENV_SYSTEM_METRICS_S = "HPSWEEP_SYSTEM_METRICS_S"
+DEFAULT_SYSTEM_METRICS_S = 10.0
+
+
+def system_metrics_interval(environ: dict[str, str] | None = None) -> float:
+    env = os.environ if environ is None else environ
+    raw = env.get(ENV_SYSTEM_METRICS_S) or env.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL")
+    try:
+        return max(0.0, float(raw)) if raw else DEFAULT_SYSTEM_METRICS_S
+    except ValueError:
+        logging.getLogger("hpsweep.trial").warning("ignoring %s=%r: not a number", ENV_SYSTEM_METRICS_S, raw)
+        return DEFAULT_SYSTEM_METRICS_S
 
 
 @dataclass(frozen=True)
@@ -50,6 +66,8 @@ class TrialRequest:
     checkpoint_sync_s: float = 30.0
     orchestrator: str = ""  # process identity of the sweep; the trial dies with it
     extra_env: dict[str, str] = field(default_factory=dict)
+    # Read where the request is made (the sweep or a pool worker), so its environment decides.
+    system_metrics_s: float = field(default_factory=system_metrics_interval)
 
     @property
     def paths(self) -> "TrialPaths":
@@ -100,6 +118,10 @@ def trial_env(req: TrialRequest) -> dict[str, str]:
         "MLFLOW_TRACKING_URI": req.tracking_uri,
         "MLFLOW_RUN_ID": req.run_id,
     }
+    if req.gpu_ids:
+        # GPU ids are NVML's (nvidia-smi's) numbering, which is PCI bus order; CUDA's default
+        # order is "fastest first", so without this cuda:0 could be another trial's GPU.
+        env["CUDA_DEVICE_ORDER"] = os.environ.get("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
     env.update(req.extra_env)
     return env
 
@@ -143,6 +165,8 @@ def _train_durably(req: TrialRequest, client: MlflowClient) -> dict[str, Any]:
             logging.info("restored checkpoints of run %s from the artifact store", source)
     sync = CheckpointSync(client, req.run_id, paths.checkpoints, req.checkpoint_sync_s)
     metrics = MetricsLogger(client, req.run_id)
+    system = (SystemMetrics(metrics, req.system_metrics_s, req.gpu_ids, client, req.run_id)
+              if req.system_metrics_s > 0 else None)
     try:
         outcome = _run_entrypoint(req, metrics) if req.entrypoint is not None else _run_command(req)
     except BaseException as e:  # SystemExit from a trainer is its own verdict too
@@ -150,6 +174,8 @@ def _train_durably(req: TrialRequest, client: MlflowClient) -> dict[str, Any]:
         outcome = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
     finally:
         sync.stop()
+        if system is not None:
+            system.stop()  # its last sample goes into the flush below
     metrics.flush()  # a trial is not done until its progress is stored
     if paths.model.is_dir() and any(paths.model.iterdir()) and "error" not in outcome \
             and not outcome.get("exit_code"):
