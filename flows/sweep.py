@@ -23,6 +23,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.concurrency.sync import concurrency
 from prefect.runtime import task_run as current_task_run
 from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.utilities.annotations import quote
 
 from hpsweep import plan, progress, tracking
 from hpsweep.config import SweepConfig
@@ -159,7 +160,9 @@ def _drain(queue: "Queue[PlannedTrial]", ctx: SweepContext, gpu_ids: tuple[int, 
         except Empty:
             return ran
         try:
-            ctx.trial_task(trial, ctx, gpu_ids)
+            # quote: Prefect must not walk ctx (its run_ids grow in other threads meanwhile:
+            # "dictionary changed size during iteration" killed workers; and the walk is per trial).
+            ctx.trial_task(trial, quote(ctx), gpu_ids)
         except RetryableTrialFailure as e:  # out of attempts: the run holds the reason
             progress.current().trial_ended(tracking.run_name(trial.hparams), False, 0.0,
                                            f"after {ctx.max_attempts} attempts: {e}")
@@ -301,7 +304,7 @@ def _train_all(to_train: list[PlannedTrial], ctx: SweepContext, parallel: int, l
     for t in to_train:
         queue.put(t)
     with ThreadPoolTaskRunner(max_workers=parallel) as runner:
-        workers = [runner.submit(trial_worker, parameters={"worker": w, "queue": queue, "ctx": ctx})
+        workers = [runner.submit(trial_worker, parameters={"worker": w, "queue": queue, "ctx": quote(ctx)})
                    for w in range(1, parallel + 1)]
         for w in workers:
             w.wait()
