@@ -13,7 +13,7 @@ from typing import Any
 
 from prefect import flow
 
-from hpsweep.gpus import host_gpus
+from hpsweep.gpus import GpuPool, host_gpus
 from hpsweep.launcher import TrialJob, execute_trial
 from hpsweep.process import ProcessRunner
 
@@ -24,10 +24,17 @@ def train_trial(job: dict[str, Any]) -> dict[str, Any]:
     # The sweep's folder, when this worker shares its disk; else the worker's own.
     cwd = job.get("cwd") if Path(job.get("cwd", "")).is_dir() else os.getcwd()
     trial = TrialJob(**{**job, "cwd": cwd, "work_dir": os.environ.get("HPSWEEP_WORK_DIR", job["work_dir"])})
-    # The GPUs this worker's container (or host) was given are the trial's.
-    gpu_ids = host_gpus()[: trial.gpus]
-    # One trial per flow run: fork it straight from this process, which has imported
-    # MLflow already (a fork server would pay those imports a second time).
-    result = execute_trial(trial, gpu_ids, ProcessRunner(start_method="fork"))
+    # The GPUs this worker's container (or host) was given are the trial's. A process worker
+    # runs several flow runs on one host: the pool's host-wide locks give each its own GPUs
+    # (waiting while others hold them); an ECS container sees only its own anyway.
+    host = host_gpus()
+    gpus = GpuPool(host)
+    gpu_ids = gpus.take(min(trial.gpus, len(host)))
+    try:
+        # One trial per flow run: fork it straight from this process, which has imported
+        # MLflow already (a fork server would pay those imports a second time).
+        result = execute_trial(trial, gpu_ids, ProcessRunner(start_method="fork"))
+    finally:
+        gpus.give_back(gpu_ids)
     return {"run_id": result.run_id, "ok": result.outcome.ok, "f1": result.outcome.f1,
             "reason": result.outcome.reason}
