@@ -35,7 +35,7 @@ def browser_page():
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True)
         try:
             page = browser.new_page(viewport={"width": 1920, "height": 900})
-            page.set_default_timeout(UI_TIMEOUT_MS)
+            page.set_default_timeout(UI_TIMEOUT_MS)  # actions; expect() takes its own timeout
             yield page
         finally:
             browser.close()
@@ -60,18 +60,18 @@ def test_mlflow_ui_lists_every_trial_run_with_its_f1(served_project: Project, ml
     try:
         # The experiment's "Model training" view (MLflow 3 opens experiments on its GenAI pages).
         page.goto(f"{mlflow_server.url}/#/experiments/{board['experiment_id']}/runs?workflowType=machine_learning")
-        expect(page.get_by_text("matching runs")).to_be_visible()
+        expect(page.get_by_text("matching runs")).to_be_visible(timeout=UI_TIMEOUT_MS)
         # Metric columns are hidden by default: show `f1` as a user would, through "Columns"
         # (the search also finds best_f1, val_f1 and the `f1` param; Metrics come first).
         page.get_by_role("button", name="Columns").click()
         page.get_by_placeholder("Search columns").fill("f1")
         page.get_by_role("dialog").locator('[class$="tree-title"]').filter(has_text=re.compile(r"^f1$")).first.click()
         page.keyboard.press("Escape")
-        expect(page.locator(f'[role="columnheader"]{F1_COLUMN}')).to_have_text("f1")
+        expect(page.locator(f'[role="columnheader"]{F1_COLUMN}')).to_have_text("f1", timeout=UI_TIMEOUT_MS)
         # The trials are child runs, folded under the sweep's parent run: unfold it.
         parent = page.get_by_role("gridcell").filter(has=page.get_by_role("link", name=parent_name, exact=True))
         parent.get_by_role("button").first.click()
-        expect(page.locator(f'[role="gridcell"]{F1_COLUMN}')).to_have_count(1 + len(expected))
+        expect(page.locator(f'[role="gridcell"]{F1_COLUMN}')).to_have_count(1 + len(expected), timeout=UI_TIMEOUT_MS)
         close_assistant = page.get_by_role("button", name="Close")
         if close_assistant.count():
             close_assistant.first.click()  # the assistant side panel would cover the f1 column
