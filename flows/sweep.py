@@ -220,9 +220,10 @@ def sweep(config: SweepConfig) -> dict[str, Any]:
         pool_limit = check_pool_limit(config.pool, config.quota)
         # Enough flow runs waiting in the pool that a freed slot is taken at once.
         parallel = max(1, min(len(to_train), 2 * pool_limit + 2))
+        slots = max(1, min(len(to_train), pool_limit))  # trials that actually run at once
     else:
-        parallel = max_parallel_trials(config.quota, gpus, host, max(1, len(to_train)))
-    to_train, estimates, order = _dispatch(client, experiment_id, inputs, versions, to_train, parallel)
+        parallel = slots = max_parallel_trials(config.quota, gpus, host, max(1, len(to_train)))
+    to_train, estimates, order = _dispatch(client, experiment_id, inputs, versions, to_train, slots)
 
     provenance = {**versions, "hpsweep.git_commit": git_commit(), "hpsweep.quota": str(config.quota)}
     parent_run_id = tracking.start_parent_run(
@@ -230,7 +231,7 @@ def sweep(config: SweepConfig) -> dict[str, Any]:
         {**provenance, plan.TAG_DISPATCH: order, **_flow_run_tag()},
         params={"combinations": config.combinations, "spec": config.spec, "train": config.train,
                 "val": config.val, "quota": config.quota, "gpus_per_trial": gpus, "trials": len(trials),
-                "reused": len(reused), "max_attempts": config.max_attempts, "parallel": parallel},
+                "reused": len(reused), "max_attempts": config.max_attempts, "slots": slots},
     )
     # What `hpsweep report` and `hpsweep status` re-read later: every trial, its estimate, its turn.
     est = {t.index: e for t, e in zip(to_train, estimates)}
@@ -268,13 +269,13 @@ def sweep(config: SweepConfig) -> dict[str, Any]:
 
 
 def _dispatch(client: MlflowClient, experiment_id: str, inputs: SweepInputs, versions: dict[str, str],
-              to_train: list[PlannedTrial], parallel: int
+              to_train: list[PlannedTrial], slots: int
               ) -> tuple[list[PlannedTrial], list[plan.Estimate], str]:
     """The trials in the order to start them, their estimates, and that order's description.
 
     The order only matters when trials wait for a slot; only then is the duration history read.
     """
-    waits = len(to_train) > parallel
+    waits = len(to_train) > slots
     history = plan.duration_history(client, experiment_id, versions["hpsweep.spec_hash"]) if waits \
         else plan.DurationHistory()
     estimates = plan.estimate_durations(to_train, inputs.spec.expected_duration_s, history)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import heapq
 import statistics
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Sequence
 
 from hpsweep.inputs import Hparams, SweepInputs, canonical_json
 
@@ -138,7 +138,7 @@ def source_counts(estimates: list[Estimate]) -> dict[str, int]:
     return out
 
 
-def list_schedule(durations: list[float], slots: int, busy: list[float] = ()) -> float:  # type: ignore[assignment]
+def list_schedule(durations: Sequence[float], slots: int, busy: Sequence[float] = ()) -> float:
     """Makespan of starting ``durations`` in the given order, each on the first free slot.
 
     ``busy``: seconds until each already-occupied slot frees up (running trials; status's ETA).

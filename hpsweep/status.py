@@ -157,13 +157,15 @@ def summarize(record: SweepRecord, plan_rows: list[dict[str, Any]] | None, runs:
         "started_at": record.started_at, "ended_at": record.ended_at,
         "elapsed_s": (record.ended_at or now) - record.started_at,
         "total": len(trials), "counts": counts, "eta_s": None if over else eta_s(trials, _slots(record)),
+        "best": max((t for t in trials if t["state"] == "done" and t["f1"] is not None), key=lambda t: t["f1"],
+                    default=None),
         "trials": trials,
     }
 
 
 def _slots(record: SweepRecord) -> int:
-    if "parallel" in record.params:
-        return max(1, int(record.params["parallel"]))
+    if "slots" in record.params:  # recorded by the sweep: trials that run at once
+        return max(1, int(record.params["slots"]))
     quota, gpus = int(record.params.get("quota", 1)), int(record.params.get("gpus_per_trial", 1))
     return max(1, quota // gpus)
 
@@ -202,7 +204,9 @@ def render(status: dict[str, Any]) -> str:
              f"{c['failed']} failed, {c['reused']} reused"
              + (f", {c['stale']} stale (no heartbeat)" if c["stale"] else "")
              + (f", {c['never started']} never started" if c["never started"] else ""),
-             f"  dispatch    {status['dispatch_order']}" if status["dispatch_order"] else None]
+             f"  dispatch    {status['dispatch_order']}" if status["dispatch_order"] else None,
+             f"  best        F1 {status['best']['f1']:.4f}: #{status['best']['index']} "
+             f"{tracking.run_name(status['best']['hparams'])}" if status["best"] else None]
     if status["state"] == "running" or status["state"].startswith("not responding"):
         lines.append(f"  ETA         {human_duration(status['eta_s'])}" if status["eta_s"] is not None
                      else "  ETA         unknown (no trial has finished yet and the plan has no estimates)")

@@ -20,7 +20,7 @@ from tests.test_sweep_e2e import SLEEPY_SPEC
 def record(status: str = "RUNNING", **params: str) -> SweepRecord:
     return SweepRecord(name="s", experiment_id="1", sweep_id="s-1", parent_run_id="p", parent_status=status,
                        started_at=1000.0, ended_at=None, tags={"hpsweep.heartbeat": "1095"},
-                       params={"parallel": "2", **params})
+                       params={"slots": "2", **params})
 
 
 def run_row(index: int, mlflow_status: str, status: str, **extra) -> dict:
@@ -45,6 +45,7 @@ def test_summary_counts_every_state_and_schedules_the_rest_for_the_eta():
     # has 20 s left, the queued one starts on the free slot at 0 -> 30 s.
     assert status["eta_s"] == 30.0
     assert [t["state"] for t in status["trials"]] == ["done", "failed", "running", "stale", "queued", "reused"]
+    assert status["best"]["index"] == 1
 
     # A finished parent: what never ran is "never started", and there is no ETA.
     over = summarize(record("FAILED"), plan, runs[:2], now=1100.0, stale_after_s=120.0)
