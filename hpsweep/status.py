@@ -13,12 +13,13 @@ import statistics
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from mlflow.tracking import MlflowClient
-
-from hpsweep import tracking
 from hpsweep.plan import list_schedule
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
+# hpsweep.tracking (so MLflow) is imported where needed: `hpsweep plan` with no store never pays for it.
 
 PARENT_STATES = {"FINISHED": "finished", "FAILED": "finished with failures", "KILLED": "killed"}
 
@@ -51,11 +52,15 @@ def existing_tracking_uri(explicit: str | None) -> str:
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
         raise SweepNotFound(f"no MLflow store at {uri.removeprefix('sqlite:///')} (no sweep has run here; "
                             "set MLFLOW_TRACKING_URI or --tracking-uri)")
+    from hpsweep import tracking
+
     return tracking.resolve_tracking_uri(uri)
 
 
 def find_sweep(client: MlflowClient, sweep: str) -> SweepRecord:
     """``sweep`` is a sweep name (its latest execution) or a sweep id."""
+    from hpsweep import tracking
+
     exp = client.get_experiment_by_name(sweep)
     if exp is not None:
         runs = client.search_runs([exp.experiment_id], f"tags.`{tracking.TAG_ROLE}` = 'sweep'",
@@ -77,6 +82,8 @@ def find_sweep(client: MlflowClient, sweep: str) -> SweepRecord:
 
 
 def _record(name: str, run) -> SweepRecord:
+    from hpsweep import tracking
+
     info = run.info
     return SweepRecord(name=name, experiment_id=info.experiment_id, sweep_id=run.data.tags[tracking.TAG_SWEEP_ID],
                        parent_run_id=info.run_id, parent_status=info.status, started_at=info.start_time / 1000,
@@ -119,6 +126,8 @@ def prefect_state(flow_run_id: str | None, api_url: str | None = None, timeout_s
 def summarize(record: SweepRecord, plan_rows: list[dict[str, Any]] | None, runs: list[dict[str, Any]],
               now: float, stale_after_s: float, prefect: str | None = None) -> dict[str, Any]:
     """Counts, one line per trial and an ETA. ``runs``: the sweep's trial rows (tracking.sweep_runs)."""
+    from hpsweep import tracking
+
     by_index = {r["index"]: r for r in runs}
     plan_rows = plan_rows or [{"index": r["index"], "hparams": r["hparams"], "reused_run_id": None,
                                "expected_duration_s": None} for r in runs]
@@ -194,6 +203,7 @@ def eta_s(trials: list[dict[str, Any]], slots: int) -> float | None:
 
 
 def render(status: dict[str, Any]) -> str:
+    from hpsweep import tracking
     from hpsweep.plan import human_duration
 
     c = status["counts"]
