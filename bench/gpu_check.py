@@ -154,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sample-s", type=float, default=1.0, help="system metrics interval (default 1 s)")
     args = parser.parse_args(argv)
 
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per trial log otherwise
     problem = None if args.cpu_only else gpu_problem()
     if problem:
         print(f"error: no usable GPU: {problem}. Run on a GPU machine, or pass --cpu-only.", file=sys.stderr)
