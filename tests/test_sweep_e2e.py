@@ -97,7 +97,11 @@ def test_sweep_ranks_every_combination_and_registers_the_champion(served_project
 
     report_dir = project.root / "reports" / "ranked"
     assert {p.name for p in report_dir.iterdir()} == {"leaderboard.md", "leaderboard.csv", "leaderboard.json",
-                                                      "f1_by_combination.png"}
+                                                      "best.json", "f1_by_combination.png", "f1_by_hparam.png",
+                                                      "learning_curves.png"}
+    parent_run_id = by_id[rows[0]["run_id"]].data.tags["mlflow.parentRunId"]
+    parent_artifacts = {a.path for a in client.list_artifacts(parent_run_id, "report")}
+    assert {f"report/{p.name}" for p in report_dir.iterdir()} == parent_artifacts  # every file logged to MLflow
     md = (report_dir / "leaderboard.md").read_text()
     assert md.index("0.9300") < md.index("0.8800") and "bad hparams" in md
     assert "rank" in result.stdout and "0.9300" in result.stdout  # the terminal's top rows
