@@ -186,6 +186,7 @@ def project(tmp_path: Path, demo_data: Path) -> Project:
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env["NO_COLOR"] = "1"
     env["COLUMNS"] = "200"
+    env["HPSWEEP_GPU_LOCK_DIR"] = str(tmp_path / "gpu-locks")  # fake GPUs: never shared with another run's
     return Project(root, env)
 
 
