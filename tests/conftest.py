@@ -266,8 +266,11 @@ def s3_endpoint(tmp_path_factory: pytest.TempPathFactory):
     url = f"http://127.0.0.1:{port}"
     env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
            "AWS_ENDPOINT_URL_S3": url}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)  # this process's boto3 (the data cache) talks to moto too
+    # This process's boto3 (the data cache) gets moto's credentials; never the endpoint itself, which
+    # would also redirect other tests' in-process moto mocks (test_infra) to this server.
+    credentials = {k: v for k, v in env.items() if k != "AWS_ENDPOINT_URL_S3"}
+    saved = {k: os.environ.get(k) for k in credentials}
+    os.environ.update(credentials)
     try:
         wait_http(f"{url}/moto-api/", 60, proc, log)
         yield S3Endpoint(url, env)

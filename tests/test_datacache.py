@@ -164,7 +164,8 @@ def test_a_host_without_the_files_stages_them(tmp_path: Path, s3_endpoint):
     # A host told where the remote is from its side (HPSWEEP_DATA_REMOTE, as the ECS job template sets).
     unreachable = {k: {**v, "remote": {"url": "/nowhere/on/this/host"}} for k, v in job.data.items()}
     moved = _job(job.train, job.val, unreachable)
-    other_host = {"HPSWEEP_DATA_CACHE": str(tmp_path / "cache2"), "HPSWEEP_DATA_REMOTE": f"s3://{bucket}/dvc"}
+    other_host = {"HPSWEEP_DATA_CACHE": str(tmp_path / "cache2"), "HPSWEEP_DATA_REMOTE": f"s3://{bucket}/dvc",
+                  "AWS_ENDPOINT_URL_S3": s3_endpoint.url}
     assert trial_data(moved, other_host).train.read_bytes() == b"train bytes\n"
 
     with pytest.raises(FileNotFoundError, match="track the data with DVC"):
