@@ -162,9 +162,16 @@ def _input_errors(e: SweepInputError) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     try:
-        config, _ = _validated(args)
+        config, inputs = _validated(args)
     except SweepInputError as e:
         return _input_errors(e)
+    if config.launcher == "local":
+        # Preloading the trials' fork server takes seconds: now, behind Prefect's start-up.
+        from hpsweep import tracking
+        from hpsweep.process import start_fork_server
+
+        entry_module = (inputs.spec.trainer.entrypoint or "").partition(":")[0]
+        start_fork_server([entry_module] if entry_module else [], tracking.resolve_tracking_uri(config.tracking_uri))
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s",
                         handlers=[RichHandler(console=console, show_path=False)])

@@ -32,6 +32,29 @@ CHECKPOINT_SYNC_S = float(os.environ.get("HPSWEEP_CHECKPOINT_SYNC_S", "30"))
 KILL_GRACE_S = 5.0
 
 
+# Set for the fork server only: the tracking store its trials will open (see trainer/_preload.py).
+FORKSERVER_TRACKING_URI_ENV = "HPSWEEP_FORKSERVER_TRACKING_URI"
+
+
+def start_fork_server(preload: list[str] | None = None, tracking_uri: str | None = None) -> None:
+    """Start (and preload) this process's trial fork server in the background; returns at once.
+
+    Preloading MLflow and the trainer's module takes seconds (tens on a busy 2-core machine):
+    call this as early as possible (``hpsweep run`` does, right after validating its inputs) so
+    that it overlaps the sweep's own start-up instead of delaying the first trials. With
+    ``tracking_uri`` (call it before starting threads: it is passed in the environment), the
+    fork server also opens that tracking store once, and every trial inherits it instead of
+    opening (and schema-checking) its own. Idempotent: once the server runs, later calls only
+    make sure it still does (the first preload list wins).
+    """
+    mp = multiprocessing.get_context("forkserver")
+    # "__main__" too: otherwise every trial re-imports the main script before it starts.
+    mp.set_forkserver_preload(["__main__", "trainer.runner", "trainer._preload", *(preload or [])])
+    if tracking_uri:
+        os.environ[FORKSERVER_TRACKING_URI_ENV] = tracking_uri
+    threading.Thread(target=multiprocessing.forkserver.ensure_running, daemon=True).start()
+
+
 class ProcessRunner:
     """Runs one attempt of a trial in its own process on this host; never raises for a
     trainer's failure (it is an outcome). Safe to call from several threads at once."""
@@ -40,12 +63,8 @@ class ProcessRunner:
         """``forkserver`` (the sweep: many trials, from a process with many threads) or ``fork``
         (a pool's train-trial flow run: one trial, from a process that has imported it all)."""
         self._mp = multiprocessing.get_context(start_method)
-        if start_method != "forkserver":
-            return
-        # "__main__" too: otherwise every trial re-imports the main script before it starts.
-        self._mp.set_forkserver_preload(["__main__", "trainer.runner", "trainer._preload", *(preload or [])])
-        # Start (and preload) the fork server now, while the sweep sets up MLflow and Prefect.
-        threading.Thread(target=multiprocessing.forkserver.ensure_running, daemon=True).start()
+        if start_method == "forkserver":
+            start_fork_server(preload)
 
     def run(self, request: TrialRequest, time_limit_s: float | None,
             heartbeat: Callable[[], None] | None = None) -> TrialOutcome:

@@ -3,6 +3,7 @@ would otherwise import on its own, at seconds per trial (MLflow's stores, SQLAlc
 mapper set-up, model serialisers). Forked trials inherit it already loaded."""
 
 import importlib
+import os
 
 for _name in (
     "mlflow.store.tracking.sqlalchemy_store",
@@ -59,3 +60,17 @@ try:
     _db_utils._get_latest_schema_revision()
 except Exception:
     pass
+
+# The tracking store the trials will log to (hpsweep.process.start_fork_server): opened here
+# once (engine built, tables and schema checked), its connection pool emptied so that no
+# connection crosses a fork; each trial's MlflowClient then finds it in MLflow's store cache.
+_uri = os.environ.get("HPSWEEP_FORKSERVER_TRACKING_URI")
+if _uri:
+    try:
+        from mlflow.tracking._tracking_service.utils import _get_store
+
+        _engine = getattr(_get_store(_uri), "engine", None)
+        if _engine is not None:
+            _engine.dispose()
+    except Exception:  # trials open their own store, as without this
+        pass
