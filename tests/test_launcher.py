@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from mlflow.tracking import MlflowClient
+
 from hpsweep.gpus import GpuPool, host_gpus, max_parallel_trials
 from hpsweep.outcome import check_f1, judge
 from tests.conftest import alive
@@ -52,18 +54,31 @@ def launcher():
     return ProcessRunner()
 
 
-def request(tmp_path: Path, command: list[str]) -> TrialRequest:
-    return TrialRequest(run_id="r", tracking_uri="sqlite:///unused.db", hparams={"x": 1}, settings={},
-                        train=str(tmp_path), val=str(tmp_path), trial_dir=str(tmp_path / "trial"),
-                        cwd=str(tmp_path), command=command)
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """A real tracking store and experiment: trials log system metrics to their run."""
+    uri = f"sqlite:///{tmp_path_factory.mktemp('store') / 'mlflow.db'}"
+    return uri, MlflowClient(uri).create_experiment("launcher")
 
 
-def test_time_limit_kills_the_trainer_and_its_children(tmp_path, launcher):
+@pytest.fixture
+def request_for(tmp_path: Path, store: tuple[str, str]):
+    uri, experiment_id = store
+
+    def make(command: list[str]) -> TrialRequest:
+        run_id = MlflowClient(uri).create_run(experiment_id).info.run_id
+        return TrialRequest(run_id=run_id, tracking_uri=uri, hparams={"x": 1}, settings={},
+                            train=str(tmp_path), val=str(tmp_path), trial_dir=str(tmp_path / "trial"),
+                            cwd=str(tmp_path), command=command)
+    return make
+
+
+def test_time_limit_kills_the_trainer_and_its_children(tmp_path, launcher, request_for):
     pidfile = tmp_path / "child.pid"
     (tmp_path / "trial").mkdir()
     script = f"sleep 300 & echo $! > {pidfile}; wait"
     started = time.monotonic()
-    outcome = launcher.run(request(tmp_path, ["bash", "-c", script]), time_limit_s=3)
+    outcome = launcher.run(request_for(["bash", "-c", script]), time_limit_s=3)
     assert not outcome.ok and "time limit of 3 s exceeded" in outcome.reason
     assert time.monotonic() - started < 3 + 5 + 10
     grandchild = int(pidfile.read_text())
@@ -71,16 +86,16 @@ def test_time_limit_kills_the_trainer_and_its_children(tmp_path, launcher):
     assert not alive(grandchild)  # the whole process group went, not just the runner
 
 
-def test_a_trainer_killed_by_a_signal_is_retryable(tmp_path, launcher):
+def test_a_trainer_killed_by_a_signal_is_retryable(tmp_path, launcher, request_for):
     (tmp_path / "trial").mkdir()
-    outcome = launcher.run(request(tmp_path, ["bash", "-c", "kill -9 $$"]), time_limit_s=60)
+    outcome = launcher.run(request_for(["bash", "-c", "kill -9 $$"]), time_limit_s=60)
     assert not outcome.ok and outcome.retryable and "SIGKILL" in outcome.reason
 
 
-def test_command_output_is_the_trial_log(tmp_path, launcher):
+def test_command_output_is_the_trial_log(tmp_path, launcher, request_for):
     (tmp_path / "trial").mkdir()
     script = 'echo "hello from $HPSWEEP_DEVICE"; echo oops >&2; echo \'{"f1": 0.25}\' > "$HPSWEEP_RESULT"'
-    outcome = launcher.run(request(tmp_path, ["bash", "-c", script]), time_limit_s=60)
+    outcome = launcher.run(request_for(["bash", "-c", script]), time_limit_s=60)
     assert outcome.ok and outcome.f1 == 0.25
     log = (tmp_path / "trial" / "trial.log").read_text()
     assert "hello from cpu" in log and "oops" in log
