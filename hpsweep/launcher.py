@@ -82,16 +82,22 @@ def execute_trial(job: TrialJob, gpu_ids: tuple[int, ...], runner: ProcessRunner
     client = MlflowClient(job.tracking_uri)
     run_id = job.run_id
     try:
+        data = local_data(job)  # the common case: the sweep's own files (a stat(), no I/O)
         if run_id is None:
+            # One write creates the run with all its tags (each write is ~20 ms on a trial's critical path).
+            tags = {**job.versions, "hpsweep.gpus": ",".join(map(str, gpu_ids)) or "cpu",
+                    **(data.tags() if data else {})}
             run_id = retry(lambda: tracking.start_trial_run(
                 client, job.experiment_id, job.parent_run_id, job.sweep_id, job.index, job.hparams,
-                job.trial_key, job.attempt,
-                tags={**job.versions, "hpsweep.gpus": ",".join(map(str, gpu_ids)) or "cpu"},
+                job.trial_key, job.attempt, tags=tags,
             ), TRACKING_PATIENCE_S, "creating the trial's run")
-        data = trial_data(job)  # may fetch from the DVC remote: after the run exists, so it shows
-        retry(lambda: client.log_batch(run_id, tags=[
-            RunTag("hpsweep.data_source", data.source), RunTag("hpsweep.data_fetched_bytes", str(data.fetched_bytes))]),
-            TRACKING_PATIENCE_S, "tagging the run")
+        elif data is not None:  # a retry, perhaps on another host: say where this attempt's data came from
+            retry(lambda: client.log_batch(run_id, tags=[RunTag(k, v) for k, v in data.tags().items()]),
+                  TRACKING_PATIENCE_S, "tagging the run")
+        if data is None:  # staging may fetch from the DVC remote: after the run exists, so it shows
+            data = trial_data(job)
+            retry(lambda: client.log_batch(run_id, tags=[RunTag(k, v) for k, v in data.tags().items()]),
+                  TRACKING_PATIENCE_S, "tagging the run")
         trial_dir = Path(job.work_dir) / "trials" / job.trial_key
         trial_dir.mkdir(parents=True, exist_ok=True)
         request = TrialRequest(
@@ -119,6 +125,18 @@ class TrialData:
     source: str  # "local": the sweep's own files; "cache": this host's data cache
     fetched_bytes: int = 0  # what this trial downloaded from the DVC remote (0 on a cache hit)
 
+    def tags(self) -> dict[str, str]:
+        return {"hpsweep.data_source": self.source, "hpsweep.data_fetched_bytes": str(self.fetched_bytes)}
+
+
+def local_data(job: TrialJob, environ: dict[str, str] | None = None) -> TrialData | None:
+    """The sweep's own train/val paths when this host has them and staging is not forced, else None."""
+    env = os.environ if environ is None else environ
+    paths = [Path(job.train), Path(job.val)]
+    if env.get("HPSWEEP_STAGE_DATA", "auto") != "always" and all(p.exists() for p in paths):
+        return TrialData(paths[0].resolve(), paths[1].resolve(), "local")
+    return None
+
 
 def trial_data(job: TrialJob, environ: dict[str, str] | None = None) -> TrialData:
     """The train and validation files this host reads, and where they came from.
@@ -129,10 +147,10 @@ def trial_data(job: TrialJob, environ: dict[str, str] | None = None) -> TrialDat
     host's HPSWEEP_DATA_REMOTE when set. Staging errors are machine failures.
     """
     env = os.environ if environ is None else environ
-    always = env.get("HPSWEEP_STAGE_DATA", "auto") == "always"
+    local = local_data(job, env)
+    if local is not None:
+        return local
     paths = {name: Path(getattr(job, name)) for name in ("train", "val")}
-    if not always and all(p.exists() for p in paths.values()):
-        return TrialData(paths["train"].resolve(), paths["val"].resolve(), "local")
     missing = [name for name in paths if name not in job.data]
     if missing:
         raise FileNotFoundError(f"{', '.join(str(paths[m]) for m in missing)} not on this host, and the sweep "
