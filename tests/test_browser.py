@@ -63,7 +63,7 @@ def test_mlflow_ui_lists_every_trial_run_with_its_f1(served_project: Project, ml
         expect(page.get_by_text("matching runs")).to_be_visible(timeout=UI_TIMEOUT_MS)
         # Metric columns are hidden by default: show `f1` as a user would, through "Columns"
         # (the search also finds best_f1, val_f1 and the `f1` param; Metrics come first).
-        page.get_by_role("button", name="Columns").click()
+        page.get_by_role("button", name="Columns", exact=True).click()  # not "Show more columns"
         page.get_by_placeholder("Search columns").fill("f1")
         page.get_by_role("dialog").locator('[class$="tree-title"]').filter(has_text=re.compile(r"^f1$")).first.click()
         page.keyboard.press("Escape")
