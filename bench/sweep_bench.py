@@ -264,6 +264,13 @@ class PoolServer:
 # ---------------------------------------------------------------- S3
 
 
+def _python_json(code: str, folder: Path, env: dict[str, str]) -> dict[str, Any]:
+    """Run ``code`` in a fresh interpreter (its own imports, as a command would pay) and read its last line."""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=folder, env=env, capture_output=True, text=True,
+                          check=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def scenario_s3(root: Path) -> dict[str, Any]:
     """Validate + plan, and the report, for 10,000 combinations."""
     folder = root / "S3"
@@ -290,9 +297,7 @@ def scenario_s3(root: Path) -> dict[str, Any]:
         "assert len(trials) == %d\n"
         "print(json.dumps({'import_s': t1 - t0, 'validate_s': t2 - t1, 'plan_s': t3 - t2}))\n" % S3_TRIALS
     )
-    proc = subprocess.run([sys.executable, "-c", code], cwd=folder, env=env, capture_output=True, text=True,
-                          check=True)
-    inproc = json.loads(proc.stdout.strip().splitlines()[-1])
+    inproc = _python_json(code, folder, env)
     out.update({f"validate_plan_{k}": v for k, v in inproc.items()})
     out["validate_plan_s"] = inproc["validate_s"] + inproc["plan_s"]
     code = (
@@ -312,9 +317,7 @@ def scenario_s3(root: Path) -> dict[str, Any]:
         "write_report(Path('report'), meta, ranked); t2 = time.time()\n"
         "print(json.dumps({'rank_s': t1 - t0, 'write_s': t2 - t1}))\n" % S3_TRIALS
     )
-    proc = subprocess.run([sys.executable, "-c", code], cwd=folder, env=env, capture_output=True, text=True,
-                          check=True)
-    rep = json.loads(proc.stdout.strip().splitlines()[-1])
+    rep = _python_json(code, folder, env)
     out.update({"report_rank_s": rep["rank_s"], "report_write_s": rep["write_s"],
                 "report_s": rep["rank_s"] + rep["write_s"]})
     return out

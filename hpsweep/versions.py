@@ -10,13 +10,9 @@ import hashlib
 import subprocess
 from pathlib import Path
 
-import yaml
-
+from hpsweep.datacache import file_md5
 from hpsweep.dvcdata import content_md5
 from hpsweep.inputs import Hparams, ModelSpec, canonical_json, resolve_entrypoint
-
-_CHUNK = 1 << 20
-
 
 def _sha256(*parts: str) -> str:
     h = hashlib.sha256()
@@ -29,14 +25,6 @@ def _sha256(*parts: str) -> str:
 def spec_hash(spec: ModelSpec) -> str:
     """Hash of the spec's content (not its formatting or comments)."""
     return _sha256(canonical_json(spec.model_dump(mode="json")))[:16]
-
-
-def file_md5(path: Path) -> str:
-    h = hashlib.md5()
-    with path.open("rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def data_version(path: Path) -> str:

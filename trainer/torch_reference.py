@@ -46,6 +46,7 @@ import torch._dynamo  # noqa: F401  # imported by the first optimizer's __init__
 from sklearn.metrics import f1_score
 from torch import nn
 
+from trainer.common import EpochSettings, known_hparams
 from trainer.contract import DataRefs, TrainContext
 from trainer.prepare import N_FEATURES, load_xy
 
@@ -56,15 +57,9 @@ HPARAM_DEFAULTS: dict[str, Any] = {"hidden": 64, "layers": 1, "lr": 1e-3, "weigh
 
 
 def train(hparams: dict[str, Any], data: DataRefs, ctx: TrainContext) -> float:
-    unknown = set(hparams) - set(HPARAM_DEFAULTS)
-    if unknown:
-        # A typo in the combinations file would otherwise silently train with a default.
-        ctx.logger.warning("ignoring unknown hparams: %s", sorted(unknown))
-    hp = {**HPARAM_DEFAULTS, **{k: v for k, v in hparams.items() if k in HPARAM_DEFAULTS}}
-    epochs = int(ctx.settings.get("epochs", 10))
-    seed = int(ctx.settings.get("seed", 0))
-    average = str(ctx.settings.get("average", "macro"))
-    sleep_s = float(ctx.settings.get("epoch_sleep_s", 0))
+    hp = known_hparams(hparams, HPARAM_DEFAULTS, ctx.logger)
+    settings = EpochSettings.read(ctx.settings)
+    epochs, seed, average, sleep_s = settings.epochs, settings.seed, settings.average, settings.sleep_s
 
     device = _device(ctx)
     amp_dtype = _amp_dtype(device, bool(ctx.settings.get("amp", True)))
