@@ -249,7 +249,8 @@ def sweep(config: SweepConfig) -> dict[str, Any]:
         sweep_id=sweep_id, name=name, experiment_id=experiment_id, parent_run_id=parent_run_id,
         tracking_uri=tracking_uri, inputs=inputs, work_dir=config.work_dir, quota_limit=config.quota_limit,
         launcher=_launcher(config, entry_module, sweep_id) if to_train else None,
-        gpu_pool=GpuPool(host), max_attempts=config.max_attempts, holds_quota=not pooled, versions=versions,
+        gpu_pool=GpuPool(host), max_attempts=config.max_attempts, holds_quota=not pooled,
+        versions={**versions, "hpsweep.git_commit": provenance["hpsweep.git_commit"]},  # trial provenance
         data_refs={"train": data_ref(inputs.train).as_dict(), "val": data_ref(inputs.val).as_dict()},
         trial_task=run_trial.with_options(
             retries=config.max_attempts - 1,

@@ -115,9 +115,10 @@ def test_provenance_matches_dvc_and_git(dvc_project: DvcProject):
     }
     parent = dvc_project.parent_runs()[0]
     assert {k: parent.data.tags[k] for k in expected} == expected
-    for run in dvc_project.trial_runs():
-        assert {k: run.data.tags[k] for k in ("hpsweep.data_version",)} == \
-            {"hpsweep.data_version": expected["hpsweep.data_version"]}
+    trained_at = dvc_project.run("git", "rev-parse", "HEAD~1").stdout.strip()  # the first sweep's commit
+    for run in dvc_project.trial_runs():  # reused by this sweep: they keep the provenance they trained with
+        assert {k: run.data.tags[k] for k in ("hpsweep.data_version", "hpsweep.git_commit")} == \
+            {"hpsweep.data_version": expected["hpsweep.data_version"], "hpsweep.git_commit": trained_at}
     header = (dvc_project.root / "reports/digits-mlp/leaderboard.md").read_text().split("| rank")[0]
     assert expected["hpsweep.data_version"] in header and head in header
     assert parent.data.tags["hpsweep.spec_hash"] in header
