@@ -61,7 +61,8 @@ def test_freed_gpus_go_to_the_next_take_first(tmp_path: Path):
 def test_one_gpu_trials_pack_four_gpus_with_quota_8(served_project: Project, tmp_path: Path):
     project, record = served_project, served_project.root / "rec.jsonl"
     combos = [{"f1": round(0.1 * i, 2)} for i in range(1, 9)]
-    # quota 8 allows 8 one-GPU trials at once, the host has 4 GPUs: 4 at once, 2 waves. 6 s trials: GPU workers start up to ~4 s apart on a loaded machine.
+    # quota 8 allows 8 one-GPU trials at once, the host has 4 GPUs: 4 at once, 2 waves.
+    # 6 s trials: GPU workers start up to ~4 s apart on a loaded machine.
     result = run_sweep(project, combos, SLEEPY_SPEC.format(name="pack", sleep_s=6.0, gpus=1), 8,
                        env={"HPSWEEP_TEST_RECORD": str(record), "CUDA_VISIBLE_DEVICES": "0,1,2,3",
                             "HPSWEEP_GPU_LOCK_DIR": str(tmp_path / "locks")})
