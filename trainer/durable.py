@@ -1,8 +1,9 @@
 """What a trial process does so that a crash, a lost host or a tracking outage loses nothing.
 
-- ``MetricsLogger`` queues per-step metrics and ships them from a background thread,
-  retrying with backoff while the tracking server is unreachable, so training never waits
-  on (or dies of) a tracking outage; ``flush`` waits until everything is stored.
+- ``MetricsLogger`` journals per-step metrics to the trial folder and ships them from a
+  background thread, retrying with backoff while the tracking server is unreachable, so
+  training never waits on (or dies of) a tracking outage, and a killed attempt's unshipped
+  metrics go up with the next attempt; ``flush`` waits until everything is stored.
 - ``CheckpointSync`` mirrors the checkpoint folder to the run's ``checkpoints/`` artifacts,
   so another host (or a rerun after the local disk is gone) resumes from the last one.
 - ``restore_checkpoints`` fetches them back before an attempt starts with an empty folder.
@@ -12,6 +13,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import queue
@@ -52,19 +54,68 @@ def retry(fn: Callable[[], T], deadline_s: float, what: str, first_wait_s: float
 
 
 class MetricsLogger:
-    """Asynchronous, retrying ``log_batch`` for one run. Thread-safe."""
+    """Asynchronous, retrying ``log_batch`` for one run. Thread-safe.
 
-    def __init__(self, client: MlflowClient, run_id: str, batch_size: int = 500):
+    With a ``journal`` file, ``log`` appends each metric there before it returns, and the
+    shipper records (in ``<journal>.shipped``) how far the journal is stored. A process killed
+    between reporting an epoch and shipping it (the trainer has already checkpointed that
+    epoch, so the retry will not report it again) loses nothing: the next logger on the same
+    trial folder ships what is left first. Lines carry their run, so they go to the run
+    that reported them. Re-sending a metric is harmless: MLflow keeps one copy of an
+    identical (key, value, timestamp, step).
+    """
+
+    def __init__(self, client: MlflowClient, run_id: str, batch_size: int = 500, journal: Path | None = None):
         self._client, self._run_id, self._batch_size = client, run_id, batch_size
-        self._queue: queue.Queue[Metric | None] = queue.Queue()
+        self._queue: queue.Queue[tuple[str, Metric, int] | None] = queue.Queue()
         self._failed: Exception | None = None
+        self._lock = threading.Lock()
+        self._journal = self._shipped_file = None
+        if journal is not None:
+            self._shipped_file = journal.with_name(journal.name + ".shipped")
+            self._replay(journal)
+            self._journal = open(journal, "a", encoding="utf-8")
+            if _ends_mid_line(journal):
+                self._journal.write("\n")  # end the line a kill cut short, so ours start on their own
         self._thread = threading.Thread(target=self._ship, name="hpsweep-metrics", daemon=True)
         self._thread.start()
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         ts = int(time.time() * 1000)
-        for key, value in metrics.items():
-            self._queue.put(Metric(key, float(value), ts, int(step)))
+        with self._lock:  # journal order is queue order, so "shipped up to offset N" is exact
+            for key, value in metrics.items():
+                metric = Metric(key, float(value), ts, int(step))
+                offset = 0
+                if self._journal is not None:
+                    self._journal.write(json.dumps({"run": self._run_id, "key": key, "value": metric.value,
+                                                    "timestamp": ts, "step": metric.step}) + "\n")
+                    self._journal.flush()  # in the page cache: survives the process being killed
+                    offset = self._journal.tell()
+                self._queue.put((self._run_id, metric, offset))
+
+    def _replay(self, journal: Path) -> None:
+        """Store what an earlier process journaled but did not ship, before anything new is logged
+        (so the system-metric steps counted from the run's history follow them)."""
+        if not journal.exists():
+            return
+        try:
+            shipped = int(self._shipped_file.read_text())  # type: ignore[union-attr]
+        except (OSError, ValueError):
+            shipped = 0
+        items = []
+        with open(journal, "rb") as f:
+            f.seek(shipped)
+            for line in f:
+                shipped += len(line)
+                try:
+                    m = json.loads(line)
+                except ValueError:  # a line cut short by the kill: nothing to ship
+                    continue
+                items.append((m["run"], Metric(m["key"], float(m["value"]), int(m["timestamp"]), int(m["step"])),
+                              shipped))
+        if items:
+            log.info("storing %d metrics an earlier attempt reported but did not ship", len(items))
+            self._store(items, deadline_s=600)
 
     def _ship(self) -> None:
         done = False
@@ -76,13 +127,20 @@ class MetricsLogger:
                 except queue.Empty:
                     break
             done = None in batch
-            metrics = [m for m in batch if m is not None]
-            if metrics:
+            items = [b for b in batch if b is not None]
+            if items and self._failed is None:
                 try:
                     # An hour of outage is survivable; after that the trial fails (retryably) at flush.
-                    retry(lambda: self._client.log_batch(self._run_id, metrics=metrics), 3600, "logging metrics")
+                    self._store(items, deadline_s=3600)
                 except Exception as e:
-                    self._failed = e
+                    self._failed = e  # the journal keeps them for the next attempt
+
+    def _store(self, items: list[tuple[str, Metric, int]], deadline_s: float) -> None:
+        for run_id in dict.fromkeys(run for run, _, _ in items):
+            metrics = [m for run, m, _ in items if run == run_id]
+            retry(lambda: self._client.log_batch(run_id, metrics=metrics), deadline_s, "logging metrics")
+        if self._shipped_file is not None and items[-1][2]:
+            self._shipped_file.write_text(str(items[-1][2]))
 
     def flush(self, timeout_s: float = 3600) -> None:
         """Wait until every queued metric is stored; raise if that could not happen."""
@@ -90,8 +148,18 @@ class MetricsLogger:
         self._thread.join(timeout_s)
         if self._thread.is_alive():
             raise TimeoutError(f"metrics not stored after {timeout_s:.0f}s: tracking server unreachable")
+        if self._journal is not None:
+            self._journal.close()
         if self._failed is not None:
             raise RuntimeError(f"metrics not stored: {self._failed}") from self._failed
+
+
+def _ends_mid_line(path: Path) -> bool:
+    with open(path, "rb") as f:
+        if f.seek(0, os.SEEK_END) == 0:
+            return False
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) != b"\n"
 
 
 class CheckpointSync:

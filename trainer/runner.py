@@ -102,6 +102,10 @@ class TrialPaths:
     def outcome(self) -> Path:
         return self.root / "outcome.json"
 
+    @property
+    def metrics_journal(self) -> Path:
+        return self.root / "metrics.jsonl"
+
 
 def trial_env(req: TrialRequest) -> dict[str, str]:
     """The documented environment of a trial (the command trainer's contract)."""
@@ -164,7 +168,7 @@ def _train_durably(req: TrialRequest, client: MlflowClient) -> dict[str, Any]:
         if source:
             logging.info("restored checkpoints of run %s from the artifact store", source)
     sync = CheckpointSync(client, req.run_id, paths.checkpoints, req.checkpoint_sync_s)
-    metrics = MetricsLogger(client, req.run_id)
+    metrics = MetricsLogger(client, req.run_id, journal=paths.metrics_journal)
     system = (SystemMetrics(metrics, req.system_metrics_s, req.gpu_ids, client, req.run_id)
               if req.system_metrics_s > 0 else None)
     try:
