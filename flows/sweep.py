@@ -7,10 +7,12 @@ Rerunning the same command after any crash is the resume mechanism.
 
 from __future__ import annotations
 
+import contextvars
 import json
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from queue import Empty, Queue
@@ -22,7 +24,6 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.concurrency.sync import concurrency
 from prefect.runtime import task_run as current_task_run
-from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 
 from hpsweep import plan, progress, tracking
@@ -131,23 +132,29 @@ def run_trial(trial: PlannedTrial, ctx: SweepContext, gpu_ids: tuple[int, ...]) 
 
 
 @task(name="trial-worker", persist_result=False, cache_policy=NO_CACHE, task_run_name="trial-worker {worker}")
-def trial_worker(worker: int, queue: "Queue[PlannedTrial]", ctx: SweepContext) -> int:
-    """Runs queued trials back to back; returns how many it ran.
+def trial_worker(worker: int, queue: "Queue[PlannedTrial]", ctx: SweepContext, gpu_ids: tuple[int, ...]) -> int:
+    """Runs queued trials back to back on its GPUs; returns how many it ran."""
+    return _drain(queue, ctx, gpu_ids)
 
-    Local launcher: the worker holds one trial's share of the quota (and its GPUs) from
-    the Prefect concurrency limit for its whole life, not per trial, so a freed slot goes
-    to the next trial at once (a re-acquire that races a release gets a ~2 s Retry-After
-    from Prefect). The slot lease is renewed while the worker lives and expires
-    SLOT_LEASE_S after its process dies, so a crash never lowers the quota for long.
+
+def _gpu_worker(worker: int, queue: "Queue[PlannedTrial]", ctx: SweepContext) -> int:
+    """One slot of the quota: hold it (and its GPUs) for the worker's whole life, run trials in it.
+
+    Local launcher: the slot is taken from the Prefect concurrency limit once per worker, not
+    per trial, so a freed slot goes to the next trial at once. It is taken *before* the
+    worker's task run exists: Prefect serialises slot requests per limit, and once task runs
+    write their states the temporary (SQLite) server answered each one in up to 2 s, so the
+    8th worker of S2 started 14 s late. The lease is renewed while the worker lives and
+    expires SLOT_LEASE_S after its process dies, so a crash never lowers the quota for long.
     Pool launcher: the work pool's own concurrency limit is the quota; the worker only waits.
     """
     if not ctx.holds_quota:
-        return _drain(queue, ctx, ())
+        return trial_worker(worker, queue, quote(ctx), ())
     gpus = ctx.inputs.spec.resources.gpus
     with concurrency(ctx.quota_limit, occupy=gpus, strict=True, lease_duration=SLOT_LEASE_S):
         gpu_ids = ctx.gpu_pool.take(gpus)
         try:
-            return _drain(queue, ctx, gpu_ids)
+            return trial_worker(worker, queue, quote(ctx), gpu_ids)
         finally:
             ctx.gpu_pool.give_back(gpu_ids)
 
@@ -305,13 +312,16 @@ def _train_all(to_train: list[PlannedTrial], ctx: SweepContext, parallel: int, l
     queue: Queue[PlannedTrial] = Queue()
     for t in to_train:
         queue.put(t)
-    with ThreadPoolTaskRunner(max_workers=parallel) as runner:
-        workers = [runner.submit(trial_worker, parameters={"worker": w, "queue": queue, "ctx": quote(ctx)})
-                   for w in range(1, parallel + 1)]
+    # Plain threads, each in a copy of the flow's context, so a worker's task run (and its
+    # trials') belong to this flow run while its quota slot is taken outside any task run.
+    contexts = [contextvars.copy_context() for _ in range(parallel)]
+    with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="gpu-worker") as threads:
+        workers = [threads.submit(contexts[w - 1].run, _gpu_worker, w, queue, ctx) for w in range(1, parallel + 1)]
         for w in workers:
-            w.wait()
-            if w.state.is_failed():
-                logger.error("a GPU worker failed: %s", w.state.message)
+            try:
+                w.result()
+            except Exception as e:  # the other workers go on draining the queue
+                logger.error("a GPU worker failed: %s: %s", type(e).__name__, e)
 
 
 def never_started(trials: list[PlannedTrial], runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
