@@ -35,7 +35,7 @@ from hpsweep.outcome import TrialOutcome
 from hpsweep.pool import PoolLauncher, check_pool_limit
 from hpsweep.dvcdata import data_ref
 from hpsweep.process import HEARTBEAT_S, ZOMBIE_AFTER_S
-from hpsweep.quota import ensure_quota_limit
+from hpsweep.quota import REPOSSESS_EVERY_S, ensure_quota_limit, slots_in_use
 from hpsweep.plan import PlannedTrial, plan_trials  # re-exported: the flow's planning is hpsweep.plan's
 from hpsweep.report import counts, learning_curves, rank_rows, render_markdown, write_report
 from hpsweep.versions import git_commit
@@ -64,6 +64,7 @@ class SweepContext:
     versions: dict[str, str] = field(default_factory=dict)  # spec/data/code versions, tagged on every trial
     run_ids: dict[int, str] = field(default_factory=dict)  # trial index → its MLflow run, across attempts
     data_refs: dict[str, dict[str, Any]] = field(default_factory=dict)  # DVC refs: hosts without the files fetch
+    resumable: frozenset[str] = frozenset()  # trial keys with an unfinished run: their checkpoints count
 
 
 class RetryableTrialFailure(Exception):
@@ -108,7 +109,7 @@ def run_trial(trial: PlannedTrial, ctx: SweepContext, gpu_ids: tuple[int, ...]) 
         data=ctx.data_refs,
         entrypoint=spec.trainer.entrypoint, command=spec.trainer.command, time_limit_s=spec.time_limit_s,
         gpus=spec.resources.gpus, run_id=ctx.run_ids.get(trial.index), work_dir=str(ctx.work_dir),
-        versions=ctx.versions,
+        versions=ctx.versions, resume=attempt > 1 or trial.key in ctx.resumable,
     )
     result = ctx.launcher.launch(job, gpu_ids)
     outcome = result.outcome
@@ -215,6 +216,11 @@ def sweep(config: SweepConfig) -> dict[str, Any]:
     gpus = inputs.spec.resources.gpus
     if config.launcher == "local":
         ensure_quota_limit(config.quota_limit, config.quota)
+        taken = slots_in_use(config.quota_limit)
+        if taken:
+            logger.warning("%d of the %d slots of quota limit %r are taken: trials wait for them. Another sweep "
+                           "holds them, or one that died: its slots come back within %.0f s.", taken, config.quota,
+                           config.quota_limit, SLOT_LEASE_S + REPOSSESS_EVERY_S)
 
     experiment_id = tracking.ensure_experiment(client, name)
     zombies = tracking.reap_zombies(client, experiment_id, ZOMBIE_AFTER_S)
@@ -222,6 +228,7 @@ def sweep(config: SweepConfig) -> dict[str, Any]:
         logger.warning("closed %d zombie run(s) left RUNNING by a dead process: %s", len(zombies), zombies)
     reused = plan.reusable_runs(client, experiment_id, trials, versions, config.retrain)
     to_train = plan.trials_to_train(trials, reused)
+    resumable = tracking.unfinished_trial_keys(client, experiment_id, {t.key for t in to_train}, versions)
     pooled = config.launcher == "pool"
     if pooled:
         pool_limit = check_pool_limit(config.pool, config.quota)
@@ -259,6 +266,7 @@ def sweep(config: SweepConfig) -> dict[str, Any]:
         gpu_pool=GpuPool(host), max_attempts=config.max_attempts, holds_quota=not pooled,
         versions={**versions, "hpsweep.git_commit": provenance["hpsweep.git_commit"]},  # trial provenance
         data_refs={"train": data_ref(inputs.train).as_dict(), "val": data_ref(inputs.val).as_dict()},
+        resumable=frozenset(resumable),
         trial_task=run_trial.with_options(
             retries=config.max_attempts - 1,
             retry_delay_seconds=[config.retry_delay_s * 4**i for i in range(max(1, config.max_attempts - 1))]),

@@ -179,12 +179,20 @@ def _run(args: argparse.Namespace) -> int:
     # The embedded default starts Prefect's temporary API; its 20 s start-up budget is too
     # short on a busy 2-core machine (seen in CI), so give it two minutes unless told otherwise.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    from hpsweep import progress
+    from hpsweep import progress, quota
     from flows.sweep import sweep
 
     logging.getLogger("prefect.task_runs").setLevel(logging.WARNING)  # one line per trial comes from us
     progress.install(RichProgress())
-    result = sweep(config)
+    repossessor = None
+    if config.launcher == "local" and quota.uses_temporary_server():
+        quota.keep_leases_on_disk()  # before the flow starts Prefect's temporary server
+        repossessor = quota.SlotRepossessor()
+    try:
+        result = sweep(config)
+    finally:
+        if repossessor is not None:
+            repossessor.stop()
     _print_summary(result)
     return EXIT_OK if result["counts"]["failed"] == 0 else EXIT_TRIALS_FAILED
 

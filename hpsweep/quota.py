@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import threading
 
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate
@@ -26,3 +28,84 @@ def ensure_quota_limit(name: str, quota: int) -> None:
         if limit.limit != quota or not limit.active:
             log.warning("setting Prefect concurrency limit %r from %s to the quota %s", name, limit.limit, quota)
             client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(limit=quota, active=True))
+
+
+def slots_in_use(name: str) -> int:
+    """How many of the limit's slots are taken now (by other sweeps, or by sweeps that died)."""
+    with get_client(sync_client=True) as client:
+        return client.read_global_concurrency_limit_by_name(name).active_slots
+
+
+# ------------------------------------------------ the embedded default: slots of sweeps that died
+
+LEASE_STORAGE_ENV = "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE"
+REPOSSESS_EVERY_S = 15.0  # as Prefect's own Repossessor service
+FILESYSTEM_LEASES = "prefect.server.concurrency.lease_storage.filesystem"
+
+
+def uses_temporary_server() -> bool:
+    """True when no Prefect API is configured: Prefect will start its temporary server for the sweep."""
+    from prefect.settings import get_current_settings
+
+    return not get_current_settings().api.url
+
+
+def keep_leases_on_disk() -> None:
+    """Call before the temporary server starts (it inherits the environment): its default lease
+    storage is its own memory, so the leases of a sweep that died vanished with its server."""
+    os.environ.setdefault(LEASE_STORAGE_ENV, FILESYSTEM_LEASES)
+
+
+def reclaim_expired_slots() -> int:
+    """Give back the slots of every expired lease (a holder that stopped renewing: it died); how many.
+
+    This is the work of Prefect's Repossessor service, done from the sweep's process with Prefect's
+    own server functions on the same database (PREFECT_HOME) and the same lease files.
+    """
+    from prefect.server.concurrency.lease_storage.filesystem import ConcurrencyLeaseStorage
+    from prefect.server.database import provide_database_interface
+    from prefect.server.services.repossessor import revoke_expired_lease
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    storage = ConcurrencyLeaseStorage()
+
+    async def reclaim() -> int:
+        expired = await storage.read_expired_lease_ids()
+        for lease_id in expired:
+            await revoke_expired_lease(lease_id, db=provide_database_interface(), lease_storage=storage)
+        return len(expired)
+
+    return run_coro_as_sync(reclaim()) or 0
+
+
+class SlotRepossessor:
+    """The embedded default's stand-in for Prefect's Repossessor service, while a sweep runs.
+
+    A sweep holds its quota slots under leases it renews; a sweep killed with -9 stops renewing
+    and its leases expire. Prefect returns expired leases' slots in a server service that its
+    temporary server (the embedded default) does not run, so the killed sweep's slots stayed
+    taken and the rerun waited for them forever. With the leases on disk (keep_leases_on_disk),
+    this thread returns them every ``interval_s``: a rerun right after a crash waits at most a
+    lease (flows.sweep.SLOT_LEASE_S) and one interval.
+    """
+
+    def __init__(self, interval_s: float = REPOSSESS_EVERY_S):
+        self._interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="hpsweep-slot-repossessor", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                returned = reclaim_expired_slots()
+                if returned:
+                    log.warning("returned the quota slots of %d expired lease(s): a sweep holding them died", returned)
+            except Exception as e:  # e.g. Prefect's database not created yet on a fresh machine
+                log.debug("could not check for expired quota leases: %s: %s", type(e).__name__, e)
+            if self._stop.wait(self._interval_s):
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)

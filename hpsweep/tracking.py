@@ -7,9 +7,12 @@ active run), so trial threads cannot step on each other.
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import os
 import sqlite3
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -36,11 +39,12 @@ MAX_PARAM_LEN = 6000
 
 
 def resolve_tracking_uri(explicit: str | None = None) -> str:
-    """The user's MLFLOW_TRACKING_URI, else MLflow's own default: ./mlflow.db next to ./mlruns,
-    so a plain `mlflow ui` in the same folder shows the sweep."""
+    """The user's MLflow tracking URI, else MLflow's own default: ./mlflow.db next to ./mlruns,
+    so a plain `mlflow ui` in the same folder shows the sweep. A SQLite store is ready to use
+    when this returns (WAL on, MLflow's tables created)."""
     uri = explicit or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
     if uri.startswith("sqlite:///"):
-        _enable_wal(Path(uri.removeprefix("sqlite:///")))
+        _prepare_sqlite_store(uri)
     return uri
 
 
@@ -52,12 +56,28 @@ def redact_uri(uri: str) -> str:
     return uri
 
 
-def _enable_wal(db: Path) -> None:
-    # Trainer processes log metrics while the sweep writes tags: WAL lets readers and one
-    # writer proceed together instead of failing with "database is locked". It persists in the file.
+def _prepare_sqlite_store(uri: str) -> None:
+    """Turn on WAL and let MLflow create its tables, one process at a time.
+
+    WAL: trainer processes log metrics while the sweep writes tags; it lets readers and one
+    writer proceed together instead of failing with "database is locked" (it persists in the file).
+    The lock: MLflow creates and migrates a new database's tables on first use with no lock
+    between processes. A sweep starting while `hpsweep status` polled ran the migrations twice
+    and died on "duplicate column name" (seen in CI). The lock file is in the temp folder, never
+    the database itself: closing any descriptor of the database file drops the SQLite locks
+    this process's connections hold on it.
+    """
+    db = Path(uri.removeprefix("sqlite:///")).resolve()
     db.parent.mkdir(parents=True, exist_ok=True)
-    with sqlite3.connect(db, timeout=30) as conn:
-        conn.execute("PRAGMA journal_mode=WAL")
+    key = hashlib.md5(str(db).encode(), usedforsecurity=False).hexdigest()[:16]
+    with open(Path(tempfile.gettempdir()) / f"hpsweep-store-{key}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        with sqlite3.connect(db, timeout=30) as conn:
+            conn.execute("PRAGMA journal_mode=WAL")
+        # MLflow keeps the store for this process, so MlflowClient(uri) later reuses it.
+        from mlflow.tracking._tracking_service.utils import _get_store
+
+        _get_store(uri)
 
 
 def ensure_experiment(client: MlflowClient, name: str) -> str:
@@ -263,6 +283,23 @@ def finished_runs_by_key(client: MlflowClient, exp_id: str, keys: set[str],
             key = run.data.tags.get(TAG_TRIAL_KEY)
             if key in keys and key not in found and "f1" in run.data.metrics:
                 found[key] = _row(run)
+        token = page.token
+        if not token:
+            return found
+
+
+def unfinished_trial_keys(client: MlflowClient, exp_id: str, keys: set[str],
+                          versions: dict[str, str] | None = None) -> set[str]:
+    """Those of ``keys`` with a trial run that did not finish (killed, failed, a reaped zombie):
+    the only runs whose checkpoints a new attempt should resume from. One search per sweep."""
+    found: set[str] = set()
+    flt = f"tags.`{TAG_ROLE}` = 'trial' and attributes.status != 'FINISHED'"
+    for tag, value in (versions or {}).items():
+        flt += f" and tags.`{tag}` = '{value}'"
+    token = None
+    while True:
+        page = client.search_runs([exp_id], flt, max_results=1000, page_token=token)
+        found.update(k for k in (r.data.tags.get(TAG_TRIAL_KEY) for r in page) if k in keys)
         token = page.token
         if not token:
             return found

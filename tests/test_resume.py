@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
+from mlflow.tracking import MlflowClient
 
 from tests.conftest import Project
 from tests.test_sweep_e2e import SLEEPY_SPEC, leaderboard, records, run_sweep
@@ -53,3 +61,59 @@ def test_a_changed_spec_invalidates_every_trial(served_project: Project):
     assert run_sweep(project, combos, SLEEPY_SPEC.format(name="spec-change", sleep_s=0.2, gpus=1), 2,
                      env=env).returncode == 0
     assert len(starts(record)) == 4  # new settings, new trial keys: nothing stale is reused
+
+
+def test_retrain_trains_from_scratch_and_finished_trials_keep_no_local_checkpoints(served_project: Project):
+    """A checkpointing trainer (the reference one): --retrain must not resume from the final
+    checkpoint of the run it retrains, which would train nothing and copy the old F1."""
+    project = served_project
+    project.write("params/spec.yaml", "name: retrain\ntrainer: {entrypoint: 'trainer.reference:train'}\n"
+                                      "settings: {epochs: 4, seed: 0}\nresources: {gpus: 1}\n")
+    project.write("params/combinations.yaml", "combinations:\n  - {hidden: 16, lr: 0.01, alpha: 0.0001}\n")
+    args = ("run", "--combinations", "params/combinations.yaml", "--spec", "params/spec.yaml",
+            "--train", "data/train.csv", "--val", "data/val.csv", "--quota", "1")
+    assert project.hpsweep(*args).returncode == 0
+    # Finished: its checkpoints live in the artifact store, not on this host's disk.
+    assert list((project.root / ".hpsweep").glob("trials/*/checkpoints/*")) == []
+
+    # A stale final checkpoint on disk (as an older hpsweep left them) must not be resumed either.
+    first = leaderboard(project, "retrain")["rows"][0]
+    client = MlflowClient(f"sqlite:///{project.root / 'mlflow.db'}")
+    trial_dir = next((project.root / ".hpsweep" / "trials").iterdir())
+    client.download_artifacts(first["run_id"], "checkpoints", str(trial_dir))
+    assert list((trial_dir / "checkpoints").iterdir())
+
+    result = project.hpsweep(*args, "--retrain")
+    assert result.returncode == 0, result.stderr
+    row = leaderboard(project, "retrain")["rows"][0]
+    assert row["run_id"] != first["run_id"] and row["status"] == "FINISHED"
+    assert sorted(m.step for m in client.get_metric_history(row["run_id"], "val_f1")) == [1, 2, 3, 4]
+    log = Path(client.download_artifacts(row["run_id"], "trial.log", str(project.root / "dl")))
+    assert "resumed" not in log.read_text()
+    assert row["f1"] == first["f1"]  # same seed, trained again from scratch: the same model
+
+
+def test_a_sweep_killed_on_the_embedded_default_gives_its_quota_back_to_the_rerun(project: Project):
+    """kill -9 of `hpsweep run` on the embedded default (Prefect's temporary server): the killed
+    sweep's quota slot must come back, or the rerun waits for it forever (it did)."""
+    project.write("params/spec.yaml", SLEEPY_SPEC.format(name="killed", sleep_s=1, gpus=1))
+    project.write("params/combinations.yaml", "combinations:\n  - {f1: 0.5, sleep_s: 15}\n  - {f1: 0.6, sleep_s: 2}\n")
+    args = [sys.executable, "-m", "hpsweep.cli", "run", "--combinations", "params/combinations.yaml",
+            "--spec", "params/spec.yaml", "--train", "data/train.csv", "--val", "data/val.csv", "--quota", "1"]
+    first = subprocess.Popen(args, cwd=project.root, env=project.env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not list(project.root.glob(".hpsweep/trials/*/trial.log")):  # a trial holds the slot
+            assert first.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)  # the sweep, its fork server and its temporary Prefect server
+        first.wait()
+
+    rerun = project.hpsweep(*args[3:], timeout=400)
+    assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-3000:]
+    board = leaderboard(project, "killed")
+    assert [(r["f1"], r["status"]) for r in board["rows"]] == [(0.6, "FINISHED"), (0.5, "FINISHED")]
+    assert "slots of quota limit 'hpsweep-gpus' are taken" in rerun.stderr  # the wait is explained
+    assert "returned the quota slots of 1 expired lease" in rerun.stderr

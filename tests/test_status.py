@@ -89,16 +89,18 @@ def test_status_while_a_sweep_runs_in_another_process(served_project: Project):
         cwd=project.root, env=project.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 400
-        seen = None
+        seen, answers = None, []
         while time.monotonic() < deadline and sweep.poll() is None:
             result = status(project, "watched", "--json")
+            answers.append(f"exit {result.returncode}: {(result.stdout or result.stderr)[-500:]}")
             if result.returncode == 0:
                 snapshot = json.loads(result.stdout)
                 if snapshot["counts"]["running"] == 1 and snapshot["counts"]["done"] < 3:
                     seen = snapshot
                     break
             time.sleep(0.5)
-        assert seen is not None, "never saw a running trial"
+        assert seen is not None, ("never saw a running trial; status said:\n" + "\n".join(answers[-5:])
+                                  + f"\nthe sweep (exit {sweep.poll()}) said:\n" + (sweep.stdout.read()[-3000:] if sweep.poll() is not None else ""))
         assert seen["state"] == "running" and seen["total"] == 3 and seen["counts"]["failed"] == 0
         assert seen["counts"]["running"] + seen["counts"]["queued"] + seen["counts"]["done"] == 3
         assert seen["prefect"] == "Running"  # the flow run's state, from the real Prefect server

@@ -302,13 +302,15 @@ def trial_gpu_monitor(gpu_ids: tuple[int, ...]):
 
 def restore_checkpoints(client: MlflowClient, experiment_id: str, trial_key: str, dest: Path,
                         key_tag: str = "hpsweep.trial_key") -> str | None:
-    """Fill an empty ``dest`` from the newest run of this trial that uploaded checkpoints.
+    """Fill an empty ``dest`` from the newest unfinished run of this trial that uploaded checkpoints.
 
-    Returns the run id it restored from, or None (nothing found, or ``dest`` already has files).
+    A FINISHED run's checkpoints are its final state: resuming from them would skip the
+    training a new attempt is for (``--retrain``). Returns the run id it restored from, or
+    None (nothing found, or ``dest`` already has files).
     """
     if dest.is_dir() and any(p.is_file() for p in dest.iterdir()):
         return None
-    runs = client.search_runs([experiment_id], f"tags.`{key_tag}` = '{trial_key}'",
+    runs = client.search_runs([experiment_id], f"tags.`{key_tag}` = '{trial_key}' and attributes.status != 'FINISHED'",
                               order_by=["attributes.start_time DESC"], max_results=20)
     for run in runs:
         try:
