@@ -35,7 +35,7 @@ from hpsweep.outcome import TrialOutcome
 from hpsweep.pool import PoolLauncher, check_pool_limit
 from hpsweep.dvcdata import data_ref
 from hpsweep.process import HEARTBEAT_S, ZOMBIE_AFTER_S
-from hpsweep.quota import REPOSSESS_EVERY_S, ensure_quota_limit, slots_in_use
+from hpsweep.quota import REPOSSESS_EVERY_S, ensure_quota_limit
 from hpsweep.plan import PlannedTrial, plan_trials  # re-exported: the flow's planning is hpsweep.plan's
 from hpsweep.report import counts, learning_curves, rank_rows, render_markdown, write_report
 from hpsweep.versions import git_commit
@@ -215,8 +215,7 @@ def sweep(config: SweepConfig) -> dict[str, Any]:
     sweep_id = new_sweep_id(name)
     gpus = inputs.spec.resources.gpus
     if config.launcher == "local":
-        ensure_quota_limit(config.quota_limit, config.quota)
-        taken = slots_in_use(config.quota_limit)
+        taken = ensure_quota_limit(config.quota_limit, config.quota)
         if taken:
             logger.warning("%d of the %d slots of quota limit %r are taken: trials wait for them. Another sweep "
                            "holds them, or one that died: its slots come back within %.0f s.", taken, config.quota,

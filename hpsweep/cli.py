@@ -184,15 +184,8 @@ def _run(args: argparse.Namespace) -> int:
 
     logging.getLogger("prefect.task_runs").setLevel(logging.WARNING)  # one line per trial comes from us
     progress.install(RichProgress())
-    repossessor = None
-    if config.launcher == "local" and quota.uses_temporary_server():
-        quota.keep_leases_on_disk()  # before the flow starts Prefect's temporary server
-        repossessor = quota.SlotRepossessor()
-    try:
+    with quota.dead_sweeps_slots_returned(config.launcher == "local"):
         result = sweep(config)
-    finally:
-        if repossessor is not None:
-            repossessor.stop()
     _print_summary(result)
     return EXIT_OK if result["counts"]["failed"] == 0 else EXIT_TRIALS_FAILED
 

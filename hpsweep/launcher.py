@@ -25,7 +25,7 @@ from hpsweep.datacache import DataCache, DataRef, Remote
 from hpsweep.outcome import TrialOutcome
 from hpsweep.process import CHECKPOINT_SYNC_S, ProcessRunner
 from trainer.durable import retry
-from trainer.runner import TrialPaths, TrialRequest
+from trainer.runner import TrialRequest
 
 # How long bookkeeping calls keep retrying while the tracking server is unreachable.
 TRACKING_PATIENCE_S = 900.0
@@ -57,8 +57,7 @@ class TrialJob:
     data: dict[str, dict[str, Any]] = field(default_factory=dict)
     cwd: str = field(default_factory=lambda: str(Path.cwd()))
     # False: no unfinished attempt of this trial exists (its earlier runs, if any, FINISHED, as
-    # under --retrain), so it starts from scratch: leftover local checkpoints are a finished
-    # run's final state and go, and the artifact store is not searched.
+    # under --retrain), so it starts from scratch (TrialRequest.resume).
     resume: bool = True
 
     def as_dict(self) -> dict[str, Any]:
@@ -105,22 +104,18 @@ def execute_trial(job: TrialJob, gpu_ids: tuple[int, ...], runner: ProcessRunner
                   TRACKING_PATIENCE_S, "tagging the run")
         trial_dir = Path(job.work_dir) / "trials" / job.trial_key
         trial_dir.mkdir(parents=True, exist_ok=True)
-        paths = TrialPaths(trial_dir)
-        if not job.resume:  # a fresh start: nothing of an earlier, finished run carries over
-            shutil.rmtree(paths.checkpoints, ignore_errors=True)
-            paths.log.unlink(missing_ok=True)
         request = TrialRequest(
             run_id=run_id, tracking_uri=job.tracking_uri, hparams=job.hparams, settings=dict(job.settings),
             train=str(data.train), val=str(data.val),
             trial_dir=str(trial_dir.resolve()), cwd=job.cwd, entrypoint=job.entrypoint, command=job.command,
             gpu_ids=gpu_ids, experiment_id=job.experiment_id, trial_key=job.trial_key,
-            checkpoint_sync_s=CHECKPOINT_SYNC_S, orchestrator=tracking.owner_id(), restore_checkpoints=job.resume,
+            checkpoint_sync_s=CHECKPOINT_SYNC_S, orchestrator=tracking.owner_id(), resume=job.resume,
         )
         outcome = runner.run(request, job.time_limit_s, heartbeat=lambda: tracking.heartbeat(client, run_id))
         retry(lambda: tracking.finish_trial_run(client, run_id, outcome, request.paths.log),
               TRACKING_PATIENCE_S, "storing the trial's result")
         if outcome.ok:  # its checkpoints are in the artifact store; a finished trial never resumes
-            shutil.rmtree(paths.checkpoints, ignore_errors=True)
+            shutil.rmtree(request.paths.checkpoints, ignore_errors=True)
     except Exception as e:  # hpsweep's bookkeeping failed (tracking down for too long): a machine failure
         outcome = TrialOutcome(False, None, f"hpsweep could not run the trial: {type(e).__name__}: {e}",
                                retryable=True, started_at=time.time(), ended_at=time.time())

@@ -71,6 +71,9 @@ class ProcessRunner:
         paths = request.paths
         for stale in (paths.result, paths.outcome):
             stale.unlink(missing_ok=True)
+        if not request.resume:  # a fresh start: nothing of an earlier, finished run carries over
+            shutil.rmtree(paths.checkpoints, ignore_errors=True)
+            paths.log.unlink(missing_ok=True)
         paths.checkpoints.mkdir(parents=True, exist_ok=True)
         _empty_dir(paths.model)
         proc = self._mp.Process(target=run_trial_process, args=(request,), name=f"trial-{request.run_id}")

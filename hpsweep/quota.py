@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from contextlib import contextmanager
+from typing import Iterator
 
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate
@@ -13,8 +15,9 @@ from prefect.exceptions import ObjectNotFound
 log = logging.getLogger("hpsweep")
 
 
-def ensure_quota_limit(name: str, quota: int) -> None:
-    """Create the limit, or set it to ``quota`` if it holds another value.
+def ensure_quota_limit(name: str, quota: int) -> int:
+    """Create the limit, or set it to ``quota`` if it holds another value; how many of its slots
+    are taken now (by other sweeps, or by sweeps that died).
 
     The limit is the organisation's: two sweeps naming it share its slots. The last
     sweep started sets its size, and that is logged, never silent.
@@ -24,16 +27,11 @@ def ensure_quota_limit(name: str, quota: int) -> None:
             limit = client.read_global_concurrency_limit_by_name(name)
         except ObjectNotFound:
             client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=quota))
-            return
+            return 0
         if limit.limit != quota or not limit.active:
             log.warning("setting Prefect concurrency limit %r from %s to the quota %s", name, limit.limit, quota)
             client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(limit=quota, active=True))
-
-
-def slots_in_use(name: str) -> int:
-    """How many of the limit's slots are taken now (by other sweeps, or by sweeps that died)."""
-    with get_client(sync_client=True) as client:
-        return client.read_global_concurrency_limit_by_name(name).active_slots
+        return limit.active_slots
 
 
 # ------------------------------------------------ the embedded default: slots of sweeps that died
@@ -43,17 +41,23 @@ REPOSSESS_EVERY_S = 15.0  # as Prefect's own Repossessor service
 FILESYSTEM_LEASES = "prefect.server.concurrency.lease_storage.filesystem"
 
 
-def uses_temporary_server() -> bool:
-    """True when no Prefect API is configured: Prefect will start its temporary server for the sweep."""
+@contextmanager
+def dead_sweeps_slots_returned(local_launcher: bool) -> Iterator[None]:
+    """While a sweep runs on the embedded default (no Prefect API configured: Prefect starts its
+    temporary server for the sweep), keep leases on disk and return expired leases' slots."""
     from prefect.settings import get_current_settings
 
-    return not get_current_settings().api.url
-
-
-def keep_leases_on_disk() -> None:
-    """Call before the temporary server starts (it inherits the environment): its default lease
-    storage is its own memory, so the leases of a sweep that died vanished with its server."""
+    if not local_launcher or get_current_settings().api.url:
+        yield  # a real Prefect server runs its own Repossessor
+        return
+    # Before the temporary server starts (it inherits the environment): its default lease
+    # storage is its own memory, so the leases of a sweep that died vanished with its server.
     os.environ.setdefault(LEASE_STORAGE_ENV, FILESYSTEM_LEASES)
+    repossessor = SlotRepossessor()
+    try:
+        yield
+    finally:
+        repossessor.stop()
 
 
 def reclaim_expired_slots() -> int:
@@ -84,7 +88,7 @@ class SlotRepossessor:
     A sweep holds its quota slots under leases it renews; a sweep killed with -9 stops renewing
     and its leases expire. Prefect returns expired leases' slots in a server service that its
     temporary server (the embedded default) does not run, so the killed sweep's slots stayed
-    taken and the rerun waited for them forever. With the leases on disk (keep_leases_on_disk),
+    taken and the rerun waited for them forever. With the leases on disk (dead_sweeps_slots_returned),
     this thread returns them every ``interval_s``: a rerun right after a crash waits at most a
     lease (flows.sweep.SLOT_LEASE_S) and one interval.
     """

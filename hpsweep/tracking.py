@@ -264,45 +264,41 @@ def reap_zombies(client: MlflowClient, exp_id: str, stale_after_s: float) -> lis
     return reaped
 
 
-def finished_runs_by_key(client: MlflowClient, exp_id: str, keys: set[str],
-                         versions: dict[str, str] | None = None) -> dict[str, dict[str, Any]]:
-    """The newest FINISHED trial run (with its F1 stored) for each of ``keys`` in the experiment.
-
-    ``versions`` (spec hash, data and code versions, which every trial key includes) narrow the
-    search to runs that could match, instead of reading the experiment's whole history.
-    """
-    found: dict[str, dict[str, Any]] = {}
-    flt = f"tags.`{TAG_ROLE}` = 'trial' and tags.`{TAG_STATUS}` = 'FINISHED' and attributes.status = 'FINISHED'"
+def _trial_runs(client: MlflowClient, exp_id: str, flt: str, versions: dict[str, str] | None):
+    """Every trial run matching ``flt``, newest first, page by page. ``versions`` (spec hash, data and
+    code versions, which every trial key includes) narrow the search to runs that could match a key,
+    instead of reading the experiment's whole history."""
+    flt = f"tags.`{TAG_ROLE}` = 'trial' and {flt}"
     for tag, value in (versions or {}).items():
         flt += f" and tags.`{tag}` = '{value}'"
     token = None
     while True:
         page = client.search_runs([exp_id], flt, order_by=["attributes.start_time DESC"], max_results=1000,
                                   page_token=token)
-        for run in page:
-            key = run.data.tags.get(TAG_TRIAL_KEY)
-            if key in keys and key not in found and "f1" in run.data.metrics:
-                found[key] = _row(run)
+        yield from page
         token = page.token
         if not token:
-            return found
+            return
+
+
+def finished_runs_by_key(client: MlflowClient, exp_id: str, keys: set[str],
+                         versions: dict[str, str] | None = None) -> dict[str, dict[str, Any]]:
+    """The newest FINISHED trial run (with its F1 stored) for each of ``keys`` in the experiment."""
+    found: dict[str, dict[str, Any]] = {}
+    flt = f"tags.`{TAG_STATUS}` = 'FINISHED' and attributes.status = 'FINISHED'"
+    for run in _trial_runs(client, exp_id, flt, versions):
+        key = run.data.tags.get(TAG_TRIAL_KEY)
+        if key in keys and key not in found and "f1" in run.data.metrics:
+            found[key] = _row(run)
+    return found
 
 
 def unfinished_trial_keys(client: MlflowClient, exp_id: str, keys: set[str],
                           versions: dict[str, str] | None = None) -> set[str]:
     """Those of ``keys`` with a trial run that did not finish (killed, failed, a reaped zombie):
     the only runs whose checkpoints a new attempt should resume from. One search per sweep."""
-    found: set[str] = set()
-    flt = f"tags.`{TAG_ROLE}` = 'trial' and attributes.status != 'FINISHED'"
-    for tag, value in (versions or {}).items():
-        flt += f" and tags.`{tag}` = '{value}'"
-    token = None
-    while True:
-        page = client.search_runs([exp_id], flt, max_results=1000, page_token=token)
-        found.update(k for k in (r.data.tags.get(TAG_TRIAL_KEY) for r in page) if k in keys)
-        token = page.token
-        if not token:
-            return found
+    runs = _trial_runs(client, exp_id, "attributes.status != 'FINISHED'", versions)
+    return {key for key in (run.data.tags.get(TAG_TRIAL_KEY) for run in runs) if key in keys}
 
 
 def reopen_trial_run(client: MlflowClient, run_id: str, attempt: int, previous_reason: str | None) -> None:

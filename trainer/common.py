@@ -27,6 +27,7 @@ class EpochSettings:
 
     @classmethod
     def read(cls, settings: dict[str, Any]) -> "EpochSettings":
-        return cls(epochs=int(settings.get("epochs", 10)), seed=int(settings.get("seed", 0)),
-                   average=str(settings.get("average", "macro")),
-                   sleep_s=float(settings.get("epoch_sleep_s", 0)))
+        default = cls()
+        return cls(epochs=int(settings.get("epochs", default.epochs)), seed=int(settings.get("seed", default.seed)),
+                   average=str(settings.get("average", default.average)),
+                   sleep_s=float(settings.get("epoch_sleep_s", default.sleep_s)))

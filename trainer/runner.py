@@ -64,8 +64,9 @@ class TrialRequest:
     experiment_id: str = ""
     trial_key: str = ""
     checkpoint_sync_s: float = 30.0
-    # False: a fresh start (no unfinished attempt left checkpoints): skip the artifact-store search.
-    restore_checkpoints: bool = True
+    # False: a fresh start (no unfinished attempt of this trial exists): the trial folder's
+    # checkpoints and log are cleared, and the artifact store is not searched for checkpoints.
+    resume: bool = True
     orchestrator: str = ""  # process identity of the sweep; the trial dies with it
     extra_env: dict[str, str] = field(default_factory=dict)
     # Read where the request is made (the sweep or a pool worker), so its environment decides.
@@ -164,7 +165,7 @@ def _train_durably(req: TrialRequest, client: MlflowClient) -> dict[str, Any]:
     """Restore checkpoints, train with metrics shipped and checkpoints mirrored in the background,
     then wait until metrics and model are stored. The trainer's own exception is its outcome."""
     paths = req.paths
-    if req.restore_checkpoints and req.experiment_id and req.trial_key:
+    if req.resume and req.experiment_id and req.trial_key:
         source = retry(lambda: restore_checkpoints(client, req.experiment_id, req.trial_key, paths.checkpoints),
                        600, "restoring checkpoints")
         if source:
