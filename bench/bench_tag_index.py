@@ -10,7 +10,7 @@ runs, without HTTP), are timed without and with ``mlflow_server``'s hash index o
 - ``sweep_runs``: the report's read of one sweep (``tags.hpsweep.sweep_id = …``), and
 - ``finished_runs_by_key``: the planning read of every FINISHED trial in the experiment.
 
-Part 2 (``--report-trials``, default 10,000): ``hpsweep.report.rank_rows`` + ``write_report`` on
+Part 2 (``--report-trials``, default 10,000): ``hpsweep.report.leaderboard.rank_rows`` + ``write_report`` on
 synthetic rows, each step timed.
 
     python bench/bench_tag_index.py                      # both parts, ~15 min on 2 busy cores
@@ -62,7 +62,7 @@ def _line(*cols) -> str:
 
 def build(db_uri: str, n_runs: int, seed: int = 0) -> tuple[list[Sweep], dict[str, float]]:
     """MLflow's schema through its own store, then hpsweep-shaped rows by COPY."""
-    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+    from mlflow.store.store.sqlalchemy_store import SqlAlchemyStore
 
     rng = random.Random(seed)
     timings = {}
@@ -91,7 +91,7 @@ def build(db_uri: str, n_runs: int, seed: int = 0) -> tuple[list[Sweep], dict[st
                          None))
         for k, v in (("mlflow.runName", f"sweep {sw.sweep_id}"), ("mlflow.user", "ci"),
                      ("hpsweep.sweep_id", sw.sweep_id), ("hpsweep.role", "sweep"), ("hpsweep.spec_hash", spec),
-                     ("hpsweep.data_version", data), ("hpsweep.code_version", code), ("hpsweep.quota", "8"),
+                     ("hpsweep.data_version", data), ("hpsweep.code_version", code), ("hpsweep.engine.quota", "8"),
                      ("hpsweep.git_commit", code), ("hpsweep.owner", "orchestrator:1234:1790000000"),
                      ("hpsweep.heartbeat", str(ts // 1000))):
             tags.write(_line(k, v, parent))
@@ -109,8 +109,8 @@ def build(db_uri: str, n_runs: int, seed: int = 0) -> tuple[list[Sweep], dict[st
                          ("hpsweep.sweep_id", sw.sweep_id), ("hpsweep.role", "trial"),
                          ("hpsweep.trial_key", hashlib.sha1(f"{sw.sweep_id}{i}".encode()).hexdigest()[:16]),
                          ("hpsweep.hparams", json.dumps(hp)), ("hpsweep.index", str(i)), ("hpsweep.attempt", "1"),
-                         ("hpsweep.status", "FINISHED"), ("hpsweep.owner", f"gpu-host-{i % 8}:{1000 + i}:1790000000"),
-                         ("hpsweep.heartbeat", str(start // 1000 + 3600)), ("hpsweep.gpus", str(i % 8)),
+                         ("hpsweep.report.status", "FINISHED"), ("hpsweep.owner", f"gpu-host-{i % 8}:{1000 + i}:1790000000"),
+                         ("hpsweep.heartbeat", str(start // 1000 + 3600)), ("hpsweep.engine.gpus", str(i % 8)),
                          ("hpsweep.duration_s", "3600.000")):
                 tags.write(_line(k, v, rid))
             for k, v in hp.items():
@@ -183,7 +183,7 @@ class SqlCapture:
 def bench_lookups(db_uri: str, sweeps: list[Sweep], repeat: int) -> list[dict]:
     from mlflow.tracking import MlflowClient
 
-    from hpsweep import tracking
+    from hpsweep import store
 
     client = MlflowClient(db_uri)
     store = client._tracking_client.store
@@ -193,9 +193,9 @@ def bench_lookups(db_uri: str, sweeps: list[Sweep], repeat: int) -> list[dict]:
     n_in = {e: sum(s.trials + 1 for s in sweeps if s.experiment_id == e) for e in {c[1] for c in cases}}
     results = []
     for label, exp, sw in cases:
-        got = tracking.sweep_runs(client, str(exp), sw.sweep_id)
+        got = store.sweep_runs(client, str(exp), sw.sweep_id)
         assert len(got) == sw.trials, (label, len(got))
-        median, best = time_calls(lambda exp=exp, sw=sw: tracking.sweep_runs(client, str(exp), sw.sweep_id), repeat)
+        median, best = time_calls(lambda exp=exp, sw=sw: store.sweep_runs(client, str(exp), sw.sweep_id), repeat)
         plan = capture.explain()
         results.append({"query": label, "runs in experiment": n_in[exp], "median_s": median, "min_s": best,
                         "sql_ms": _execution_ms(plan), "plan": plan})
@@ -207,12 +207,12 @@ def bench_planning_read(db_uri: str, sweeps: list[Sweep]) -> dict:
     """The read every sweep does first: all FINISHED trials of its experiment (to reuse by key)."""
     from mlflow.tracking import MlflowClient
 
-    from hpsweep import tracking
+    from hpsweep import store
 
     client = MlflowClient(db_uri)
     exp = sweeps[0].experiment_id
     t = time.perf_counter()
-    found = tracking.finished_runs_by_key(client, str(exp), {"no-such-key"})
+    found = store.finished_runs_by_key(client, str(exp), {"no-such-key"})
     elapsed = time.perf_counter() - t
     client._tracking_client.store.engine.dispose()
     n = sum(s.trials for s in sweeps if s.experiment_id == exp)
@@ -248,7 +248,7 @@ def bench_write_overhead(db_uri: str, n_runs: int = 500) -> float:
 
 
 def bench_report(n: int, seed: int = 0) -> dict[str, float]:
-    from hpsweep import report
+    from hpsweep.report import leaderboard as report
 
     rng = random.Random(seed)
     runs = []
@@ -336,7 +336,7 @@ def main() -> int:
 
             print(f"\n## search_runs for one sweep, without and with `{TAG_VALUE_INDEX.name}` "
                   f"(hash on tags.value; built in {build_s:.1f}s, {index_mb:.0f} MB)\n")
-            print(table(["lookup (hpsweep.tracking)", "runs in experiment", "no index: median s", "SQL ms",
+            print(table(["lookup (hpsweep.store)", "runs in experiment", "no index: median s", "SQL ms",
                          "hash index: median s", "SQL ms", "end-to-end ratio", "SQL ratio"],
                         [[b["query"], f"{b['runs in experiment']:,}", f"{b['median_s']:.3f}", f"{b['sql_ms']:.1f}",
                           f"{a['median_s']:.3f}", f"{a['sql_ms']:.1f}", f"{b['median_s'] / a['median_s']:.1f}x",
@@ -359,7 +359,7 @@ def main() -> int:
     if args.report_trials:
         for n in sorted({min(1000, args.report_trials), args.report_trials}):
             res = bench_report(n)
-            print(f"\n## report for a {n:,}-trial sweep (hpsweep.report, synthetic rows, 2% failed)\n")
+            print(f"\n## report for a {n:,}-trial sweep (hpsweep.report.leaderboard, synthetic rows, 2% failed)\n")
             print(table(["step", "seconds"], [[k, f"{v:.2f}"] for k, v in res.items()]))
     return 0
 

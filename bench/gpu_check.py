@@ -41,7 +41,7 @@ def gpu_problem() -> str | None:
     if not torch.cuda.is_available():
         return (f"torch {torch.__version__} sees no CUDA device (CPU-only build, no driver, or "
                 f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})")
-    from hpsweep.gpus import host_gpus
+    from hpsweep.engine.gpus import host_gpus
 
     if not host_gpus():
         return "hpsweep finds no GPU on this host (NVML reports none and CUDA_VISIBLE_DEVICES is unset)"
@@ -84,7 +84,7 @@ def trial_stats(work: Path, name: str) -> list[dict[str, Any]]:
         except Exception:
             device_line = ""
         stats.append({"hparams": row["hparams"], "f1": row["f1"], "status": row["status"],
-                      "gpus": run.data.tags.get("hpsweep.gpus", "?"), "device_line": device_line,
+                      "gpus": run.data.tags.get("hpsweep.engine.gpus", "?"), "device_line": device_line,
                       "epoch_s": history.get("epoch_s", []), "gpu_mem_mb": max(history.get("gpu_max_memory_mb", [0])),
                       "gpu_util": history.get("system/gpu_0_utilization_percentage", []),
                       "gpu_sys_mem_mb": history.get("system/gpu_0_memory_usage_megabytes", []),
@@ -100,7 +100,7 @@ def check_gpu_trials(stats: list[dict[str, Any]]) -> list[str]:
         if s["status"] != "FINISHED":
             problems.append(f"{who}: {s['status']}")
         if s["gpus"] in ("cpu", "?", ""):
-            problems.append(f"{who}: hpsweep gave it no GPU (tag hpsweep.gpus={s['gpus']!r})")
+            problems.append(f"{who}: hpsweep gave it no GPU (tag hpsweep.engine.gpus={s['gpus']!r})")
         if "cuda" not in s["device_line"]:
             problems.append(f"{who}: its log does not say it trained on cuda: {s['device_line']!r}")
         if not s["gpu_mem_mb"] > 0:
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         gpu_stats = None
         if not args.cpu_only:
-            from hpsweep.gpus import host_gpus
+            from hpsweep.engine.gpus import host_gpus
 
             # One trial per GPU at once: the quota is the host's GPU count.
             walls["gpu"] = run_sweep(work, "digits-torch-gpu", max(1, len(host_gpus())), base)

@@ -302,7 +302,7 @@ def scenario_s3(root: Path) -> dict[str, Any]:
     out["validate_plan_s"] = inproc["validate_s"] + inproc["plan_s"]
     code = (
         "import time, json, random; from pathlib import Path\n"
-        "from hpsweep.report import rank_rows, write_report\n"
+        "from hpsweep.report.leaderboard import rank_rows, write_report\n"
         "rng = random.Random(4); rows = []\n"
         "for i in range(1, %d + 1):\n"
         "    ok = i %% 50 != 0\n"

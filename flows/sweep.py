@@ -26,18 +26,18 @@ from prefect.concurrency.sync import concurrency
 from prefect.runtime import task_run as current_task_run
 from prefect.utilities.annotations import quote
 
-from hpsweep import plan, progress, tracking
+from hpsweep import plan, progress, store
 from hpsweep.config import SweepConfig
-from hpsweep.gpus import GpuPool, host_gpus, max_parallel_trials
+from hpsweep.engine.gpus import GpuPool, host_gpus, max_parallel_trials
 from hpsweep.inputs import SweepInputs, load_inputs
-from hpsweep.launcher import LocalLauncher, TrialJob, TrialLauncher
-from hpsweep.outcome import TrialOutcome
-from hpsweep.pool import PoolLauncher, check_pool_limit
+from hpsweep.engine.launcher import LocalLauncher, TrialJob, TrialLauncher
+from hpsweep.engine.outcome import TrialOutcome
+from hpsweep.engine.pool import PoolLauncher, check_pool_limit
 from hpsweep.dvcdata import data_ref
-from hpsweep.process import HEARTBEAT_S, ZOMBIE_AFTER_S
-from hpsweep.quota import REPOSSESS_EVERY_S, ensure_quota_limit
+from hpsweep.engine.process import HEARTBEAT_S, ZOMBIE_AFTER_S
+from hpsweep.engine.quota import REPOSSESS_EVERY_S, ensure_quota_limit
 from hpsweep.plan import PlannedTrial, plan_trials  # re-exported: the flow's planning is hpsweep.plan's
-from hpsweep.report import counts, learning_curves, rank_rows, render_markdown, write_report
+from hpsweep.report.leaderboard import counts, learning_curves, rank_rows, render_markdown, write_report
 from hpsweep.versions import git_commit
 
 # A dead orchestrator's slots come back after this long (Prefect renews it while we live).
@@ -98,7 +98,7 @@ def run_trial(trial: PlannedTrial, ctx: SweepContext, gpu_ids: tuple[int, ...]) 
     raises RetryableTrialFailure so Prefect retries the task, resuming from the checkpoint.
     """
     attempt = current_task_run.run_count or 1
-    name = tracking.run_name(trial.hparams)
+    name = store.run_name(trial.hparams)
     if attempt == 1:
         progress.current().trial_started(name)
     spec = ctx.inputs.spec
@@ -120,7 +120,7 @@ def run_trial(trial: PlannedTrial, ctx: SweepContext, gpu_ids: tuple[int, ...]) 
                                  outcome.reason)
         if result.run_id:
             try:
-                tracking.reopen_trial_run(MlflowClient(ctx.tracking_uri), result.run_id, attempt + 1,
+                store.reopen_trial_run(MlflowClient(ctx.tracking_uri), result.run_id, attempt + 1,
                                           outcome.reason)
             except Exception:
                 pass  # the next attempt finds the run as it is; its tags are rewritten then
@@ -172,7 +172,7 @@ def _drain(queue: "Queue[PlannedTrial]", ctx: SweepContext, gpu_ids: tuple[int, 
             # "dictionary changed size during iteration" killed workers; and the walk is per trial).
             ctx.trial_task(trial, quote(ctx), gpu_ids)
         except RetryableTrialFailure as e:  # out of attempts: the run holds the reason
-            progress.current().trial_ended(tracking.run_name(trial.hparams), False, 0.0,
+            progress.current().trial_ended(store.run_name(trial.hparams), False, 0.0,
                                            f"after {ctx.max_attempts} attempts: {e}")
         ran += 1
 
@@ -188,7 +188,7 @@ class Heartbeat:
     def _beat(self, client: MlflowClient, run_id: str) -> None:
         while not self._stop.wait(HEARTBEAT_S):
             try:
-                tracking.heartbeat(client, run_id)
+                store.heartbeat(client, run_id)
             except Exception:
                 pass
 
@@ -210,7 +210,7 @@ def sweep(config: SweepConfig) -> dict[str, Any]:
                          host if config.launcher == "local" else ())
     name = config.name or inputs.spec.name or config.spec.stem
     trials, versions = plan_trials(inputs)
-    tracking_uri = tracking.resolve_tracking_uri(config.tracking_uri)
+    tracking_uri = store.resolve_tracking_uri(config.tracking_uri)
     client = MlflowClient(tracking_uri)
     sweep_id = new_sweep_id(name)
     gpus = inputs.spec.resources.gpus
@@ -221,13 +221,13 @@ def sweep(config: SweepConfig) -> dict[str, Any]:
                            "holds them, or one that died: its slots come back within %.0f s.", taken, config.quota,
                            config.quota_limit, SLOT_LEASE_S + REPOSSESS_EVERY_S)
 
-    experiment_id = tracking.ensure_experiment(client, name)
-    zombies = tracking.reap_zombies(client, experiment_id, ZOMBIE_AFTER_S)
+    experiment_id = store.ensure_experiment(client, name)
+    zombies = store.reap_zombies(client, experiment_id, ZOMBIE_AFTER_S)
     if zombies:
         logger.warning("closed %d zombie run(s) left RUNNING by a dead process: %s", len(zombies), zombies)
     reused = plan.reusable_runs(client, experiment_id, trials, versions, config.retrain)
     to_train = plan.trials_to_train(trials, reused)
-    resumable = tracking.unfinished_trial_keys(client, experiment_id, {t.key for t in to_train}, versions)
+    resumable = store.unfinished_trial_keys(client, experiment_id, {t.key for t in to_train}, versions)
     pooled = config.launcher == "pool"
     if pooled:
         pool_limit = check_pool_limit(config.pool, config.quota)
@@ -238,8 +238,8 @@ def sweep(config: SweepConfig) -> dict[str, Any]:
         parallel = slots = max_parallel_trials(config.quota, gpus, host, max(1, len(to_train)))
     to_train, estimates, order = _dispatch(client, experiment_id, inputs, versions, to_train, slots)
 
-    provenance = {**versions, "hpsweep.git_commit": git_commit(), "hpsweep.quota": str(config.quota)}
-    parent_run_id = tracking.start_parent_run(
+    provenance = {**versions, "hpsweep.git_commit": git_commit(), "hpsweep.engine.quota": str(config.quota)}
+    parent_run_id = store.start_parent_run(
         client, experiment_id, sweep_id,
         {**provenance, plan.TAG_DISPATCH: order, **_flow_run_tag()},
         params={"combinations": config.combinations, "spec": config.spec, "train": config.train,
@@ -334,7 +334,7 @@ def _train_all(to_train: list[PlannedTrial], ctx: SweepContext, parallel: int, l
 def never_started(trials: list[PlannedTrial], runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Rows for combinations with no run in MLflow, so every combination appears in the report."""
     seen = {r["index"] for r in runs}
-    return [{"run_id": "", "run_name": tracking.run_name(t.hparams), "status": "FAILED", "hparams": t.hparams,
+    return [{"run_id": "", "run_name": store.run_name(t.hparams), "status": "FAILED", "hparams": t.hparams,
              "f1": None, "reason": "never started (see the sweep's log)", "index": t.index, "attempt": 0,
              "trial_key": t.key, "duration_s": None} for t in trials if t.index not in seen]
 
@@ -350,7 +350,7 @@ def sweep_meta(sweep_id: str, name: str, experiment_id: str, parent_run_id: str,
     """The report's header (leaderboard.json's top-level keys, but for the champion)."""
     return {
         "sweep_id": sweep_id, "name": name, "experiment_id": experiment_id, "parent_run_id": parent_run_id,
-        "tracking_uri": tracking.redact_uri(tracking_uri), "spec_hash": provenance.get("hpsweep.spec_hash"),
+        "tracking_uri": store.redact_uri(tracking_uri), "spec_hash": provenance.get("hpsweep.spec_hash"),
         "data_version": provenance.get("hpsweep.data_version"), "git_commit": provenance.get("hpsweep.git_commit"),
         "quota": int(quota) if quota is not None else None, "champion": None,
     }
@@ -365,7 +365,7 @@ def report_sweep(client: MlflowClient, meta: dict[str, Any], trials: list[Planne
     name the current champion when it is this sweep's best (`hpsweep report` changes nothing in MLflow).
     Returns the ranked rows, the header written and every file written.
     """
-    runs = tracking.sweep_runs(client, meta["experiment_id"], meta["sweep_id"]) + reused_rows(trials, reused)
+    runs = store.sweep_runs(client, meta["experiment_id"], meta["sweep_id"]) + reused_rows(trials, reused)
     rows = rank_rows(runs + never_started(trials, runs))
     best = next((r for r in rows if r["f1"] is not None), None)
     meta = {**meta, "champion": _champion(client, meta["name"], best, register)}
@@ -378,18 +378,18 @@ def _champion(client: MlflowClient, name: str, best: dict[str, Any] | None, regi
     if best is None:
         return None
     if register:
-        if not tracking.has_model(client, best["run_id"]):
+        if not store.has_model(client, best["run_id"]):
             return None
-        version = tracking.register_champion(client, name, best["run_id"])
+        version = store.register_champion(client, name, best["run_id"])
     else:
         try:
-            current = client.get_model_version_by_alias(name, tracking.CHAMPION_ALIAS)
+            current = client.get_model_version_by_alias(name, store.CHAMPION_ALIAS)
         except Exception:  # no registered model or no alias: nothing to name
             return None
         if current.run_id != best["run_id"]:
             return None
         version = current.version
-    return f"models:/{name}@{tracking.CHAMPION_ALIAS} (version {version}, run {best['run_id']})"
+    return f"models:/{name}@{store.CHAMPION_ALIAS} (version {version}, run {best['run_id']})"
 
 
 def finish_sweep(client: MlflowClient, config: SweepConfig, name: str, sweep_id: str, experiment_id: str,

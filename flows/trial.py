@@ -1,7 +1,7 @@
 """The `train-trial` flow: one attempt of one combination, on a work pool's worker.
 
 Deployed on the GPU work pool (see prefect.yaml); the sweep launches it with
-`run_deployment` (hpsweep.pool.PoolLauncher). It records the trial in MLflow itself, so
+`run_deployment` (hpsweep.engine.pool.PoolLauncher). It records the trial in MLflow itself, so
 the sweep reads the result back from the tracking server wherever the trial ran.
 """
 
@@ -13,9 +13,9 @@ from typing import Any
 
 from prefect import flow
 
-from hpsweep.gpus import GpuPool, host_gpus
-from hpsweep.launcher import TrialJob, execute_trial
-from hpsweep.process import ProcessRunner
+from hpsweep.engine.gpus import GpuPool, host_gpus
+from hpsweep.engine.launcher import TrialJob, execute_trial
+from hpsweep.engine.process import ProcessRunner
 
 
 @flow(name="train-trial", persist_result=False, log_prints=True)

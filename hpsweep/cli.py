@@ -24,7 +24,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from hpsweep.config import SweepConfig, build_config, read_params
-from hpsweep.gpus import host_gpus
+from hpsweep.engine.gpus import host_gpus
 from hpsweep.inputs import Problem, SweepInputError, SweepInputs, load_inputs
 from hpsweep.plan import DEFAULT_PRICE_PER_GPU_HOUR, DEFAULT_SPOT_PRICE_PER_GPU_HOUR
 from hpsweep.progress import ProgressSink
@@ -148,7 +148,7 @@ def _validated(args: argparse.Namespace) -> tuple[SweepConfig, SweepInputs]:
     host = host_gpus() if config.launcher == "local" else ()
     inputs = load_inputs(config.combinations, config.spec, config.train, config.val, config.quota, host)
     if config.launcher == "pool":
-        from hpsweep.pool import check_pool_limit
+        from hpsweep.engine.pool import check_pool_limit
 
         check_pool_limit(config.pool, config.quota)
     return config, inputs
@@ -167,11 +167,11 @@ def _run(args: argparse.Namespace) -> int:
         return _input_errors(e)
     if config.launcher == "local":
         # Preloading the trials' fork server takes seconds: now, behind Prefect's start-up.
-        from hpsweep import tracking
-        from hpsweep.process import start_fork_server
+        from hpsweep import store
+        from hpsweep.engine.process import start_fork_server
 
         entry_module = (inputs.spec.trainer.entrypoint or "").partition(":")[0]
-        start_fork_server([entry_module] if entry_module else [], tracking.resolve_tracking_uri(config.tracking_uri))
+        start_fork_server([entry_module] if entry_module else [], store.resolve_tracking_uri(config.tracking_uri))
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s",
                         handlers=[RichHandler(console=console, show_path=False)])
@@ -179,7 +179,8 @@ def _run(args: argparse.Namespace) -> int:
     # The embedded default starts Prefect's temporary API; its 20 s start-up budget is too
     # short on a busy 2-core machine (seen in CI), so give it two minutes unless told otherwise.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    from hpsweep import progress, quota
+    from hpsweep import progress
+    from hpsweep.engine import quota
     from flows.sweep import sweep
 
     logging.getLogger("prefect.task_runs").setLevel(logging.WARNING)  # one line per trial comes from us
@@ -201,7 +202,7 @@ def _plan(args: argparse.Namespace) -> int:
     except SweepInputError as e:
         return _input_errors(e)
     from hpsweep import plan
-    from hpsweep.status import SweepNotFound, existing_tracking_uri
+    from hpsweep.report.status import SweepNotFound, existing_tracking_uri
 
     trials, versions = plan.plan_trials(inputs)
     name = config.name or inputs.spec.name or config.spec.stem
@@ -239,7 +240,7 @@ def _open_sweep(args: argparse.Namespace):
     """The MLflow client and the sweep SWEEP names (default: params.yaml's sweep name)."""
     from mlflow.tracking import MlflowClient
 
-    from hpsweep.status import SweepNotFound, existing_tracking_uri, find_sweep
+    from hpsweep.report.status import SweepNotFound, existing_tracking_uri, find_sweep
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # plan.json is one small file
     params = read_params(args.params)
@@ -251,15 +252,15 @@ def _open_sweep(args: argparse.Namespace):
 
 
 def _status(args: argparse.Namespace) -> int:
-    from hpsweep import tracking
-    from hpsweep.process import ZOMBIE_AFTER_S
-    from hpsweep.status import SweepNotFound, load_plan, prefect_state, render, summarize
+    from hpsweep import store
+    from hpsweep.engine.process import ZOMBIE_AFTER_S
+    from hpsweep.report.status import SweepNotFound, load_plan, prefect_state, render, summarize
 
     try:
         client, record, _ = _open_sweep(args)
     except (SweepNotFound, SweepInputError) as e:
         return _not_found(e)
-    runs = tracking.sweep_runs(client, record.experiment_id, record.sweep_id)
+    runs = store.sweep_runs(client, record.experiment_id, record.sweep_id)
     prefect = prefect_state(record.tags.get("hpsweep.flow_run_id")) if record.parent_status == "RUNNING" else None
     status = summarize(record, load_plan(client, record.parent_run_id), runs, time.time(), ZOMBIE_AFTER_S, prefect)
     if args.json:
@@ -270,9 +271,9 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from hpsweep import tracking
+    from hpsweep import store
     from hpsweep.plan import PlannedTrial
-    from hpsweep.status import SweepNotFound, load_plan
+    from hpsweep.report.status import SweepNotFound, load_plan
 
     try:
         client, record, params = _open_sweep(args)
@@ -283,16 +284,16 @@ def _report(args: argparse.Namespace) -> int:
     plan_rows = load_plan(client, record.parent_run_id) or []  # an older sweep: its runs alone
     trials = [PlannedTrial(p["index"], p["hparams"], p["key"]) for p in plan_rows]
     reused_ids = {p["key"]: p["reused_run_id"] for p in plan_rows if p.get("reused_run_id")}
-    found = tracking.runs_by_id(client, record.experiment_id, list(reused_ids.values()))
+    found = store.runs_by_id(client, record.experiment_id, list(reused_ids.values()))
     reused = {key: found[run_id] for key, run_id in reused_ids.items() if run_id in found}
     report_dir = args.report_dir or (Path(params["report_dir"]) if params.get("report_dir")
                                      and params.get("name") == record.name else Path("reports") / record.name)
     meta = sweep_meta(record.sweep_id, record.name, record.experiment_id, record.parent_run_id,
-                      client.tracking_uri, record.tags, record.tags.get("hpsweep.quota"))
+                      client.tracking_uri, record.tags, record.tags.get("hpsweep.engine.quota"))
     rows, header, paths = report_sweep(client, meta, trials, reused, report_dir, register=False)
     if record.parent_status == "RUNNING":
         console.print(f"note: sweep {record.sweep_id} is still running: trials not yet ended are listed as failed")
-    from hpsweep.report import counts
+    from hpsweep.report.leaderboard import counts
 
     uri = header["tracking_uri"]
     _print_summary({**header, "counts": counts(rows), "report_dir": str(report_dir), "top": rows[:3],

@@ -266,20 +266,20 @@ def _amount(x: float) -> str:
 def reusable_runs(client: "MlflowClient", experiment_id: str | None, trials: list[PlannedTrial],
                   versions: dict[str, str], retrain: bool) -> dict[str, dict[str, Any]]:
     """Trial key → the FINISHED run the sweep will reuse instead of training (none with --retrain)."""
-    from hpsweep import tracking
+    from hpsweep import store
 
     if retrain or experiment_id is None:
         return {}
-    return tracking.finished_runs_by_key(client, experiment_id, {t.key for t in trials}, versions)
+    return store.finished_runs_by_key(client, experiment_id, {t.key for t in trials}, versions)
 
 
 def duration_history(client: "MlflowClient", experiment_id: str | None, spec_hash: str) -> DurationHistory:
     """The newest finished trials' durations: under this spec first, any spec only when there are none."""
-    from hpsweep import tracking
+    from hpsweep import store
 
     if experiment_id is None:
         return DurationHistory()
-    same = tracking.finished_trial_durations(client, experiment_id, spec_hash, HISTORY_LIMIT)
+    same = store.finished_trial_durations(client, experiment_id, spec_hash, HISTORY_LIMIT)
     if same:
         return DurationHistory(tuple(same))
-    return DurationHistory((), tuple(tracking.finished_trial_durations(client, experiment_id, None, HISTORY_LIMIT)))
+    return DurationHistory((), tuple(store.finished_trial_durations(client, experiment_id, None, HISTORY_LIMIT)))

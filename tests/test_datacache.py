@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from hpsweep.datacache import DataCache, DataFetchError, DataRef, Remote
-from hpsweep.launcher import TrialJob, trial_data
+from hpsweep.engine.launcher import TrialJob, trial_data
 
 
 def put_object(s3_endpoint, bucket: str, data: bytes, prefix: str = "dvc") -> DataRef:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from trainer.durable import MetricsLogger
+from hpsweep.runtime.durable import MetricsLogger
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,7 +31,7 @@ def test_metrics_a_killed_attempt_never_shipped_go_up_with_the_next_attempt(tmp_
         import time
         from pathlib import Path
         from mlflow.tracking import MlflowClient
-        from trainer.durable import MetricsLogger
+        from hpsweep.runtime.durable import MetricsLogger
         logger = MetricsLogger(MlflowClient("http://127.0.0.1:{closed_port()}"), {run_id!r},
                                journal=Path({str(journal)!r}))
         logger.log(1, {{"val_f1": 0.5, "train_loss": 2.0}})

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from hpsweep.gpus import GpuPool, host_gpus, max_parallel_trials
+from hpsweep.engine.gpus import GpuPool, host_gpus, max_parallel_trials
 from tests.conftest import Project
 from tests.test_sweep_e2e import SLEEPY_SPEC, peak_concurrency, records, run_sweep
 
@@ -99,7 +99,7 @@ def test_system_metrics_without_a_gpu_still_log_cpu_and_memory(tmp_path: Path):
     and a trial shorter than the sampling interval still gets its one closing sample."""
     from mlflow.tracking import MlflowClient
 
-    from trainer.durable import MetricsLogger, SystemMetrics
+    from hpsweep.runtime.durable import MetricsLogger, SystemMetrics
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     run_id = client.create_run(client.create_experiment("sysmetrics")).info.run_id

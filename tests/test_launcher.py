@@ -10,11 +10,11 @@ import pytest
 
 from mlflow.tracking import MlflowClient
 
-from hpsweep.gpus import GpuPool, host_gpus, max_parallel_trials
-from hpsweep.outcome import check_f1, judge
+from hpsweep.engine.gpus import GpuPool, host_gpus, max_parallel_trials
+from hpsweep.engine.outcome import check_f1, judge
 from tests.conftest import alive
-from hpsweep.process import ProcessRunner
-from trainer.runner import TrialRequest
+from hpsweep.engine.process import ProcessRunner
+from hpsweep.runtime.runner import TrialRequest
 
 
 @pytest.mark.parametrize("result, reason", [

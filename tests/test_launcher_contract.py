@@ -12,9 +12,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from hpsweep import tracking
-from hpsweep.launcher import LocalLauncher, TrialJob
-from hpsweep.pool import PoolLauncher
+from hpsweep import store
+from hpsweep.engine.launcher import LocalLauncher, TrialJob
+from hpsweep.engine.pool import PoolLauncher
 
 pytestmark = pytest.mark.slow
 
@@ -32,10 +32,10 @@ def launcher(request):
 @pytest.fixture
 def sweep_run(tmp_path: Path, demo_data: Path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    tracking.resolve_tracking_uri(uri)
+    store.resolve_tracking_uri(uri)
     client = MlflowClient(uri)
-    exp = tracking.ensure_experiment(client, f"contract-{time.time_ns()}")
-    parent = tracking.start_parent_run(client, exp, "sweep-1", {}, {})
+    exp = store.ensure_experiment(client, f"contract-{time.time_ns()}")
+    parent = store.start_parent_run(client, exp, "sweep-1", {}, {})
 
     def job(index: int, hparams: dict, **overrides) -> TrialJob:
         fields = dict(sweep_id="sweep-1", experiment_id=exp, parent_run_id=parent, tracking_uri=uri, index=index,
@@ -55,7 +55,7 @@ def test_a_good_trial_is_finished_with_its_f1_and_metrics(launcher, sweep_run):
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED" and run.data.metrics["f1"] == 0.7
     assert [m.step for m in client.get_metric_history(result.run_id, "val_f1")] == [1, 2]
-    assert run.data.tags[tracking.TAG_SWEEP_ID] == "sweep-1"
+    assert run.data.tags[store.TAG_SWEEP_ID] == "sweep-1"
 
 
 def test_a_trainer_error_fails_without_retry(launcher, sweep_run):

@@ -11,8 +11,8 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from hpsweep import plots
-from hpsweep.report import (leaderboard_frame, leaderboard_json, learning_curves, rank_rows, render_markdown,
+from hpsweep.report import plots
+from hpsweep.report.leaderboard import (leaderboard_frame, leaderboard_json, learning_curves, rank_rows, render_markdown,
                             write_report)
 
 
@@ -69,7 +69,7 @@ def test_json_and_frame_keep_hparam_types():
 
 
 def test_credentials_never_reach_the_report():
-    from hpsweep.tracking import redact_uri
+    from hpsweep.store import redact_uri
 
     assert redact_uri("http://trainer:s3cret@mlflow:5000") == "http://***@mlflow:5000"
     assert redact_uri("postgresql://postgres:pw@db:5432/mlflow") == "postgresql://***@db:5432/mlflow"

@@ -11,7 +11,7 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
-from hpsweep.status import SweepRecord, eta_s, summarize
+from hpsweep.report.status import SweepRecord, eta_s, summarize
 from tests.conftest import Project, stop
 from tests.test_plan import write_inputs
 from tests.test_sweep_e2e import SLEEPY_SPEC

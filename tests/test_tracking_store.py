@@ -19,11 +19,11 @@ def test_processes_opening_a_new_store_at_once_all_get_a_working_store(tmp_path:
     script = textwrap.dedent(f"""
         import sys, time
         from mlflow.tracking import MlflowClient
-        from hpsweep import tracking
+        from hpsweep import store
         time.sleep(max(0.0, {go} - time.time()))
-        uri = tracking.resolve_tracking_uri({uri!r})
+        uri = store.resolve_tracking_uri({uri!r})
         client = MlflowClient(uri)
-        print(tracking.ensure_experiment(client, "shared"), flush=True)
+        print(store.ensure_experiment(client, "shared"), flush=True)
     """)
     procs = [subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(4)]

@@ -13,10 +13,10 @@ from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound
 
-from hpsweep import tracking
+from hpsweep import store
 from hpsweep.inputs import Problem, SweepInputError
-from hpsweep.launcher import TrialJob, TrialResult
-from hpsweep.outcome import TrialOutcome
+from hpsweep.engine.launcher import TrialJob, TrialResult
+from hpsweep.engine.outcome import TrialOutcome
 
 
 def check_pool_limit(pool: str | None, quota: int) -> int:
@@ -70,8 +70,8 @@ class PoolLauncher:
         launched = flow_run.parameters.get("job", {})
         runs = client.search_runs(
             [job.experiment_id],
-            f"tags.`{tracking.TAG_TRIAL_KEY}` = '{job.trial_key}' and "
-            f"tags.`{tracking.TAG_SWEEP_ID}` = '{launched.get('sweep_id', job.sweep_id)}'",
+            f"tags.`{store.TAG_TRIAL_KEY}` = '{job.trial_key}' and "
+            f"tags.`{store.TAG_SWEEP_ID}` = '{launched.get('sweep_id', job.sweep_id)}'",
             order_by=["attributes.start_time DESC"], max_results=1)
         if not runs or runs[0].info.status == "RUNNING":
             state = flow_run.state
@@ -83,6 +83,6 @@ class PoolLauncher:
                                TrialOutcome(False, None, reason, retryable=True, started_at=now, ended_at=now))
         run = runs[0]
         if launched.get("sweep_id") != job.sweep_id:  # an earlier sweep launched it: this sweep adopts it
-            client.set_tag(run.info.run_id, tracking.TAG_SWEEP_ID, job.sweep_id)
+            client.set_tag(run.info.run_id, store.TAG_SWEEP_ID, job.sweep_id)
             client.set_tag(run.info.run_id, "hpsweep.adopted_from_sweep", launched.get("sweep_id", ""))
-        return TrialResult(run.info.run_id, tracking.outcome_of(run))
+        return TrialResult(run.info.run_id, store.outcome_of(run))

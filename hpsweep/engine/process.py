@@ -18,8 +18,8 @@ import threading
 import time
 from typing import Any, Callable
 
-from hpsweep.outcome import TrialOutcome, judge
-from trainer.runner import TrialRequest, run_trial_process
+from hpsweep.engine.outcome import TrialOutcome, judge
+from hpsweep.runtime.runner import TrialRequest, run_trial_process
 
 # How often a running trial tells the tracking store it is alive; a run silent for
 # ZOMBIE_AFTER_S is closed as a zombie by the next sweep.
@@ -49,7 +49,7 @@ def start_fork_server(preload: list[str] | None = None, tracking_uri: str | None
     """
     mp = multiprocessing.get_context("forkserver")
     # "__main__" too: otherwise every trial re-imports the main script before it starts.
-    mp.set_forkserver_preload(["__main__", "trainer.runner", "trainer._preload", *(preload or [])])
+    mp.set_forkserver_preload(["__main__", "hpsweep.runtime.runner", "hpsweep.runtime._preload", *(preload or [])])
     if tracking_uri:
         os.environ[FORKSERVER_TRACKING_URI_ENV] = tracking_uri
     threading.Thread(target=multiprocessing.forkserver.ensure_running, daemon=True).start()

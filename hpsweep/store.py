@@ -21,8 +21,8 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from hpsweep.outcome import TrialOutcome
-from trainer.durable import identity_is_dead, process_identity
+from hpsweep.engine.outcome import TrialOutcome
+from hpsweep.runtime.durable import identity_is_dead, process_identity
 
 TAG_SWEEP_ID = "hpsweep.sweep_id"
 TAG_ROLE = "hpsweep.role"  # "sweep" or "trial"
@@ -30,7 +30,7 @@ TAG_TRIAL_KEY = "hpsweep.trial_key"
 TAG_HPARAMS = "hpsweep.hparams"  # canonical JSON: typed hparams (MLflow params are strings)
 TAG_INDEX = "hpsweep.index"  # the combination's row number in the file order
 TAG_ATTEMPT = "hpsweep.attempt"
-TAG_STATUS = "hpsweep.status"
+TAG_STATUS = "hpsweep.report.status"
 TAG_REASON = "hpsweep.reason"
 TAG_DURATION = "hpsweep.duration_s"
 TAG_RETRYABLE = "hpsweep.retryable"  # "true" when the machine, not the trainer, failed the attempt

@@ -1,7 +1,7 @@
 """Where a trial runs: one interface, two implementations.
 
 - ``LocalLauncher``: the trial runs as a process on this host (the embedded default).
-- ``hpsweep.pool.PoolLauncher``: the trial runs as a flow run of the `train-trial`
+- ``hpsweep.engine.pool.PoolLauncher``: the trial runs as a flow run of the `train-trial`
   deployment on a Prefect work pool (a process pool in tests, an ECS GPU pool in AWS).
 
 Both execute the same ``execute_trial`` (here, or on the pool's worker), so a trial is
@@ -20,12 +20,12 @@ from typing import Any, Protocol
 from mlflow.entities import RunTag
 from mlflow.tracking import MlflowClient
 
-from hpsweep import tracking
+from hpsweep import store
 from hpsweep.datacache import DataCache, DataRef, Remote
-from hpsweep.outcome import TrialOutcome
-from hpsweep.process import CHECKPOINT_SYNC_S, ProcessRunner
-from trainer.durable import retry
-from trainer.runner import TrialRequest
+from hpsweep.engine.outcome import TrialOutcome
+from hpsweep.engine.process import CHECKPOINT_SYNC_S, ProcessRunner
+from hpsweep.runtime.durable import retry
+from hpsweep.runtime.runner import TrialRequest
 
 # How long bookkeeping calls keep retrying while the tracking server is unreachable.
 TRACKING_PATIENCE_S = 900.0
@@ -89,9 +89,9 @@ def execute_trial(job: TrialJob, gpu_ids: tuple[int, ...], runner: ProcessRunner
         data = local_data(job)  # the common case: the sweep's own files (a stat(), no I/O)
         if run_id is None:
             # One write creates the run with all its tags (each write is ~20 ms on a trial's critical path).
-            tags = {**job.versions, "hpsweep.gpus": ",".join(map(str, gpu_ids)) or "cpu",
+            tags = {**job.versions, "hpsweep.engine.gpus": ",".join(map(str, gpu_ids)) or "cpu",
                     **(data.tags() if data else {})}
-            run_id = retry(lambda: tracking.start_trial_run(
+            run_id = retry(lambda: store.start_trial_run(
                 client, job.experiment_id, job.parent_run_id, job.sweep_id, job.index, job.hparams,
                 job.trial_key, job.attempt, tags=tags,
             ), TRACKING_PATIENCE_S, "creating the trial's run")
@@ -109,10 +109,10 @@ def execute_trial(job: TrialJob, gpu_ids: tuple[int, ...], runner: ProcessRunner
             train=str(data.train), val=str(data.val),
             trial_dir=str(trial_dir.resolve()), cwd=job.cwd, entrypoint=job.entrypoint, command=job.command,
             gpu_ids=gpu_ids, experiment_id=job.experiment_id, trial_key=job.trial_key,
-            checkpoint_sync_s=CHECKPOINT_SYNC_S, orchestrator=tracking.owner_id(), resume=job.resume,
+            checkpoint_sync_s=CHECKPOINT_SYNC_S, orchestrator=store.owner_id(), resume=job.resume,
         )
-        outcome = runner.run(request, job.time_limit_s, heartbeat=lambda: tracking.heartbeat(client, run_id))
-        retry(lambda: tracking.finish_trial_run(client, run_id, outcome, request.paths.log),
+        outcome = runner.run(request, job.time_limit_s, heartbeat=lambda: store.heartbeat(client, run_id))
+        retry(lambda: store.finish_trial_run(client, run_id, outcome, request.paths.log),
               TRACKING_PATIENCE_S, "storing the trial's result")
         if outcome.ok:  # its checkpoints are in the artifact store; a finished trial never resumes
             shutil.rmtree(request.paths.checkpoints, ignore_errors=True)
@@ -120,7 +120,7 @@ def execute_trial(job: TrialJob, gpu_ids: tuple[int, ...], runner: ProcessRunner
         outcome = TrialOutcome(False, None, f"hpsweep could not run the trial: {type(e).__name__}: {e}",
                                retryable=True, started_at=time.time(), ended_at=time.time())
         if run_id is not None:
-            tracking.try_mark_failed(client, run_id, outcome.reason)
+            store.try_mark_failed(client, run_id, outcome.reason)
     return TrialResult(run_id, outcome)
 
 

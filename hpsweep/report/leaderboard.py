@@ -2,7 +2,7 @@
 
 Pure functions except ``write_report`` (writes files) and ``learning_curves`` (reads metric
 histories through the MlflowClient it is given); nothing here talks to Prefect. The figures
-themselves are drawn in ``hpsweep.plots``. ``leaderboard.json`` is a public contract:
+themselves are drawn in ``hpsweep.report.plots``. ``leaderboard.json`` is a public contract:
 ``{"sweep_id": ..., "rows": [{"rank", "hparams", "f1", "status", "run_id", ...}]}``,
 rows sorted by F1 descending, failed trials last with ``"f1": null`` and a ``"reason"``.
 """
@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from hpsweep import plots
+from hpsweep.report import plots
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer import contract
-from trainer.durable import (CheckpointSync, MetricsLogger, SystemMetrics, exit_when_dead, restore_checkpoints,
+from hpsweep.runtime.durable import (CheckpointSync, MetricsLogger, SystemMetrics, exit_when_dead, restore_checkpoints,
                              retry)
 
 # Imported here so the fork server pays for it once; trials only fork.

@@ -210,7 +210,7 @@ class SystemMetrics:
     as ``system/<name>`` at steps 0, 1, 2, ... through the trial's ``MetricsLogger``, so they
     share its retries on a tracking outage and its final flush. Unlike MLflow's
     ``SystemMetricsMonitor`` it watches only this trial's GPUs (``gpu_0`` is the trial's
-    ``cuda:0``, whichever physical GPU that is; the run's ``hpsweep.gpus`` tag says which),
+    ``cuda:0``, whichever physical GPU that is; the run's ``hpsweep.engine.gpus`` tag says which),
     polls no run status, and takes one last sample at ``stop``, so a trial shorter than the
     interval still gets a point (CPU utilisation over its whole life). A retry continues the
     steps after the previous attempt's.

@@ -19,7 +19,7 @@ from hpsweep.plan import list_schedule
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
-# hpsweep.tracking (so MLflow) is imported where needed: `hpsweep plan` with no store never pays for it.
+# hpsweep.store (so MLflow) is imported where needed: `hpsweep plan` with no store never pays for it.
 
 PARENT_STATES = {"FINISHED": "finished", "FAILED": "finished with failures", "KILLED": "killed"}
 
@@ -52,25 +52,25 @@ def existing_tracking_uri(explicit: str | None) -> str:
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
         raise SweepNotFound(f"no MLflow store at {uri.removeprefix('sqlite:///')} (no sweep has run here; "
                             "set MLFLOW_TRACKING_URI or --tracking-uri)")
-    from hpsweep import tracking
+    from hpsweep import store
 
-    return tracking.resolve_tracking_uri(uri)
+    return store.resolve_tracking_uri(uri)
 
 
 def find_sweep(client: MlflowClient, sweep: str) -> SweepRecord:
     """``sweep`` is a sweep name (its latest execution) or a sweep id."""
-    from hpsweep import tracking
+    from hpsweep import store
 
     exp = client.get_experiment_by_name(sweep)
     if exp is not None:
-        runs = client.search_runs([exp.experiment_id], f"tags.`{tracking.TAG_ROLE}` = 'sweep'",
+        runs = client.search_runs([exp.experiment_id], f"tags.`{store.TAG_ROLE}` = 'sweep'",
                                   order_by=["attributes.start_time DESC"], max_results=1)
         if not runs:
-            raise SweepNotFound(f"sweep '{sweep}' has no executions in {tracking.redact_uri(client.tracking_uri)}")
+            raise SweepNotFound(f"sweep '{sweep}' has no executions in {store.redact_uri(client.tracking_uri)}")
         return _record(exp.name, runs[0])
     # A sweep id is '<name>-<date>-<time>-<hex>': try its experiment first, then every experiment.
     guess = client.get_experiment_by_name(sweep.rsplit("-", 3)[0]) if sweep.count("-") >= 3 else None
-    flt = f"tags.`{tracking.TAG_SWEEP_ID}` = '{sweep}' and tags.`{tracking.TAG_ROLE}` = 'sweep'"
+    flt = f"tags.`{store.TAG_SWEEP_ID}` = '{sweep}' and tags.`{store.TAG_ROLE}` = 'sweep'"
     candidates = [guess] if guess is not None else client.search_experiments()
     for i in range(0, len(candidates), 100):
         chunk = candidates[i:i + 100]
@@ -78,14 +78,14 @@ def find_sweep(client: MlflowClient, sweep: str) -> SweepRecord:
         if runs:
             name = next(e.name for e in chunk if e.experiment_id == runs[0].info.experiment_id)
             return _record(name, runs[0])
-    raise SweepNotFound(f"no sweep named or with id '{sweep}' in {tracking.redact_uri(client.tracking_uri)}")
+    raise SweepNotFound(f"no sweep named or with id '{sweep}' in {store.redact_uri(client.tracking_uri)}")
 
 
 def _record(name: str, run) -> SweepRecord:
-    from hpsweep import tracking
+    from hpsweep import store
 
     info = run.info
-    return SweepRecord(name=name, experiment_id=info.experiment_id, sweep_id=run.data.tags[tracking.TAG_SWEEP_ID],
+    return SweepRecord(name=name, experiment_id=info.experiment_id, sweep_id=run.data.tags[store.TAG_SWEEP_ID],
                        parent_run_id=info.run_id, parent_status=info.status, started_at=info.start_time / 1000,
                        ended_at=info.end_time / 1000 if info.end_time else None, tags=dict(run.data.tags),
                        params=dict(run.data.params))
@@ -125,8 +125,8 @@ def prefect_state(flow_run_id: str | None, api_url: str | None = None, timeout_s
 
 def summarize(record: SweepRecord, plan_rows: list[dict[str, Any]] | None, runs: list[dict[str, Any]],
               now: float, stale_after_s: float, prefect: str | None = None) -> dict[str, Any]:
-    """Counts, one line per trial and an ETA. ``runs``: the sweep's trial rows (tracking.sweep_runs)."""
-    from hpsweep import tracking
+    """Counts, one line per trial and an ETA. ``runs``: the sweep's trial rows (store.sweep_runs)."""
+    from hpsweep import store
 
     by_index = {r["index"]: r for r in runs}
     plan_rows = plan_rows or [{"index": r["index"], "hparams": r["hparams"], "reused_run_id": None,
@@ -152,7 +152,7 @@ def summarize(record: SweepRecord, plan_rows: list[dict[str, Any]] | None, runs:
         trials.append(row)
     counts = {s: sum(1 for t in trials if t["state"] == s)
               for s in ("running", "stale", "queued", "done", "failed", "reused", "never started")}
-    parent_beat = float(record.tags.get(tracking.TAG_HEARTBEAT, record.started_at))
+    parent_beat = float(record.tags.get(store.TAG_HEARTBEAT, record.started_at))
     if over:
         state = PARENT_STATES.get(record.parent_status, record.parent_status.lower())
     elif now - parent_beat > stale_after_s:
@@ -203,7 +203,7 @@ def eta_s(trials: list[dict[str, Any]], slots: int) -> float | None:
 
 
 def render(status: dict[str, Any]) -> str:
-    from hpsweep import tracking
+    from hpsweep import store
     from hpsweep.plan import human_duration
 
     c = status["counts"]
@@ -216,14 +216,14 @@ def render(status: dict[str, Any]) -> str:
              + (f", {c['never started']} never started" if c["never started"] else ""),
              f"  dispatch    {status['dispatch_order']}" if status["dispatch_order"] else None,
              f"  best        F1 {status['best']['f1']:.4f}: #{status['best']['index']} "
-             f"{tracking.run_name(status['best']['hparams'])}" if status["best"] else None]
+             f"{store.run_name(status['best']['hparams'])}" if status["best"] else None]
     if status["state"] == "running" or status["state"].startswith("not responding"):
         lines.append(f"  ETA         {human_duration(status['eta_s'])}" if status["eta_s"] is not None
                      else "  ETA         unknown (no trial has finished yet and the plan has no estimates)")
     lines = [line for line in lines if line]
     for t in status["trials"]:
         if t["state"] in ("running", "stale", "failed"):
-            hp = tracking.run_name(t["hparams"])
+            hp = store.run_name(t["hparams"])
             detail = {"running": f"for {human_duration(t.get('elapsed_s'))}, attempt {t['attempt']}",
                       "stale": "no heartbeat: its process may be dead",
                       "failed": (t["reason"] or "")[:160]}[t["state"]]

@@ -61,7 +61,7 @@ try:
 except Exception:
     pass
 
-# The tracking store the trials will log to (hpsweep.process.start_fork_server): opened here
+# The tracking store the trials will log to (hpsweep.engine.process.start_fork_server): opened here
 # once (engine built, tables and schema checked), its connection pool emptied so that no
 # connection crosses a fork; each trial's MlflowClient then finds it in MLflow's store cache.
 _uri = os.environ.get("HPSWEEP_FORKSERVER_TRACKING_URI")

@@ -1,0 +1,202 @@
+"""A trial's life in one place: its states, the moves between them, and the typed records that
+describe it on its way (planned → sent to a launcher → an attempt's outcome → a leaderboard row).
+
+Every module speaks this vocabulary; ``hpsweep.store`` maps it to and from MLflow, and checks each
+state change it writes against ``TRANSITIONS``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+Hparams = dict[str, Any]
+
+
+class TrialState(str, Enum):
+    """Where one combination stands within one sweep."""
+
+    PLANNED = "PLANNED"  # queued in this sweep, not started
+    RUNNING = "RUNNING"
+    FINISHED = "FINISHED"  # trained, F1 stored
+    FAILED = "FAILED"  # ended without an F1: the trainer's error, or the machine's
+    KILLED = "KILLED"  # ended by a signal: time limit, lost host, zombie closed by a later sweep
+    REUSED = "REUSED"  # an earlier sweep's FINISHED run with the same trial key stands in
+    NEVER_STARTED = "NEVER_STARTED"  # the sweep ended before this trial got a run
+
+    @property
+    def terminal(self) -> bool:
+        return not TRANSITIONS[self]
+
+    @property
+    def has_f1(self) -> bool:
+        return self in (TrialState.FINISHED, TrialState.REUSED)
+
+    @property
+    def report_status(self) -> str:
+        """The leaderboard's three statuses (a public contract): FINISHED, REUSED or FAILED."""
+        return self.value if self.has_f1 else "FAILED"
+
+
+# The legal moves. FINISHED and REUSED are final: a finished trial is never reopened. FAILED and
+# KILLED go back to RUNNING only for a retry (the same run, the next attempt).
+TRANSITIONS: dict[TrialState, frozenset[TrialState]] = {
+    TrialState.PLANNED: frozenset({TrialState.RUNNING, TrialState.REUSED, TrialState.NEVER_STARTED}),
+    TrialState.RUNNING: frozenset({TrialState.FINISHED, TrialState.FAILED, TrialState.KILLED}),
+    TrialState.FAILED: frozenset({TrialState.RUNNING}),
+    TrialState.KILLED: frozenset({TrialState.RUNNING}),
+    TrialState.FINISHED: frozenset(),
+    TrialState.REUSED: frozenset(),
+    TrialState.NEVER_STARTED: frozenset(),
+}
+
+
+class IllegalTransition(RuntimeError):
+    """A state change the trial lifecycle does not allow (a bug, or two writers on one run)."""
+
+
+def check_transition(current: TrialState, new: TrialState, what: str = "trial") -> None:
+    if new not in TRANSITIONS[current]:
+        raise IllegalTransition(f"{what}: {current.value} → {new.value} is not allowed")
+
+
+@dataclass(frozen=True)
+class PlannedTrial:
+    """One combination of the sweep and its trial key (the identity of its GPU work)."""
+
+    index: int  # 1-based position in the combinations file
+    hparams: Hparams
+    key: str
+
+
+@dataclass(frozen=True)
+class TrialJob:
+    """One attempt of one combination, as plain JSON-able data (it travels to a pool worker)."""
+
+    sweep_id: str
+    experiment_id: str
+    parent_run_id: str
+    tracking_uri: str
+    index: int
+    hparams: Hparams
+    trial_key: str
+    attempt: int
+    settings: dict[str, Any]
+    train: str
+    val: str
+    entrypoint: str | None = None
+    command: list[str] | None = None
+    time_limit_s: float | None = None
+    gpus: int = 1
+    run_id: str | None = None  # set from the second attempt on: retries continue the same run
+    work_dir: str = ".hpsweep"
+    versions: dict[str, str] = field(default_factory=dict)  # spec hash, data and code versions (tags)
+    # DataRef dicts ("train", "val"): how a host without the sweep's files fetches them (DVC remote).
+    data: dict[str, dict[str, Any]] = field(default_factory=dict)
+    cwd: str = field(default_factory=lambda: str(Path.cwd()))
+    # False: no unfinished attempt of this trial exists, so it starts from scratch (no checkpoints).
+    resume: bool = True
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How one attempt ended. ``f1`` is set exactly when ``ok``."""
+
+    ok: bool
+    f1: float | None
+    reason: str | None = None
+    retryable: bool = False  # the machine failed it (signal, lost host, tracking down), not the hparams
+    killed: bool = False
+    started_at: float = 0.0
+    ended_at: float = 0.0
+
+    @property
+    def state(self) -> TrialState:
+        if self.ok:
+            return TrialState.FINISHED
+        return TrialState.KILLED if self.killed else TrialState.FAILED
+
+    @property
+    def duration_s(self) -> float:
+        return max(0.0, self.ended_at - self.started_at)
+
+    def timed(self, started_at: float, ended_at: float) -> "Outcome":
+        return replace(self, started_at=started_at, ended_at=ended_at)
+
+
+@dataclass(frozen=True)
+class AttemptResult:
+    """What a launcher hands back: the trial's MLflow run (None if it never got one) and the outcome."""
+
+    run_id: str | None
+    outcome: Outcome
+
+
+@dataclass(frozen=True)
+class TrialRow:
+    """One trial as every view shows it: the report, `hpsweep status`, plan.json, the Prefect table.
+
+    Built from a trial run (``hpsweep.store``) or from the plan; ``rank`` is set by ranking.
+    """
+
+    index: int
+    hparams: Hparams
+    state: TrialState
+    run_id: str = ""
+    run_name: str | None = None
+    key: str | None = None
+    f1: float | None = None
+    reason: str | None = None
+    attempt: int = 1
+    duration_s: float | None = None
+    started_at: float | None = None
+    heartbeat: float | None = None
+    rank: int | None = None
+    # From the plan: the trial's duration estimate, where it came from, and its turn to start.
+    expected_duration_s: float | None = None
+    duration_source: str | None = None
+    dispatch_position: int | None = None
+    reused_run_id: str | None = None
+
+    @property
+    def has_f1(self) -> bool:
+        return self.state.has_f1 and self.f1 is not None
+
+    def leaderboard(self) -> dict[str, Any]:
+        """The row in leaderboard.json (a public contract: keys are added, never renamed)."""
+        row: dict[str, Any] = {"rank": self.rank, "hparams": self.hparams, "f1": self.f1 if self.has_f1 else None,
+                               "status": self.state.report_status if self.has_f1 else "FAILED",
+                               "run_id": self.run_id, "run_name": self.run_name, "attempts": self.attempt,
+                               "duration_s": self.duration_s}
+        if not self.has_f1:
+            row["reason"] = self.reason or f"run ended {self.state.value} without an F1"
+        return row
+
+    def plan_entry(self) -> dict[str, Any]:
+        """The row in the parent run's plan.json (what `status` and `report` read back)."""
+        return {"index": self.index, "key": self.key, "hparams": self.hparams, "reused_run_id": self.reused_run_id,
+                "expected_duration_s": self.expected_duration_s, "duration_source": self.duration_source,
+                "dispatch_position": self.dispatch_position}
+
+    @classmethod
+    def from_plan_entry(cls, entry: dict[str, Any]) -> "TrialRow":
+        reused = entry.get("reused_run_id")
+        return cls(index=int(entry["index"]), hparams=entry["hparams"], key=entry.get("key"),
+                   state=TrialState.REUSED if reused else TrialState.PLANNED, reused_run_id=reused,
+                   run_id=reused or "", expected_duration_s=entry.get("expected_duration_s"),
+                   duration_source=entry.get("duration_source"), dispatch_position=entry.get("dispatch_position"))
+
+
+def run_name(hparams: Hparams) -> str:
+    """A run name a person can read: the hparams, e.g. ``lr=0.01 depth=3``."""
+    return " ".join(f"{k}={v}" for k, v in hparams.items())[:250]
+
+
+def plan_json(rows: list[TrialRow]) -> str:
+    return json.dumps([r.plan_entry() for r in rows], indent=1)
