@@ -1,4 +1,4 @@
-"""The server's settings, read once from the environment into a frozen object.
+"""The server's settings, read once from the environment into a frozen pydantic-settings model.
 
 Nothing here has a default secret and nothing is read from a file: the admin and trainer
 passwords, the database password and the Flask secret key come from the environment only
@@ -7,9 +7,14 @@ passwords, the database password and the Flask secret key come from the environm
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from contextvars import ContextVar
+from typing import Any
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
+
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic_core import ErrorDetails
+from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
 PERMISSIONS = ("READ", "USE", "EDIT", "MANAGE", "NO_PERMISSIONS")
 
@@ -22,29 +27,137 @@ class SettingsError(ValueError):
         self.problems = problems
 
 
-@dataclass(frozen=True)
-class Settings:
-    backend_store_uri: str  # postgresql://user@host:port/db, never with a password in it
-    auth_database_uri: str  # the auth app's users/roles, a database of their own on the same server
-    artifacts_destination: str  # s3://bucket/prefix: the server proxies artifacts there
-    admin_username: str
-    host: str = "0.0.0.0"
-    port: int = 5000
-    workers: int = 4
-    default_permission: str = "READ"
-    auth_cache_ttl_s: int = 60
-    trainer_username: str | None = None
+# The variables load(env) was given instead of the process environment (tests).
+_GIVEN_ENVIRONMENT: ContextVar[Mapping[str, str] | None] = ContextVar("mlflow_server_environment", default=None)
+
+
+class _GivenEnvironment(EnvSettingsSource):
+    """pydantic-settings' environment source, over a mapping instead of ``os.environ``."""
+
+    def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, str]):
+        super().__init__(settings_cls)
+        self.env_vars = {name: value for name, value in environ.items() if value}  # empty = unset, as in os.environ
+
+
+class Settings(BaseSettings):
+    """Every setting, validated; each field reads the environment variable named by its alias.
+
+    Fields are validated in order, so a check that involves two variables sits on the later one.
+    """
+
+    model_config = SettingsConfigDict(case_sensitive=True, env_ignore_empty=True, frozen=True, validate_default=True)
+
+    backend_store_uri: str = Field(validation_alias="MLFLOW_BACKEND_STORE_URI")  # never with a password in it
     # Secrets: kept out of repr() so they never reach a log line or a traceback.
-    db_password: str | None = field(default=None, repr=False)
-    admin_password: str = field(default="", repr=False)
-    trainer_password: str | None = field(default=None, repr=False)
-    secret_key: str = field(default="", repr=False)
+    db_password: str | None = Field(None, validation_alias="PGPASSWORD", repr=False)
+    # The auth app's users/roles: a database of their own on the same server.
+    auth_database_uri: str = Field("", validation_alias="MLFLOW_AUTH_DATABASE_URI")
+    artifacts_destination: str = Field(validation_alias="MLFLOW_ARTIFACTS_DESTINATION")  # the server proxies to S3
+    admin_username: str = Field(validation_alias="MLFLOW_AUTH_ADMIN_USERNAME")
+    admin_password: str = Field(validation_alias="MLFLOW_AUTH_ADMIN_PASSWORD", repr=False)
+    secret_key: str = Field(validation_alias="MLFLOW_FLASK_SERVER_SECRET_KEY", repr=False)
+    trainer_username: str | None = Field(None, validation_alias="HPSWEEP_TRAINER_USERNAME")
+    trainer_password: str | None = Field(None, validation_alias="HPSWEEP_TRAINER_PASSWORD", repr=False)
+    default_permission: str = Field("READ", validation_alias="MLFLOW_AUTH_DEFAULT_PERMISSION")
+    host: str = Field("0.0.0.0", validation_alias="MLFLOW_HOST")
+    port: int = Field(5000, ge=1, le=65535, validation_alias="MLFLOW_PORT")
+    workers: int = Field(4, ge=1, le=64, validation_alias="MLFLOW_WORKERS")
+    auth_cache_ttl_s: int = Field(60, ge=0, le=3600, validation_alias="MLFLOW_AUTH_CACHE_TTL_S")
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource,
+                                   dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource
+                                   ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """The environment only: no ``.env`` file, no secrets directory."""
+        given = _GIVEN_ENVIRONMENT.get()
+        return (init_settings, env_settings if given is None else _GivenEnvironment(settings_cls, given))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _password_out_of_the_uri(cls, data: Any) -> Any:
+        """A password in MLFLOW_BACKEND_STORE_URI becomes the database password (unless PGPASSWORD is set)."""
+        uri = data.get("MLFLOW_BACKEND_STORE_URI") if isinstance(data, dict) else None
+        if not isinstance(uri, str):
+            return data
+        bare, password = split_password(uri)
+        return {**data, "MLFLOW_BACKEND_STORE_URI": bare, "PGPASSWORD": data.get("PGPASSWORD") or password}
+
+    @field_validator("backend_store_uri")
+    @classmethod
+    def _postgresql_with_a_database(cls, uri: str) -> str:
+        if urlsplit(uri).scheme not in ("postgresql", "postgresql+psycopg", "postgresql+psycopg2"):
+            raise ValueError("MLFLOW_BACKEND_STORE_URI must be a postgresql:// URI")
+        if not database_name(uri):
+            raise ValueError("MLFLOW_BACKEND_STORE_URI names no database (postgresql://user@host:port/DB)")
+        return uri
+
+    @field_validator("auth_database_uri")
+    @classmethod
+    def _auth_database(cls, uri: str, info: ValidationInfo) -> str:
+        """Without a password of its own, or the backend's; default: ``<backend db>_auth`` on the same server."""
+        if uri:
+            uri, password = split_password(uri)
+            if password and password != info.data.get("db_password"):
+                raise ValueError("MLFLOW_AUTH_DATABASE_URI must use the same password as the backend store "
+                                 "(PGPASSWORD)")
+            return uri
+        backend = info.data.get("backend_store_uri")
+        return with_database(backend, f"{database_name(backend)}_auth") if backend else ""
+
+    @field_validator("artifacts_destination")
+    @classmethod
+    def _s3(cls, uri: str) -> str:
+        if not uri.startswith("s3://"):
+            raise ValueError("MLFLOW_ARTIFACTS_DESTINATION must be an s3:// URI (artifacts are proxied to S3)")
+        return uri
+
+    @field_validator("admin_password")
+    @classmethod
+    def _admin_password_long_enough(cls, password: str) -> str:
+        return _long_enough("MLFLOW_AUTH_ADMIN_PASSWORD", password)
+
+    @field_validator("trainer_username")
+    @classmethod
+    def _trainer_is_not_the_admin(cls, username: str | None, info: ValidationInfo) -> str | None:
+        if username and username == info.data.get("admin_username"):
+            raise ValueError("HPSWEEP_TRAINER_USERNAME must differ from MLFLOW_AUTH_ADMIN_USERNAME")
+        return username
+
+    @field_validator("trainer_password")
+    @classmethod
+    def _trainer_account_complete(cls, password: str | None, info: ValidationInfo) -> str | None:
+        # A username that failed its own check was set all the same.
+        has_username = "trainer_username" not in info.data or bool(info.data["trainer_username"])
+        if has_username != bool(password):
+            raise ValueError("set both HPSWEEP_TRAINER_USERNAME and HPSWEEP_TRAINER_PASSWORD, or neither")
+        return _long_enough("HPSWEEP_TRAINER_PASSWORD", password) if password else password
+
+    @field_validator("default_permission")
+    @classmethod
+    def _read_only_by_default(cls, permission: str) -> str:
+        permission = permission.upper()
+        if permission not in PERMISSIONS:
+            raise ValueError(f"MLFLOW_AUTH_DEFAULT_PERMISSION must be one of {', '.join(PERMISSIONS)}")
+        if permission in ("EDIT", "MANAGE"):
+            raise ValueError("MLFLOW_AUTH_DEFAULT_PERMISSION must not grant writes to every account (use READ)")
+        return permission
+
+    def __str__(self) -> str:  # `python -m mlflow_server check` prints Settings(...), secrets omitted
+        return repr(self)
 
     @property
     def local_url(self) -> str:
         """Where this host reaches the server (for provisioning accounts after it starts)."""
         host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
         return f"http://{host}:{self.port}"
+
+
+def _long_enough(name: str, password: str) -> str:
+    if len(password) < 12:
+        raise ValueError(f"{name} must be at least 12 characters (MLflow's rule)")
+    return password
 
 
 def split_password(uri: str) -> tuple[str, str | None]:
@@ -67,85 +180,31 @@ def database_name(uri: str) -> str:
     return urlsplit(uri).path.lstrip("/")
 
 
-def load(env: dict[str, str] | None = None) -> Settings:
-    """Read and validate every setting; raise SettingsError naming each bad variable."""
-    env = dict(os.environ if env is None else env)
-    problems: list[str] = []
+def load(env: Mapping[str, str] | None = None) -> Settings:
+    """Read and validate every setting from the environment (or ``env`` instead of it); raise
+    SettingsError naming each bad variable."""
+    token = _GIVEN_ENVIRONMENT.set(None if env is None else dict(env))
+    try:
+        return Settings()
+    except ValidationError as e:
+        raise SettingsError([_problem(error) for error in e.errors()]) from None
+    finally:
+        _GIVEN_ENVIRONMENT.reset(token)
 
-    def need(name: str) -> str:
-        value = env.get(name, "")
-        if not value:
-            problems.append(f"{name} is not set")
-        return value
 
-    def integer(name: str, default: int, low: int, high: int) -> int:
-        raw = env.get(name)
-        if not raw:
-            return default
-        try:
-            value = int(raw)
-        except ValueError:
-            problems.append(f"{name}={raw!r} is not an integer")
-            return default
-        if not low <= value <= high:
-            problems.append(f"{name}={value} is outside [{low}, {high}]")
-        return value
-
-    backend = need("MLFLOW_BACKEND_STORE_URI")
-    db_password = env.get("PGPASSWORD") or None
-    if backend:
-        if urlsplit(backend).scheme not in ("postgresql", "postgresql+psycopg", "postgresql+psycopg2"):
-            problems.append("MLFLOW_BACKEND_STORE_URI must be a postgresql:// URI")
-        backend, inline_password = split_password(backend)
-        db_password = db_password or inline_password
-        if not database_name(backend):
-            problems.append("MLFLOW_BACKEND_STORE_URI names no database (postgresql://user@host:port/DB)")
-    auth_uri = env.get("MLFLOW_AUTH_DATABASE_URI", "")
-    if auth_uri:
-        auth_uri, auth_password = split_password(auth_uri)
-        if auth_password and auth_password != db_password:
-            problems.append("MLFLOW_AUTH_DATABASE_URI must use the same password as the backend store (PGPASSWORD)")
-    elif backend and database_name(backend):
-        auth_uri = with_database(backend, f"{database_name(backend)}_auth")
-
-    artifacts = need("MLFLOW_ARTIFACTS_DESTINATION")
-    if artifacts and not artifacts.startswith("s3://"):
-        problems.append("MLFLOW_ARTIFACTS_DESTINATION must be an s3:// URI (artifacts are proxied to S3)")
-
-    admin_username = need("MLFLOW_AUTH_ADMIN_USERNAME")
-    admin_password = need("MLFLOW_AUTH_ADMIN_PASSWORD")
-    secret_key = need("MLFLOW_FLASK_SERVER_SECRET_KEY")
-    trainer_username = env.get("HPSWEEP_TRAINER_USERNAME") or None
-    trainer_password = env.get("HPSWEEP_TRAINER_PASSWORD") or None
-    if bool(trainer_username) != bool(trainer_password):
-        problems.append("set both HPSWEEP_TRAINER_USERNAME and HPSWEEP_TRAINER_PASSWORD, or neither")
-    for name, value in (("MLFLOW_AUTH_ADMIN_PASSWORD", admin_password), ("HPSWEEP_TRAINER_PASSWORD", trainer_password)):
-        if value and len(value) < 12:
-            problems.append(f"{name} must be at least 12 characters (MLflow's rule)")
-    if trainer_username and trainer_username == admin_username:
-        problems.append("HPSWEEP_TRAINER_USERNAME must differ from MLFLOW_AUTH_ADMIN_USERNAME")
-    default_permission = env.get("MLFLOW_AUTH_DEFAULT_PERMISSION", "READ").upper()
-    if default_permission not in PERMISSIONS:
-        problems.append(f"MLFLOW_AUTH_DEFAULT_PERMISSION must be one of {', '.join(PERMISSIONS)}")
-    if default_permission in ("EDIT", "MANAGE"):
-        problems.append("MLFLOW_AUTH_DEFAULT_PERMISSION must not grant writes to every account (use READ)")
-
-    settings = Settings(
-        backend_store_uri=backend,
-        auth_database_uri=auth_uri,
-        artifacts_destination=artifacts,
-        admin_username=admin_username,
-        host=env.get("MLFLOW_HOST") or "0.0.0.0",
-        port=integer("MLFLOW_PORT", 5000, 1, 65535),
-        workers=integer("MLFLOW_WORKERS", 4, 1, 64),
-        default_permission=default_permission,
-        auth_cache_ttl_s=integer("MLFLOW_AUTH_CACHE_TTL_S", 60, 0, 3600),
-        trainer_username=trainer_username,
-        db_password=db_password,
-        admin_password=admin_password,
-        trainer_password=trainer_password,
-        secret_key=secret_key,
-    )
-    if problems:
-        raise SettingsError(problems)
-    return settings
+def _problem(error: ErrorDetails) -> str:
+    """One line per bad variable, in the words the server has always used."""
+    name = ".".join(map(str, error["loc"]))
+    value = error.get("input")
+    if error["type"] == "missing":
+        return f"{name} is not set"
+    if error["type"].startswith("int_"):
+        return f"{name}={value!r} is not an integer"
+    if error["type"] in ("greater_than_equal", "less_than_equal"):
+        field = next(f for f in Settings.model_fields.values() if f.validation_alias == name)
+        low = next(m.ge for m in field.metadata if hasattr(m, "ge"))
+        high = next(m.le for m in field.metadata if hasattr(m, "le"))
+        return f"{name}={value} is outside [{low}, {high}]"
+    if error["type"] == "value_error":
+        return str(error["ctx"]["error"])
+    return f"{name}: {error['msg']}"

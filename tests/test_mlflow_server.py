@@ -60,6 +60,26 @@ def test_missing_settings_are_each_named():
         assert needle in text
 
 
+def test_bad_values_name_their_variable_without_echoing_secrets():
+    with pytest.raises(SettingsError) as e:
+        load({**BASE_ENV, "MLFLOW_PORT": "70000", "MLFLOW_AUTH_CACHE_TTL_S": "-1", "MLFLOW_AUTH_ADMIN_PASSWORD": "short-pw",
+              "HPSWEEP_TRAINER_USERNAME": "admin", "HPSWEEP_TRAINER_PASSWORD": "t" * 20})
+    assert e.value.problems == [
+        "MLFLOW_AUTH_ADMIN_PASSWORD must be at least 12 characters (MLflow's rule)",
+        "HPSWEEP_TRAINER_USERNAME must differ from MLFLOW_AUTH_ADMIN_USERNAME",
+        "MLFLOW_PORT=70000 is outside [1, 65535]", "MLFLOW_AUTH_CACHE_TTL_S=-1 is outside [0, 3600]"]
+    assert e.value.__cause__ is None and e.value.__suppress_context__  # no pydantic error (with inputs) chained
+    assert "short-pw" not in str(e.value)
+
+
+def test_settings_read_the_process_environment_unless_given_one(monkeypatch):
+    for name, value in {**BASE_ENV, "MLFLOW_WORKERS": "2", "MLFLOW_HOST": "", "PGPASSWORD": "db-secret-123456"}.items():
+        monkeypatch.setenv(name, value)
+    s = load()
+    assert (s.workers, s.host, s.db_password) == (2, "0.0.0.0", "db-secret-123456")  # empty is unset
+    assert load(BASE_ENV).db_password is None and load(BASE_ENV).workers == 4  # a given mapping replaces it
+
+
 def test_write_permission_for_everyone_is_refused():
     with pytest.raises(SettingsError, match="must not grant writes to every account"):
         load({**BASE_ENV, "MLFLOW_AUTH_DEFAULT_PERMISSION": "EDIT"})
