@@ -5,7 +5,7 @@ fetches each file from the DVC remote (S3 in production, a folder locally) into 
 keyed by its DVC content hash; later trials on that host use the cached copy.
 
 - Concurrent trials on one host fetch once: the fetch holds a per-hash file lock
-  (``fcntl.flock``), and whoever waited finds the copy done.
+  (``filelock``), and whoever waited finds the copy done.
 - A copy is only ever published whole: it is downloaded to a temporary name, its md5
   checked against the DVC hash, then renamed into place. A copy that changed afterwards
   (truncated, overwritten) no longer matches the size and mtime recorded at publication:
@@ -19,7 +19,6 @@ default ``~/.cache/hpsweep/data``), ``HPSWEEP_DATA_CACHE_MAX_GB`` (default: no c
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -30,6 +29,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import urlsplit
+
+from filelock import FileLock
 
 _CHUNK = 8 << 20
 
@@ -206,14 +207,15 @@ class DataCache:
 
     @contextmanager
     def _lock(self, md5: str) -> Iterator[None]:
+        """Hold ``md5``'s lock: one fetch or eviction of a copy at a time, across threads and processes.
+
+        A flock (a holder that dies releases it); a new lock object per call, so threads of
+        one process exclude each other as separate processes do.
+        """
         locks = self.root / "locks"
         locks.mkdir(parents=True, exist_ok=True)
-        with (locks / f"{md5}.lock").open("w") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes, also when the process dies
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+        with FileLock(locks / f"{md5}.lock"):
+            yield
 
     def entries(self) -> list[tuple[Path, int, float]]:
         """(path, size, last use) of every sealed copy."""

@@ -3,7 +3,7 @@
 The quota (how many GPUs the organisation may use at once) is a Prefect concurrency
 limit; this module only answers "which physical GPU does this trial get", so no GPU is
 ever handed to two running trials: not within one sweep (a lock-protected free list) and
-not across sweeps or pool workers sharing the host (one ``flock`` per GPU).
+not across sweeps or pool workers sharing the host (one ``flock`` per GPU, through ``filelock``).
 
 GPU ids are NVML's numbering (nvidia-smi's, PCI bus order); trial processes get
 ``CUDA_DEVICE_ORDER=PCI_BUS_ID`` so CUDA numbers them the same way.
@@ -11,13 +11,15 @@ GPU ids are NVML's numbering (nvidia-smi's, PCI bus order); trial processes get
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import tempfile
 import threading
 import time
+from contextlib import ExitStack
 from pathlib import Path
+
+from filelock import Timeout, UnixFileLock
 
 log = logging.getLogger("hpsweep")
 
@@ -88,7 +90,7 @@ class GpuPool:
 
     def __init__(self, gpu_ids: tuple[int, ...], lock_dir: Path | None = None, poll_s: float = 0.5):
         self._free = list(gpu_ids)
-        self._held: dict[int, int] = {}  # GPU id -> fd of its lock file
+        self._held: dict[int, ExitStack] = {}  # GPU id -> its file lock, released by close()
         self._lock = threading.Lock()
         self._lock_dir = default_lock_dir() if lock_dir is None else Path(lock_dir)
         self._poll_s = poll_s
@@ -123,45 +125,49 @@ class GpuPool:
 
     def _lock_free(self, count: int) -> tuple[int, ...] | None:
         """Lock ``count`` free GPUs, in free-list order (called with self._lock held)."""
-        got: list[tuple[int, int]] = []
+        got: list[tuple[int, ExitStack]] = []
         for gpu in self._free:
-            fd = self._try_flock(gpu)
-            if fd is not None:
-                got.append((gpu, fd))
+            hold = self._try_lock(gpu)
+            if hold is not None:
+                got.append((gpu, hold))
                 if len(got) == count:
                     break
         if len(got) < count:
-            for _, fd in got:
-                os.close(fd)  # closing drops the flock
+            for _, hold in got:
+                hold.close()
             return None
-        for gpu, fd in got:
+        for gpu, hold in got:
             self._free.remove(gpu)
-            self._held[gpu] = fd
+            self._held[gpu] = hold
         return tuple(gpu for gpu, _ in got)
 
-    def _try_flock(self, gpu: int) -> int | None:
-        self._lock_dir.mkdir(parents=True, exist_ok=True)
+    def _try_lock(self, gpu: int) -> ExitStack | None:
+        """GPU ``gpu``'s file lock, taken without waiting; None while another process holds it.
+
+        A flock (never filelock's soft fallback, whose marker outlives a killed holder) on a
+        descriptor trial processes do not inherit, so it lasts exactly as long as this process
+        holds the GPU. A lock folder this process cannot write leaves the GPU guarded only
+        within this process (an empty hold), as a warning.
+        """
+        hold = ExitStack()
+        lock = UnixFileLock(self._lock_dir / f"gpu-{gpu}.lock", blocking=False, thread_local=False,
+                            fallback_to_soft=False)  # give_back may run in another thread than take
         try:
-            # Open file descriptors are not inherited by trial or helper processes (O_CLOEXEC),
-            # so the lock lives exactly as long as this process holds the GPU.
-            fd = os.open(self._lock_dir / f"gpu-{gpu}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
-        except OSError as e:  # e.g. another user's lock folder: fall back to in-process exclusivity
-            log.warning("cannot open the GPU lock file in %s (%s); GPU %d is not guarded against other "
-                        "processes", self._lock_dir, e, gpu)
-            return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
+            self._lock_dir.mkdir(parents=True, exist_ok=True)
+            hold.enter_context(lock)
+        except Timeout:
             return None
-        return fd
+        except OSError as e:  # e.g. another user's lock folder
+            log.warning("cannot use the GPU lock file in %s (%s); GPU %d is not guarded against other "
+                        "processes", self._lock_dir, e, gpu)
+        return hold
 
     def give_back(self, gpu_ids: tuple[int, ...]) -> None:
         with self._lock:
             for gpu in gpu_ids:
-                fd = self._held.pop(gpu, None)
-                if fd is not None:
-                    os.close(fd)
+                hold = self._held.pop(gpu, None)
+                if hold is not None:
+                    hold.close()
             # Freed GPUs go to the front, so the next take (a worker's next trial) reuses them.
             self._free[:0] = [g for g in gpu_ids if g not in self._free]
 
