@@ -7,8 +7,8 @@ trial with the tags, params and metrics hpsweep writes. Half the sweeps share on
 16 trials. Then hpsweep's own lookups, through MLflow's SqlAlchemyStore (the code the server
 runs, without HTTP), are timed without and with ``mlflow_server``'s hash index on tags.value:
 
-- ``sweep_runs``: the report's read of one sweep (``tags.hpsweep.sweep_id = …``), and
-- ``finished_runs_by_key``: the planning read of every FINISHED trial in the experiment.
+- ``sweep_trials``: the report's read of one sweep (``tags.hpsweep.sweep_id = …``), and
+- ``finished_trials_by_key``: the planning read of every FINISHED trial in the experiment.
 
 Part 2 (``--report-trials``, default 10,000): ``hpsweep.report.leaderboard.rank_rows`` + ``write_report`` on
 synthetic rows, each step timed.
@@ -62,7 +62,7 @@ def _line(*cols) -> str:
 
 def build(db_uri: str, n_runs: int, seed: int = 0) -> tuple[list[Sweep], dict[str, float]]:
     """MLflow's schema through its own store, then hpsweep-shaped rows by COPY."""
-    from mlflow.store.store.sqlalchemy_store import SqlAlchemyStore
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
     rng = random.Random(seed)
     timings = {}
@@ -91,7 +91,7 @@ def build(db_uri: str, n_runs: int, seed: int = 0) -> tuple[list[Sweep], dict[st
                          None))
         for k, v in (("mlflow.runName", f"sweep {sw.sweep_id}"), ("mlflow.user", "ci"),
                      ("hpsweep.sweep_id", sw.sweep_id), ("hpsweep.role", "sweep"), ("hpsweep.spec_hash", spec),
-                     ("hpsweep.data_version", data), ("hpsweep.code_version", code), ("hpsweep.engine.quota", "8"),
+                     ("hpsweep.data_version", data), ("hpsweep.code_version", code), ("hpsweep.quota", "8"),
                      ("hpsweep.git_commit", code), ("hpsweep.owner", "orchestrator:1234:1790000000"),
                      ("hpsweep.heartbeat", str(ts // 1000))):
             tags.write(_line(k, v, parent))
@@ -109,8 +109,8 @@ def build(db_uri: str, n_runs: int, seed: int = 0) -> tuple[list[Sweep], dict[st
                          ("hpsweep.sweep_id", sw.sweep_id), ("hpsweep.role", "trial"),
                          ("hpsweep.trial_key", hashlib.sha1(f"{sw.sweep_id}{i}".encode()).hexdigest()[:16]),
                          ("hpsweep.hparams", json.dumps(hp)), ("hpsweep.index", str(i)), ("hpsweep.attempt", "1"),
-                         ("hpsweep.report.status", "FINISHED"), ("hpsweep.owner", f"gpu-host-{i % 8}:{1000 + i}:1790000000"),
-                         ("hpsweep.heartbeat", str(start // 1000 + 3600)), ("hpsweep.engine.gpus", str(i % 8)),
+                         ("hpsweep.status", "FINISHED"), ("hpsweep.owner", f"gpu-host-{i % 8}:{1000 + i}:1790000000"),
+                         ("hpsweep.heartbeat", str(start // 1000 + 3600)), ("hpsweep.gpus", str(i % 8)),
                          ("hpsweep.duration_s", "3600.000")):
                 tags.write(_line(k, v, rid))
             for k, v in hp.items():
@@ -183,19 +183,19 @@ class SqlCapture:
 def bench_lookups(db_uri: str, sweeps: list[Sweep], repeat: int) -> list[dict]:
     from mlflow.tracking import MlflowClient
 
-    from hpsweep import store
+    from hpsweep.store.runs import sweep_trials
 
     client = MlflowClient(db_uri)
     store = client._tracking_client.store
     capture = SqlCapture(store.engine)
     picks = [sweeps[0], sweeps[-1]] + ([sweeps[-2]] if len(sweeps) > 2 else [])
-    cases = [(f"sweep_runs: {sw.trials:,}-trial sweep", sw.experiment_id, sw) for sw in picks]
+    cases = [(f"sweep_trials: {sw.trials:,}-trial sweep", sw.experiment_id, sw) for sw in picks]
     n_in = {e: sum(s.trials + 1 for s in sweeps if s.experiment_id == e) for e in {c[1] for c in cases}}
     results = []
     for label, exp, sw in cases:
-        got = store.sweep_runs(client, str(exp), sw.sweep_id)
+        got = sweep_trials(client, str(exp), sw.sweep_id)
         assert len(got) == sw.trials, (label, len(got))
-        median, best = time_calls(lambda exp=exp, sw=sw: store.sweep_runs(client, str(exp), sw.sweep_id), repeat)
+        median, best = time_calls(lambda exp=exp, sw=sw: sweep_trials(client, str(exp), sw.sweep_id), repeat)
         plan = capture.explain()
         results.append({"query": label, "runs in experiment": n_in[exp], "median_s": median, "min_s": best,
                         "sql_ms": _execution_ms(plan), "plan": plan})
@@ -207,16 +207,16 @@ def bench_planning_read(db_uri: str, sweeps: list[Sweep]) -> dict:
     """The read every sweep does first: all FINISHED trials of its experiment (to reuse by key)."""
     from mlflow.tracking import MlflowClient
 
-    from hpsweep import store
+    from hpsweep.store.runs import finished_trials_by_key
 
     client = MlflowClient(db_uri)
     exp = sweeps[0].experiment_id
     t = time.perf_counter()
-    found = store.finished_runs_by_key(client, str(exp), {"no-such-key"})
+    found = finished_trials_by_key(client, str(exp), {"no-such-key"})
     elapsed = time.perf_counter() - t
     client._tracking_client.store.engine.dispose()
     n = sum(s.trials for s in sweeps if s.experiment_id == exp)
-    return {"query": f"finished_runs_by_key: every FINISHED trial ({n:,}) of the experiment", "seconds": elapsed,
+    return {"query": f"finished_trials_by_key: every FINISHED trial ({n:,}) of the experiment", "seconds": elapsed,
             "found": len(found)}
 
 
@@ -248,6 +248,7 @@ def bench_write_overhead(db_uri: str, n_runs: int = 500) -> float:
 
 
 def bench_report(n: int, seed: int = 0) -> dict[str, float]:
+    from hpsweep.model import TrialRow, TrialState
     from hpsweep.report import leaderboard as report
 
     rng = random.Random(seed)
@@ -255,10 +256,10 @@ def bench_report(n: int, seed: int = 0) -> dict[str, float]:
     for i in range(1, n + 1):
         failed = i % 50 == 0
         hp = {"lr": round(10 ** rng.uniform(-4, -1), 6), "depth": rng.randint(2, 12), "dropout": i % 5 / 10}
-        runs.append({"run_id": uuid.UUID(int=rng.getrandbits(128)).hex, "run_name": " ".join(f"{k}={v}" for k, v in hp.items()),
-                     "mlflow_status": "FAILED" if failed else "FINISHED", "status": "FAILED" if failed else "FINISHED",
-                     "hparams": hp, "f1": None if failed else rng.random(), "reason": "CUDA out of memory" if failed else None,
-                     "index": i, "attempt": 1, "trial_key": f"{i:016x}", "duration_s": 3600.0})
+        runs.append(TrialRow(run_id=uuid.UUID(int=rng.getrandbits(128)).hex, run_name=" ".join(f"{k}={v}" for k, v in hp.items()),
+                             state=TrialState.FAILED if failed else TrialState.FINISHED,
+                             hparams=hp, f1=None if failed else rng.random(), reason="CUDA out of memory" if failed else None,
+                             index=i, attempt=1, key=f"{i:016x}", duration_s=3600.0))
     sweep = {"sweep_id": "bench-sweep", "name": "bench", "experiment_id": "1", "parent_run_id": "p"}
     out: dict[str, float] = {}
     t = time.perf_counter()

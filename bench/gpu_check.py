@@ -84,7 +84,7 @@ def trial_stats(work: Path, name: str) -> list[dict[str, Any]]:
         except Exception:
             device_line = ""
         stats.append({"hparams": row["hparams"], "f1": row["f1"], "status": row["status"],
-                      "gpus": run.data.tags.get("hpsweep.engine.gpus", "?"), "device_line": device_line,
+                      "gpus": run.data.tags.get("hpsweep.gpus", "?"), "device_line": device_line,
                       "epoch_s": history.get("epoch_s", []), "gpu_mem_mb": max(history.get("gpu_max_memory_mb", [0])),
                       "gpu_util": history.get("system/gpu_0_utilization_percentage", []),
                       "gpu_sys_mem_mb": history.get("system/gpu_0_memory_usage_megabytes", []),
@@ -100,7 +100,7 @@ def check_gpu_trials(stats: list[dict[str, Any]]) -> list[str]:
         if s["status"] != "FINISHED":
             problems.append(f"{who}: {s['status']}")
         if s["gpus"] in ("cpu", "?", ""):
-            problems.append(f"{who}: hpsweep gave it no GPU (tag hpsweep.engine.gpus={s['gpus']!r})")
+            problems.append(f"{who}: hpsweep gave it no GPU (tag hpsweep.gpus={s['gpus']!r})")
         if "cuda" not in s["device_line"]:
             problems.append(f"{who}: its log does not say it trained on cuda: {s['device_line']!r}")
         if not s["gpu_mem_mb"] > 0:

@@ -15,7 +15,7 @@ trainer function directly, with no orchestration.
   efficiency = lower bound / makespan, peak concurrency (from the trainers' own timestamps).
 - S2: 200 combinations, quota 8, mean 0.05 s. overhead per trial = (makespan × quota − Σ durations) / trials.
 - S3: 10,000 combinations: time to validate and plan (``hpsweep plan`` when it exists, else
-  ``load_inputs`` + ``flows.sweep.plan_trials``), and to build the report (``write_report`` on 10,000 rows).
+  ``load_inputs`` + ``hpsweep.plan.plan_trials``), and to build the report (``write_report`` on 10,000 rows).
 
 Makespan (the sweep's training phase) = the first trial's launch (its MLflow run created) → the
 last trial's end (its F1 stored in MLflow). Also shown: the trainers' span (first trainer start →
@@ -290,7 +290,7 @@ def scenario_s3(root: Path) -> dict[str, Any]:
     # In-process, the same functions `hpsweep run` calls before it launches anything.
     code = (
         "import time, json, sys; from pathlib import Path; t0 = time.time()\n"
-        "from hpsweep.inputs import load_inputs; from flows.sweep import plan_trials; t1 = time.time()\n"
+        "from hpsweep.inputs import load_inputs; from hpsweep.plan import plan_trials; t1 = time.time()\n"
         "inputs = load_inputs(Path('combos.yaml'), Path('spec.yaml'), Path('data/train.csv'), "
         "Path('data/val.csv'), 8); t2 = time.time()\n"
         "trials, versions = plan_trials(inputs); t3 = time.time()\n"
@@ -302,14 +302,15 @@ def scenario_s3(root: Path) -> dict[str, Any]:
     out["validate_plan_s"] = inproc["validate_s"] + inproc["plan_s"]
     code = (
         "import time, json, random; from pathlib import Path\n"
+        "from hpsweep.model import TrialRow, TrialState\n"
         "from hpsweep.report.leaderboard import rank_rows, write_report\n"
         "rng = random.Random(4); rows = []\n"
         "for i in range(1, %d + 1):\n"
         "    ok = i %% 50 != 0\n"
-        "    rows.append({'run_id': f'{i:032x}', 'run_name': f'trial={i}', 'status': 'FINISHED' if ok else 'FAILED',\n"
-        "                 'hparams': {'trial': i, 'lr': round(rng.uniform(1e-4, 1e-1), 5), 'hidden': rng.choice([32, 64, 128])},\n"
-        "                 'f1': round(rng.random(), 4) if ok else None, 'reason': None if ok else 'boom',\n"
-        "                 'index': i, 'attempt': 1, 'trial_key': f'k{i}', 'duration_s': 1.0, 'mlflow_status': 'FINISHED'})\n"
+        "    rows.append(TrialRow(run_id=f'{i:032x}', run_name=f'trial={i}', state=TrialState.FINISHED if ok else TrialState.FAILED,\n"
+        "                         hparams={'trial': i, 'lr': round(rng.uniform(1e-4, 1e-1), 5), 'hidden': rng.choice([32, 64, 128])},\n"
+        "                         f1=round(rng.random(), 4) if ok else None, reason=None if ok else 'boom',\n"
+        "                         index=i, attempt=1, key=f'k{i}', duration_s=1.0))\n"
         "meta = {'sweep_id': 'bench-s3', 'name': 'bench-s3', 'experiment_id': '1', 'parent_run_id': 'p',\n"
         "        'tracking_uri': 'sqlite:///x', 'spec_hash': 's', 'data_version': 'd', 'git_commit': 'g', 'quota': 8,\n"
         "        'champion': None}\n"

@@ -14,8 +14,9 @@ from typing import Any
 from prefect import flow
 
 from hpsweep.engine.gpus import GpuPool, host_gpus
-from hpsweep.engine.launcher import TrialJob, execute_trial
+from hpsweep.engine.launcher import execute_trial
 from hpsweep.engine.process import ProcessRunner
+from hpsweep.model import TrialJob
 
 
 @flow(name="train-trial", persist_result=False, log_prints=True)

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -27,9 +28,11 @@ from hpsweep.config import SweepConfig, build_config, read_params
 from hpsweep.engine.gpus import host_gpus
 from hpsweep.inputs import Problem, SweepInputError, SweepInputs, load_inputs
 from hpsweep.plan import DEFAULT_PRICE_PER_GPU_HOUR, DEFAULT_SPOT_PRICE_PER_GPU_HOUR
-from hpsweep.progress import ProgressSink
+from hpsweep.engine.callbacks import SweepCallback
+from hpsweep.model import AttemptResult, PlannedTrial, TrialRow
 
 EXIT_OK, EXIT_TRIALS_FAILED, EXIT_INVALID_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
+SWEEP_FLOW = "flows.sweep:sweep"  # the flow `hpsweep run` runs (prefect.yaml deploys the same one)
 DEMO_DATA = Path("data")
 
 console = Console(stderr=True)
@@ -94,31 +97,61 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class RichProgress(ProgressSink):
-    """The terminal view: one live line with done / failed / running / ETA."""
+class RichProgress(SweepCallback):
+    """The terminal view of a running sweep: one live line with ended / finished / failed / running / ETA."""
 
     def __init__(self) -> None:
-        super().__init__()
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         self._progress = Progress(TextColumn("[bold]sweep"), BarColumn(), MofNCompleteColumn(),
                                   TimeElapsedColumn(), TextColumn("{task.description}"), console=console)
+        self._lock = threading.Lock()
         self._task = None
+        self.total = self.parallel = self.done = self.failed = self.running = 0
+        self._durations: list[float] = []
 
-    def render(self) -> None:
+    def on_sweep_start(self, total: int, parallel: int) -> None:
+        with self._lock:
+            self.total, self.parallel = total, parallel
+        self._render()
+
+    def on_trial_start(self, trial: PlannedTrial) -> None:
+        with self._lock:
+            self.running += 1
+        self._render()
+
+    def on_trial_end(self, trial: PlannedTrial, attempts: int, result: AttemptResult) -> None:
+        with self._lock:
+            self.running -= 1
+            self.done += result.outcome.ok
+            self.failed += not result.outcome.ok
+            self._durations.append(result.outcome.duration_s)
+        self._render()
+
+    def on_sweep_end(self) -> None:
+        if self._task is not None:
+            self._render()
+            self._progress.stop()
+
+    def summary(self) -> str:
+        """Remaining trials × mean duration / slots is the ETA (unknown until one trial has ended)."""
+        with self._lock:
+            ended = self.done + self.failed
+            eta = ((self.total - ended) * sum(self._durations) / len(self._durations) / max(1, self.parallel)
+                   if self._durations else None)
+            return (f"{ended}/{self.total} ended · {self.done} finished · {self.failed} failed · "
+                    f"{self.running} running · ETA {'?' if eta is None else f'{eta:.0f}s'}")
+
+    def _render(self) -> None:
         if self._task is None:
             self._progress.start()
             self._task = self._progress.add_task(self.summary(), total=self.total or None)
         self._progress.update(self._task, completed=self.done + self.failed, total=self.total,
                               description=self.summary())
 
-    def close(self) -> None:
-        if self._task is not None:
-            self.render()
-            self._progress.stop()
-
 
 def _print_summary(result: dict[str, Any]) -> None:
+    """Print a sweep's summary (``hpsweep.report.assemble.sweep_summary``): its top trials, counts and files."""
     table = Table(title=f"Top trials of {result['sweep_id']}")
     table.add_column("rank", justify="right")
     table.add_column("hparams")
@@ -179,13 +212,16 @@ def _run(args: argparse.Namespace) -> int:
     # The embedded default starts Prefect's temporary API; its 20 s start-up budget is too
     # short on a busy 2-core machine (seen in CI), so give it two minutes unless told otherwise.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    from hpsweep import progress
-    from hpsweep.engine import quota
-    from flows.sweep import sweep
+    from prefect.flows import load_flow_from_entrypoint
 
+    from hpsweep.engine import quota
+    from hpsweep.engine.callbacks import observing
+
+    # The flow is looked up by its entrypoint, as a Prefect deployment of it is: hpsweep's own
+    # code never imports the flows layer that is built on it.
+    sweep = load_flow_from_entrypoint(SWEEP_FLOW, use_placeholder_flow=False)
     logging.getLogger("prefect.task_runs").setLevel(logging.WARNING)  # one line per trial comes from us
-    progress.install(RichProgress())
-    with quota.dead_sweeps_slots_returned(config.launcher == "local"):
+    with quota.dead_sweeps_slots_returned(config.launcher == "local"), observing(RichProgress()):
         result = sweep(config)
     _print_summary(result)
     return EXIT_OK if result["counts"]["failed"] == 0 else EXIT_TRIALS_FAILED
@@ -206,20 +242,19 @@ def _plan(args: argparse.Namespace) -> int:
 
     trials, versions = plan.plan_trials(inputs)
     name = config.name or inputs.spec.name or config.spec.stem
-    reused: dict[str, dict[str, Any]] = {}
+    reused: dict[str, TrialRow] = {}
     history = plan.DurationHistory()
     try:
         uri = existing_tracking_uri(config.tracking_uri)
     except SweepNotFound:
         uri = None  # no store yet: nothing to reuse or learn from (and none is created)
     if uri is not None:
-        from mlflow.tracking import MlflowClient
+        from hpsweep.store import SweepStore
 
-        client = MlflowClient(uri)
-        exp = client.get_experiment_by_name(name)
-        exp_id = exp.experiment_id if exp is not None else None
-        reused = plan.reusable_runs(client, exp_id, trials, versions, config.retrain)
-        history = plan.duration_history(client, exp_id, versions["hpsweep.spec_hash"])
+        store = SweepStore.at(uri)
+        exp_id = store.experiment_id(name)
+        reused = plan.reusable_runs(store, exp_id, trials, versions, config.retrain)
+        history = plan.duration_history(store, exp_id, versions["hpsweep.spec_hash"])
     to_train = plan.trials_to_train(trials, reused)
     estimates = plan.estimate_durations(to_train, inputs.spec.expected_duration_s, history)
     host = host_gpus() if config.launcher == "local" else ()
@@ -237,32 +272,31 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _open_sweep(args: argparse.Namespace):
-    """The MLflow client and the sweep SWEEP names (default: params.yaml's sweep name)."""
-    from mlflow.tracking import MlflowClient
-
+    """The store and the sweep SWEEP names (default: params.yaml's sweep name), with params.yaml's sweep section."""
     from hpsweep.report.status import SweepNotFound, existing_tracking_uri, find_sweep
+    from hpsweep.store import SweepStore
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # plan.json is one small file
     params = read_params(args.params)
     sweep = args.sweep or params.get("name")
     if not sweep:
         raise SweepNotFound(f"give a sweep name or id ({args.params} has no sweep.name)")
-    client = MlflowClient(existing_tracking_uri(args.tracking_uri or params.get("tracking_uri")))
-    return client, find_sweep(client, sweep), params
+    store = SweepStore.at(existing_tracking_uri(args.tracking_uri or params.get("tracking_uri")))
+    return store, find_sweep(store, sweep), params
 
 
 def _status(args: argparse.Namespace) -> int:
-    from hpsweep import store
     from hpsweep.engine.process import ZOMBIE_AFTER_S
-    from hpsweep.report.status import SweepNotFound, load_plan, prefect_state, render, summarize
+    from hpsweep.report.status import SweepNotFound, prefect_state, render, summarize
+    from hpsweep.store import TAG_FLOW_RUN_ID
 
     try:
-        client, record, _ = _open_sweep(args)
+        store, record, _ = _open_sweep(args)
     except (SweepNotFound, SweepInputError) as e:
         return _not_found(e)
-    runs = store.sweep_runs(client, record.experiment_id, record.sweep_id)
-    prefect = prefect_state(record.tags.get("hpsweep.flow_run_id")) if record.parent_status == "RUNNING" else None
-    status = summarize(record, load_plan(client, record.parent_run_id), runs, time.time(), ZOMBIE_AFTER_S, prefect)
+    runs = store.sweep_trials(record.experiment_id, record.sweep_id)
+    prefect = prefect_state(record.tags.get(TAG_FLOW_RUN_ID)) if record.parent_status == "RUNNING" else None
+    status = summarize(record, store.load_plan(record.parent_run_id), runs, time.time(), ZOMBIE_AFTER_S, prefect)
     if args.json:
         print(json.dumps(status, indent=1, default=str))
     else:
@@ -271,33 +305,20 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from hpsweep import store
-    from hpsweep.plan import PlannedTrial
-    from hpsweep.report.status import SweepNotFound, load_plan
+    from hpsweep.report.status import SweepNotFound
 
     try:
-        client, record, params = _open_sweep(args)
+        store, record, params = _open_sweep(args)
     except (SweepNotFound, SweepInputError) as e:
         return _not_found(e)
-    from flows.sweep import report_sweep, sweep_meta
+    from hpsweep.report.assemble import rebuild_report, sweep_summary
 
-    plan_rows = load_plan(client, record.parent_run_id) or []  # an older sweep: its runs alone
-    trials = [PlannedTrial(p["index"], p["hparams"], p["key"]) for p in plan_rows]
-    reused_ids = {p["key"]: p["reused_run_id"] for p in plan_rows if p.get("reused_run_id")}
-    found = store.runs_by_id(client, record.experiment_id, list(reused_ids.values()))
-    reused = {key: found[run_id] for key, run_id in reused_ids.items() if run_id in found}
     report_dir = args.report_dir or (Path(params["report_dir"]) if params.get("report_dir")
                                      and params.get("name") == record.name else Path("reports") / record.name)
-    meta = sweep_meta(record.sweep_id, record.name, record.experiment_id, record.parent_run_id,
-                      client.tracking_uri, record.tags, record.tags.get("hpsweep.engine.quota"))
-    rows, header, paths = report_sweep(client, meta, trials, reused, report_dir, register=False)
+    rows, header, paths = rebuild_report(store, record, report_dir)
     if record.parent_status == "RUNNING":
         console.print(f"note: sweep {record.sweep_id} is still running: trials not yet ended are listed as failed")
-    from hpsweep.report.leaderboard import counts
-
-    uri = header["tracking_uri"]
-    _print_summary({**header, "counts": counts(rows), "report_dir": str(report_dir), "top": rows[:3],
-                    "tracking_uri": uri})
+    _print_summary(sweep_summary(header, rows, report_dir, paths))
     Console().print("wrote " + ", ".join(str(p) for p in paths.values()), highlight=False, soft_wrap=True)
     return EXIT_OK
 

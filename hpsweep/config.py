@@ -8,7 +8,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from hpsweep.inputs import Problem, SweepInputError, yaml_error_message
+from hpsweep.inputs import NAME_PATTERN, Problem, SweepInputError, yaml_error_message
 
 DEFAULT_LIMIT_NAME = "hpsweep-gpus"
 
@@ -22,8 +22,9 @@ class SweepConfig(BaseModel):
     train: Path = Field(description="training data (file or folder)")
     val: Path = Field(description="validation data (file or folder)")
     quota: int = Field(default=1, description="GPUs the organisation may use at once (Prefect concurrency limit)")
-    name: str | None = Field(default=None, description="sweep name (MLflow experiment, registered model); "
-                                                       "default: the spec's name")
+    name: str | None = Field(default=None, pattern=NAME_PATTERN, max_length=200,
+                             description="sweep name (MLflow experiment, registered model): letters, digits, "
+                                         "'.', '_', '-'; default: the spec's name")
     report_dir: Path | None = Field(default=None, description="where the leaderboard goes; default reports/<name>")
     work_dir: Path = Field(default=Path(".hpsweep"), description="trial folders: checkpoints, logs, results")
     tracking_uri: str | None = Field(default=None, description="MLflow tracking URI; default "

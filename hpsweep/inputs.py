@@ -211,6 +211,10 @@ def canonical_json(values: dict[str, Any]) -> str:
 # ---------------------------------------------------------------- model spec
 
 
+# A sweep's and a spec's name: an MLflow experiment and registered model, part of MLflow filters and paths.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+
+
 class TrainerSpec(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     entrypoint: str | None = Field(default=None, description="package.module:function")
@@ -232,7 +236,7 @@ class ModelSpec(BaseModel):
     """The model spec file (a public contract: keys may be added, never renamed)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
-    name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    name: str | None = Field(default=None, pattern=NAME_PATTERN)
     trainer: TrainerSpec
     settings: dict[str, Scalar] = Field(default_factory=dict)
     resources: Resources = Field(default_factory=Resources)

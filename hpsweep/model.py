@@ -175,7 +175,7 @@ class TrialRow:
                                "run_id": self.run_id, "run_name": self.run_name, "attempts": self.attempt,
                                "duration_s": self.duration_s}
         if not self.has_f1:
-            row["reason"] = self.reason or f"run ended {self.state.value} without an F1"
+            row["reason"] = self.reason or f"run ended {self.state.value}"
         return row
 
     def plan_entry(self) -> dict[str, Any]:

@@ -23,26 +23,19 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Sequence
 
 from hpsweep.inputs import Hparams, SweepInputs, canonical_json
+from hpsweep.model import PlannedTrial, TrialRow, TrialState
 
 if TYPE_CHECKING:
-    from mlflow.tracking import MlflowClient
+    from hpsweep.store import SweepStore
 
 # Assumed list prices (docs/design.md §2: g5.xlarge, us-east-1); pass your own on the command line.
 DEFAULT_PRICE_PER_GPU_HOUR = 1.006
 DEFAULT_SPOT_PRICE_PER_GPU_HOUR = 0.40
 HISTORY_LIMIT = 1000  # finished trials read for estimates: planning never reads a whole history
 
-TAG_DISPATCH = "hpsweep.dispatch_order"  # on the parent run: how the sweep ordered its trials
 LONGEST_FIRST, FILE_ORDER = "longest first", "file order"
 
 Source = Literal["measured", "spec", "median", "unknown"]
-
-
-@dataclass(frozen=True)
-class PlannedTrial:
-    index: int  # 1-based position in the combinations file
-    hparams: Hparams
-    key: str
 
 
 @dataclass(frozen=True)
@@ -82,7 +75,7 @@ def plan_trials(inputs: SweepInputs) -> tuple[list[PlannedTrial], dict[str, str]
     return trials, versions
 
 
-def trials_to_train(trials: list[PlannedTrial], reused: dict[str, dict[str, Any]]) -> list[PlannedTrial]:
+def trials_to_train(trials: list[PlannedTrial], reused: dict[str, TrialRow]) -> list[PlannedTrial]:
     """Every trial without a reusable FINISHED run, in file order."""
     return [t for t in trials if t.key not in reused]
 
@@ -164,7 +157,21 @@ def slots_for(quota: int, gpus_per_trial: int, host: tuple[int, ...] = ()) -> in
 # ---------------------------------------------------------------- the plan
 
 
-def make_plan(trials: list[PlannedTrial], reused: dict[str, dict[str, Any]], estimates: list[Estimate],
+def plan_rows(trials: list[PlannedTrial], reused: dict[str, TrialRow], to_train: list[PlannedTrial],
+              estimates: list[Estimate]) -> list[TrialRow]:
+    """Every trial in file order, with its reuse, its estimate and its turn (``to_train`` in dispatch
+    order, ``estimates`` alongside): plan.json's rows, and `hpsweep plan --json`'s."""
+    est = {t.index: e for t, e in zip(to_train, estimates)}
+    turn = {t.index: i for i, t in enumerate(to_train, start=1)}
+    return [TrialRow(index=t.index, hparams=t.hparams, key=t.key,
+                     state=TrialState.REUSED if t.key in reused else TrialState.PLANNED,
+                     reused_run_id=reused[t.key].run_id if t.key in reused else None,
+                     expected_duration_s=est[t.index].seconds if t.index in est else None,
+                     duration_source=est[t.index].source if t.index in est else None,
+                     dispatch_position=turn.get(t.index)) for t in trials]
+
+
+def make_plan(trials: list[PlannedTrial], reused: dict[str, TrialRow], estimates: list[Estimate],
               slots: int, gpus_per_trial: int, prices: Prices) -> dict[str, Any]:
     """The plan as plain JSON-able data. ``estimates`` are for ``trials_to_train(trials, reused)``."""
     to_train = trials_to_train(trials, reused)
@@ -174,9 +181,7 @@ def make_plan(trials: list[PlannedTrial], reused: dict[str, dict[str, Any]], est
     known = all(e.seconds is not None for e in estimates)
     seconds = [e.seconds or 0.0 for e in estimates]
     gpu_hours = sum(seconds) * gpus_per_trial / 3600 if known else None
-    saved = [r.get("duration_s") for r in reused.values()]
-    est_by_index = {t.index: e for t, e in zip(to_train, estimates)}
-    position = {t.index: i for i, t in enumerate(ordered, start=1)}
+    saved = [r.duration_s for r in reused.values()]
     return {
         "trials": len(trials),
         "reused": len(trials) - len(to_train),
@@ -197,14 +202,7 @@ def make_plan(trials: list[PlannedTrial], reused: dict[str, dict[str, Any]], est
             "spot": gpu_hours * prices.spot if gpu_hours is not None else None,
         },
         "dispatch_order": order,
-        "rows": [
-            {"index": t.index, "hparams": t.hparams, "key": t.key,
-             "reused_run_id": reused[t.key]["run_id"] if t.key in reused else None,
-             "expected_duration_s": est_by_index[t.index].seconds if t.index in est_by_index else None,
-             "duration_source": est_by_index[t.index].source if t.index in est_by_index else None,
-             "dispatch_position": position.get(t.index)}
-            for t in trials
-        ],
+        "rows": [r.plan_entry() for r in plan_rows(trials, reused, ordered, ordered_est)],
     }
 
 
@@ -263,23 +261,19 @@ def _amount(x: float) -> str:
 # ---------------------------------------------------------------- the two reads
 
 
-def reusable_runs(client: "MlflowClient", experiment_id: str | None, trials: list[PlannedTrial],
-                  versions: dict[str, str], retrain: bool) -> dict[str, dict[str, Any]]:
+def reusable_runs(store: "SweepStore", experiment_id: str | None, trials: list[PlannedTrial],
+                  versions: dict[str, str], retrain: bool) -> dict[str, TrialRow]:
     """Trial key → the FINISHED run the sweep will reuse instead of training (none with --retrain)."""
-    from hpsweep import store
-
     if retrain or experiment_id is None:
         return {}
-    return store.finished_runs_by_key(client, experiment_id, {t.key for t in trials}, versions)
+    return store.finished_trials_by_key(experiment_id, {t.key for t in trials}, versions)
 
 
-def duration_history(client: "MlflowClient", experiment_id: str | None, spec_hash: str) -> DurationHistory:
+def duration_history(store: "SweepStore", experiment_id: str | None, spec_hash: str) -> DurationHistory:
     """The newest finished trials' durations: under this spec first, any spec only when there are none."""
-    from hpsweep import store
-
     if experiment_id is None:
         return DurationHistory()
-    same = store.finished_trial_durations(client, experiment_id, spec_hash, HISTORY_LIMIT)
+    same = store.finished_trial_durations(experiment_id, spec_hash, HISTORY_LIMIT)
     if same:
         return DurationHistory(tuple(same))
-    return DurationHistory((), tuple(store.finished_trial_durations(client, experiment_id, None, HISTORY_LIMIT)))
+    return DurationHistory((), tuple(store.finished_trial_durations(experiment_id, None, HISTORY_LIMIT)))

@@ -177,3 +177,10 @@ def test_trial_needing_more_gpus_than_the_host_has(project: Project):
     assert assert_rejected(project, result) == [
         f"error: {spec}: key 'resources.gpus': a trial needs 5 GPUs but this host has 4 (0,1,2,3): "
         "no trial could ever start"]
+
+
+@pytest.mark.parametrize("name", ["it's", "a b", ".hidden", "x/../../etc", "é"])
+def test_a_sweep_name_outside_the_spec_names_pattern_is_rejected(project: Project, name: str):
+    combos, spec = put(project, VALID / VALID_COMBOS), put(project, VALID / VALID_SPEC)
+    lines = assert_rejected(project, run(project, combos, spec, "--name", name))
+    assert len(lines) == 1 and lines[0].startswith("error: --name: String should match pattern"), lines

@@ -11,6 +11,7 @@ import subprocess
 import pytest
 from mlflow.tracking import MlflowClient
 
+from hpsweep.model import TrialRow, TrialState
 from hpsweep.plan import (FILE_ORDER, LONGEST_FIRST, DurationHistory, Estimate, PlannedTrial, Prices,
                           dispatch_order, estimate_durations, list_schedule, make_plan, slots_for)
 from tests.conftest import Project
@@ -70,7 +71,7 @@ def test_dispatch_is_longest_first_when_durations_are_known_else_file_order():
 
 def test_plan_numbers_for_known_durations():
     ts = trials(*({"i": i} for i in range(6)))
-    reused = {"key1": {"run_id": "r1", "duration_s": 1800.0}}  # trial 1 has a FINISHED run
+    reused = {"key1": TrialRow(1, {}, TrialState.FINISHED, run_id="r1", duration_s=1800.0)}  # a FINISHED run
     seconds = [7200, 3600, 3600, 1800, 1800]  # trials 2..6, in file order
     plan = make_plan(ts, reused, [Estimate(s, "measured") for s in seconds], slots=2, gpus_per_trial=2,
                      prices=Prices(on_demand=2.0, spot=0.5))

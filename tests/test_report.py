@@ -1,8 +1,9 @@
-"""Ranking and rendering: pure functions over rows as read back from MLflow; learning curves from a
-real (SQLite) MLflow store."""
+"""Ranking and rendering: pure functions over trial rows as read back from MLflow; learning curves
+from a real (SQLite) MLflow store; the report assembled over a store (reused, never started, champion)."""
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -11,18 +12,26 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
+from hpsweep.model import PlannedTrial, TrialRow, TrialState
 from hpsweep.report import plots
-from hpsweep.report.leaderboard import (leaderboard_frame, leaderboard_json, learning_curves, rank_rows, render_markdown,
-                            write_report)
+from hpsweep.report.leaderboard import (counts, leaderboard_frame, leaderboard_json, learning_curves, rank_rows,
+                                        render_markdown, write_report)
+from hpsweep.store import SweepStore
 
 
-def run(index, f1, status="FINISHED", reason=None, **hp):
-    return {"run_id": f"r{index}", "run_name": f"run {index}", "status": status, "hparams": hp or {"i": index},
-            "f1": f1, "reason": reason, "index": index, "attempt": 1, "duration_s": 1.0}
+def run(index, f1, status="FINISHED", reason=None, **hp) -> TrialRow:
+    return TrialRow(run_id=f"r{index}", run_name=f"run {index}", state=TrialState(status), hparams=hp or {"i": index},
+                    f1=f1, reason=reason, index=index, attempt=1, duration_s=1.0)
+
+
+def board(rows: list[TrialRow]) -> list[dict]:
+    """The rows as leaderboard.json holds them."""
+    return [r.leaderboard() for r in rows]
 
 
 def test_rank_sorts_by_f1_then_file_order_and_puts_failures_last():
-    rows = rank_rows([run(1, 0.5), run(2, None, "FAILED", "boom"), run(3, 0.9), run(4, 0.5), run(5, 0.7, "REUSED")])
+    rows = board(rank_rows([run(1, 0.5), run(2, None, "FAILED", "boom"), run(3, 0.9), run(4, 0.5),
+                            run(5, 0.7, "REUSED")]))
     assert [r["run_id"] for r in rows] == ["r3", "r5", "r1", "r4", "r2"]
     assert [r["rank"] for r in rows] == [1, 2, 3, 4, 5]
     assert rows[-1] == {**rows[-1], "f1": None, "status": "FAILED", "reason": "boom"}
@@ -30,8 +39,28 @@ def test_rank_sorts_by_f1_then_file_order_and_puts_failures_last():
 
 
 def test_a_run_that_ended_without_f1_is_a_failure_with_a_reason():
-    rows = rank_rows([{**run(1, None, "RUNNING"), "mlflow_status": "KILLED"}])
+    rows = board(rank_rows([run(1, None, "KILLED")]))
     assert rows[0]["status"] == "FAILED" and "KILLED" in rows[0]["reason"]
+
+
+def test_rank_edge_cases():
+    assert rank_rows([]) == []
+    # Nothing has an F1: file order (by index, not list order); no row is given an F1 it did not earn.
+    failed = rank_rows([run(3, None, "FAILED"), run(1, None, "KILLED"), run(2, None, "NEVER_STARTED")])
+    assert [(r.index, r.rank) for r in failed] == [(1, 1), (2, 2), (3, 3)]
+    # Only FINISHED and REUSED rows are ranked by F1: a FAILED or RUNNING row holding an F1 (logged
+    # before it failed) goes with the failures, its F1 left out of the leaderboard.
+    rows = rank_rows([run(1, 0.99, "FAILED", "late crash"), run(2, 0.4), run(3, 0.8, "RUNNING"), run(4, 0.4, "REUSED")])
+    assert [(r.index, r.rank) for r in rows] == [(2, 1), (4, 2), (1, 3), (3, 4)]
+    assert [r["f1"] for r in board(rows)] == [0.4, 0.4, None, None]
+    assert [r["status"] for r in board(rows)] == ["FINISHED", "REUSED", "FAILED", "FAILED"]
+    assert counts(rows) == {"total": 4, "finished": 1, "failed": 2, "reused": 1}
+    # Ranking again re-ranks (a stale rank is never kept); the input rows are left as they were.
+    shuffled = [replace(r, rank=99) for r in reversed(rows)]
+    assert rank_rows(shuffled) == rows and all(r.rank == 99 for r in shuffled)
+    # F1 ties keep file order whatever the input order; 0.0 is an F1 like any other.
+    tied = rank_rows([run(5, 0.0), run(3, 0.5), run(4, 0.5), run(1, None, "FAILED"), run(2, 0.5)])
+    assert [r.index for r in tied] == [2, 3, 4, 5, 1]
 
 
 def test_report_files_agree(tmp_path):
@@ -77,7 +106,7 @@ def test_credentials_never_reach_the_report():
 
 
 def test_ranks_ten_thousand_trials():
-    rows = rank_rows([run(i, (i * 7919 % 10007) / 10007) for i in range(10_000)])
+    rows = board(rank_rows([run(i, (i * 7919 % 10007) / 10007) for i in range(10_000)]))
     assert [r["rank"] for r in rows[:3]] == [1, 2, 3] and rows[0]["f1"] >= rows[-1]["f1"]
 
 
@@ -141,41 +170,42 @@ def test_f1_bars_stay_readable_for_thousands_of_trials(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> MlflowClient:
+def store(tmp_path_factory: pytest.TempPathFactory) -> SweepStore:
     """A real MLflow tracking store (SQLite), shared by this module's tests (one experiment each)."""
-    return MlflowClient(f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}")
+    return SweepStore(MlflowClient(f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"))
 
 
-def trial(client: MlflowClient, exp: str, index: int, f1: float | None, history: list[tuple[int, float]],
-          status: str = "FINISHED", **hp) -> dict:
+def trial(store: SweepStore, exp: str, index: int, f1: float | None, history: list[tuple[int, float]],
+          status: str = "FINISHED", **hp) -> TrialRow:
     """A trial run with its per-epoch val_f1 (logged one value per call, like a trainer) and its row."""
+    client = store.client
     run_id = client.create_run(exp, run_name=f"trial {index}").info.run_id
     for step, value in history:
         client.log_metric(run_id, "val_f1", value, step=step)
     if f1 is not None:
         client.log_metric(run_id, "f1", f1)
     client.set_terminated(run_id, status)
-    return {**run(index, f1, status, None if f1 is not None else "boom", **hp), "run_id": run_id}
+    return replace(run(index, f1, status, None if f1 is not None else "boom", **hp), run_id=run_id)
 
 
 def test_learning_curves_of_the_top_trials_come_from_their_metric_history(store, tmp_path):
-    exp = store.create_experiment("curves")
+    exp = store.client.create_experiment("curves")
     runs = [trial(store, exp, i, f1, [(e, f1 * e / 4) for e in range(1, 5)], lr=10 ** -i, act="relu")
             for i, f1 in enumerate([0.6, 0.9, 0.7, 0.8, 0.5, 0.65, 0.55], start=1)]
     # a failed trial with the longest history must not be drawn; a reused one counts as finished
     runs.append(trial(store, exp, 8, None, [(e, 0.99) for e in range(1, 9)], "FAILED", lr=1.0, act="relu"))
-    runs[2]["status"] = "REUSED"
+    runs[2] = replace(runs[2], state=TrialState.REUSED)
     rows = rank_rows(runs)
 
     curves = learning_curves(store, rows)
-    assert list(curves) == [r["run_id"] for r in rows[:5]]  # top 5 (default), in rank order
+    assert list(curves) == [r.run_id for r in rows[:5]]  # top 5 (default), in rank order
     best = rows[0]
-    assert best["f1"] == 0.9 and curves[best["run_id"]] == [(1, 0.225), (2, 0.45), (3, 0.675), (4, 0.9)]
-    assert rows[2]["status"] == "REUSED" and rows[2]["run_id"] in curves
+    assert best.f1 == 0.9 and curves[best.run_id] == [(1, 0.225), (2, 0.45), (3, 0.675), (4, 0.9)]
+    assert rows[2].leaderboard()["status"] == "REUSED" and rows[2].run_id in curves
 
-    assert list(learning_curves(store, rows, top=20)) == [r["run_id"] for r in rows[:7]]  # never the failed one
+    assert list(learning_curves(store, rows, top=20)) == [r.run_id for r in rows[:7]]  # never the failed one
     assert learning_curves(store, rows, top=0) == {}
-    assert learning_curves(store, rows, top=2, metric="loss") == {rows[0]["run_id"]: [], rows[1]["run_id"]: []}
+    assert learning_curves(store, rows, top=2, metric="loss") == {rows[0].run_id: [], rows[1].run_id: []}
     with pytest.raises(ValueError, match="top"):
         learning_curves(store, rows, top=-1)
 
@@ -204,18 +234,87 @@ def test_learning_curves_of_the_top_trials_come_from_their_metric_history(store,
 
 
 def test_a_resumed_trial_that_logged_an_epoch_twice_keeps_the_latest_value(store):
-    exp = store.create_experiment("resumed")
+    exp = store.client.create_experiment("resumed")
     row = trial(store, exp, 1, 0.8, [(1, 0.3), (2, 0.5)])
     # the retried attempt resumed from epoch 1's checkpoint and logged epochs 2 and 3 again, later
-    store.log_batch(row["run_id"], metrics=[Metric("val_f1", 0.6, 10**13, 2), Metric("val_f1", 0.8, 10**13, 3)])
-    assert learning_curves(store, rank_rows([row])) == {row["run_id"]: [(1, 0.3), (2, 0.6), (3, 0.8)]}
+    store.client.log_batch(row.run_id, metrics=[Metric("val_f1", 0.6, 10**13, 2), Metric("val_f1", 0.8, 10**13, 3)])
+    assert learning_curves(store, rank_rows([row])) == {row.run_id: [(1, 0.3), (2, 0.6), (3, 0.8)]}
 
 
 def test_top_trials_without_a_metric_history_get_a_note_not_an_empty_plot(store, tmp_path):
-    exp = store.create_experiment("silent")
+    exp = store.client.create_experiment("silent")
     rows = rank_rows([trial(store, exp, 1, 0.8, []), trial(store, exp, 2, 0.7, [])])
     curves = learning_curves(store, rows)
-    assert curves == {rows[0]["run_id"]: [], rows[1]["run_id"]: []}
+    assert curves == {rows[0].run_id: [], rows[1].run_id: []}
     paths = write_report(tmp_path, {"sweep_id": "s", "name": "silent"}, rows, curves)
     assert "learning_curves.png" not in paths
     assert "logged no per-step `val_f1`" in paths["leaderboard.md"].read_text()
+
+
+# ---------------------------------------------------------------- the report assembled over a store
+
+
+def test_the_report_lists_every_combination_reused_and_never_started_included(tmp_path):
+    from hpsweep.model import Outcome
+    from hpsweep.report.assemble import NEVER_STARTED_REASON, build_report, rebuild_report, sweep_meta
+    from hpsweep.report.status import SweepRecord
+    from hpsweep.store import TAG_QUOTA, TAG_SPEC_HASH
+    from tests.memstore import InMemoryStore
+
+    store = InMemoryStore()
+    exp = store.ensure_experiment("demo")
+    old = store.start_trial_run(exp, "demo-0", 7, {"i": 3, "was": "row 7"}, "k3")  # an earlier sweep's winner
+    store.finish_trial_run(old, Outcome(True, 0.95, started_at=0.0, ended_at=2.0))
+    parent = store.start_parent_run(exp, "demo-1", {TAG_SPEC_HASH: "h", TAG_QUOTA: "2"}, {})
+    trials = [PlannedTrial(i, {"i": i}, f"k{i}") for i in range(1, 5)]
+    ok = store.start_trial_run(exp, "demo-1", 1, {"i": 1}, "k1")
+    store.log_metric(ok, "val_f1", 1, 0.6)
+    store.finish_trial_run(ok, Outcome(True, 0.6, started_at=0.0, ended_at=1.0))
+    bad = store.start_trial_run(exp, "demo-1", 2, {"i": 2}, "k2")
+    store.finish_trial_run(bad, Outcome(False, None, "boom"))
+    reused = store.finished_trials_by_key(exp, {"k3"}, {})
+    provenance = {TAG_SPEC_HASH: "h", TAG_QUOTA: "2"}
+    meta = sweep_meta("demo-1", "demo", exp, parent, "http://u:secret@mlflow:5000", provenance, 2)
+
+    rows, header, paths = build_report(store, meta, trials, reused, tmp_path / "sweep", register=True)
+    assert [(r.index, r.state, r.rank) for r in rows] == [(3, TrialState.REUSED, 1), (1, TrialState.FINISHED, 2),
+                                                          (2, TrialState.FAILED, 3), (4, TrialState.NEVER_STARTED, 4)]
+    assert (rows[0].run_id, rows[0].f1, rows[0].hparams) == (old, 0.95, {"i": 3})  # the original run, this sweep's row
+    assert board(rows)[3] == {"rank": 4, "hparams": {"i": 4}, "f1": None, "status": "FAILED", "run_id": "",
+                              "run_name": "i=4", "attempts": 0, "duration_s": None, "reason": NEVER_STARTED_REASON}
+    assert header["champion"] == f"models:/demo@champion (version 1, run {old})" and store.champions["demo"] == ("1", old)
+    assert header["tracking_uri"] == "http://***@mlflow:5000" and (header["spec_hash"], header["quota"]) == ("h", 2)
+    assert set(paths) >= {"leaderboard.json", "best.json", "learning_curves.png"}
+    written = json.loads(paths["leaderboard.json"].read_text())
+    assert written["rows"] == board(rows) and written["champion"] == header["champion"]
+
+    # `hpsweep report`: from plan.json and the runs alone, the same file again; nothing registered.
+    store.log_plan(parent, [TrialRow(index=t.index, hparams=t.hparams, key=t.key, state=TrialState.PLANNED)
+                            if t.key != "k3" else TrialRow.from_plan_entry({"index": 3, "hparams": {"i": 3}, "key": "k3",
+                                                                            "reused_run_id": old}) for t in trials])
+    record = SweepRecord(name="demo", experiment_id=exp, sweep_id="demo-1", parent_run_id=parent,
+                         parent_status="FAILED", started_at=0.0, ended_at=1.0, tags=provenance, params={})
+    store.tracking_uri = "http://u:secret@mlflow:5000"
+    again = rebuild_report(store, record, tmp_path / "again")
+    assert (tmp_path / "again" / "leaderboard.json").read_bytes() == paths["leaderboard.json"].read_bytes()
+    assert again[0] == rows and store.versions["demo"] == 1
+
+
+def test_the_champion_is_registered_only_when_the_best_trial_logged_a_model():
+    from hpsweep.report.assemble import champion
+    from tests.memstore import InMemoryStore
+
+    store = InMemoryStore()
+    exp = store.ensure_experiment("m")
+    best, other = (store.start_trial_run(exp, "m-1", i, {"i": i}, f"k{i}") for i in (1, 2))
+    row = TrialRow(index=1, hparams={"i": 1}, state=TrialState.FINISHED, run_id=best, f1=0.9)
+    assert champion(store, "m", None, register=True) is None
+    assert champion(store, "m", row, register=False) is None  # nothing registered yet: nothing to name
+    store.runs[best].has_model = False
+    assert champion(store, "m", row, register=True) is None and store.champions == {}
+    store.runs[best].has_model = True
+    assert champion(store, "m", row, register=True) == f"models:/m@champion (version 1, run {best})"
+    assert champion(store, "m", row, register=True).startswith("models:/m@champion (version 1,")  # no new version
+    assert champion(store, "m", row, register=False) == f"models:/m@champion (version 1, run {best})"
+    store.register_champion("m", other)
+    assert champion(store, "m", row, register=False) is None  # another run is the champion now

@@ -1,5 +1,6 @@
-"""`hpsweep status`: the pure summary (states, ETA by list scheduling), the command on a sweep
-running in another process (real Prefect server, SQLite store in WAL mode), and unknown sweeps."""
+"""`hpsweep status`: the pure summary (states, ETA by list scheduling), finding a sweep by name or id
+(quoted into MLflow's filter), Prefect's view, the command on a sweep running in another process
+(real Prefect server, SQLite store in WAL mode), and unknown sweeps."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
-from hpsweep.report.status import SweepRecord, eta_s, summarize
+from hpsweep.model import TrialRow, TrialState
+from hpsweep.report.status import STATE_WORDS, SweepNotFound, SweepRecord, eta_s, find_sweep, prefect_state, summarize
 from tests.conftest import Project, stop
 from tests.test_plan import write_inputs
 from tests.test_sweep_e2e import SLEEPY_SPEC
@@ -23,20 +25,24 @@ def record(status: str = "RUNNING", **params: str) -> SweepRecord:
                        params={"slots": "2", **params})
 
 
-def run_row(index: int, mlflow_status: str, status: str, **extra) -> dict:
-    return {"run_id": f"r{index}", "index": index, "hparams": {"i": index}, "mlflow_status": mlflow_status,
-            "status": status, "attempt": 1, "f1": extra.pop("f1", None), "duration_s": extra.pop("duration_s", None),
-            "reason": extra.pop("reason", None), "started_at": extra.pop("started_at", 1000.0),
-            "heartbeat": extra.pop("heartbeat", 1095.0)}
+def run_row(index: int, state: TrialState, **extra) -> TrialRow:
+    return TrialRow(run_id=f"r{index}", index=index, hparams={"i": index}, state=state, attempt=1,
+                    f1=extra.pop("f1", None), duration_s=extra.pop("duration_s", None), reason=extra.pop("reason", None),
+                    started_at=extra.pop("started_at", 1000.0), heartbeat=extra.pop("heartbeat", 1095.0))
+
+
+def plan_rows(n: int, reused: int | None = None) -> list[TrialRow]:
+    """The sweep's plan.json read back: ``n`` trials, ``reused`` standing in from an earlier run."""
+    return [TrialRow.from_plan_entry({"index": i, "hparams": {"i": i}, "reused_run_id": "old" if i == reused else None,
+                                      "expected_duration_s": None, "dispatch_position": i}) for i in range(1, n + 1)]
 
 
 def test_summary_counts_every_state_and_schedules_the_rest_for_the_eta():
-    plan = [{"index": i, "hparams": {"i": i}, "reused_run_id": "old" if i == 6 else None,
-             "expected_duration_s": None, "dispatch_position": i} for i in range(1, 7)]
-    runs = [run_row(1, "FINISHED", "FINISHED", f1=0.9, duration_s=30.0),
-            run_row(2, "FAILED", "FAILED", reason="boom"),
-            run_row(3, "RUNNING", "RUNNING", started_at=1090.0),  # 10 s in
-            run_row(4, "RUNNING", "RUNNING", started_at=1000.0, heartbeat=900.0)]  # silent for 200 s
+    plan = plan_rows(6, reused=6)
+    runs = [run_row(1, TrialState.FINISHED, f1=0.9, duration_s=30.0),
+            run_row(2, TrialState.FAILED, reason="boom"),
+            run_row(3, TrialState.RUNNING, started_at=1090.0),  # 10 s in
+            run_row(4, TrialState.RUNNING, started_at=1000.0, heartbeat=900.0)]  # silent for 200 s
     status = summarize(record(), plan, runs, now=1100.0, stale_after_s=120.0, prefect="Running")
     assert status["counts"] == {"running": 1, "stale": 1, "queued": 1, "done": 1, "failed": 1, "reused": 1,
                                 "never started": 0}
@@ -51,6 +57,98 @@ def test_summary_counts_every_state_and_schedules_the_rest_for_the_eta():
     over = summarize(record("FAILED"), plan, runs[:2], now=1100.0, stale_after_s=120.0)
     assert over["state"] == "finished with failures" and over["eta_s"] is None
     assert over["counts"]["never started"] == 3
+
+
+def test_every_trial_state_has_the_word_status_shows():
+    assert set(STATE_WORDS) == set(TrialState)
+    plan = plan_rows(7, reused=7)
+    runs = [run_row(1, TrialState.FINISHED, f1=0.8, duration_s=5.0), run_row(2, TrialState.FAILED, reason="boom"),
+            run_row(3, TrialState.KILLED, reason="time limit"), run_row(4, TrialState.RUNNING),
+            run_row(5, TrialState.RUNNING, heartbeat=900.0)]  # 6: no run yet; 7: reused
+    words = {t["index"]: t["state"] for t in summarize(record(), plan, runs, 1100.0, 120.0)["trials"]}
+    assert words == {1: "done", 2: "failed", 3: "failed", 4: "running", 5: "stale", 6: "queued", 7: "reused"}
+    over = summarize(record("KILLED"), plan, runs, 1100.0, 120.0)
+    assert over["state"] == "killed" and {t["index"]: t["state"] for t in over["trials"]}[6] == "never started"
+    assert list(over["counts"]) == ["running", "stale", "queued", "done", "failed", "reused", "never started"]
+    # `hpsweep status --json`: the same keys per trial as ever (elapsed_s only while it runs).
+    trials = {t["index"]: t for t in over["trials"]}
+    base = ["index", "hparams", "run_id", "expected_duration_s", "attempt", "f1", "duration_s", "reason"]
+    assert list(trials[1]) == list(trials[6]) == base + ["state"] and list(trials[4]) == base + ["elapsed_s", "state"]
+    assert (trials[3]["reason"], trials[7]["run_id"], trials[6]["run_id"]) == ("time limit", "old", None)
+    assert list(over) == ["sweep_id", "name", "parent_run_id", "experiment_id", "state", "prefect", "dispatch_order",
+                          "started_at", "ended_at", "elapsed_s", "total", "counts", "eta_s", "best", "trials"]
+
+
+def test_a_sweep_without_a_plan_is_summarized_from_its_runs():
+    runs = [run_row(2, TrialState.FINISHED, f1=0.5, duration_s=3.0), run_row(1, TrialState.RUNNING)]
+    status = summarize(record(), None, runs, 1100.0, 120.0)
+    assert [(t["index"], t["state"]) for t in status["trials"]] == [(1, "running"), (2, "done")]
+
+
+@pytest.fixture(scope="module")
+def sweep_store(tmp_path_factory: pytest.TempPathFactory):
+    from hpsweep.store import SweepStore
+
+    return SweepStore(MlflowClient(f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"))
+
+
+def test_a_sweep_name_or_id_with_a_quote_is_found_and_cannot_widen_the_search(sweep_store):
+    from hpsweep.store.runs import start_parent_run
+
+    client = sweep_store.client
+    for name in ("o'brien", 'say "hi"', "plain"):
+        exp = sweep_store.ensure_experiment(name)
+        for n in (1, 2):
+            start_parent_run(client, exp, f"{name}-20260101-00000{n}-abcdef", {}, {})
+    assert find_sweep(sweep_store, "o'brien").sweep_id == "o'brien-20260101-000002-abcdef"  # by name: the latest
+    found = find_sweep(sweep_store, "o'brien-20260101-000001-abcdef")  # by id
+    assert (found.name, found.sweep_id) == ("o'brien", "o'brien-20260101-000001-abcdef")
+    assert find_sweep(sweep_store, 'say "hi"-20260101-000001-abcdef').name == 'say "hi"'
+    for crafted in ("x' or tags.`hpsweep.role` = 'sweep", "nope-1-2-3' or attributes.status != 'x",
+                    "both ' and \"-1-2-3", "' OR '1'='1"):
+        with pytest.raises(SweepNotFound, match="no sweep named or with id"):
+            find_sweep(sweep_store, crafted)
+    sweep_store.ensure_experiment("empty")
+    with pytest.raises(SweepNotFound, match="has no executions"):
+        find_sweep(sweep_store, "empty")
+
+
+def test_prefect_state_asks_prefects_api_and_never_raises():
+    import threading
+    import uuid
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    asked = []
+
+    class FlowRuns(BaseHTTPRequestHandler):
+        def do_GET(self):
+            asked.append(self.path)
+            body = json.dumps({"id": self.path.rsplit("/", 1)[-1], "flow_id": str(uuid.uuid4()),
+                               "state": {"type": "RUNNING", "name": "Running"}}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FlowRuns)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url, flow_run = f"http://127.0.0.1:{server.server_port}/api", str(uuid.uuid4())
+    try:
+        assert prefect_state(flow_run, url) == "Running" and asked == [f"/api/flow_runs/{flow_run}"]
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert prefect_state(flow_run, url) == f"unknown (Prefect API at {url} not reachable: ConnectError)"
+    assert prefect_state("not-a-flow-run-id", url).startswith("unknown (Prefect API at ")
+    assert prefect_state(None, url) == "unknown (the sweep recorded no flow run)"
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):  # no API: never a temporary one of its own
+        assert prefect_state(flow_run).startswith("unknown (PREFECT_API_URL not set")
 
 
 def test_eta_uses_the_plan_estimates_and_is_unknown_without_any():

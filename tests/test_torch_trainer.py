@@ -96,7 +96,7 @@ def test_torch_sweep_logs_real_f1_epoch_curves_and_system_metrics(served_project
         assert cpu and all(0.0 <= m.value <= 100.0 for m in cpu)  # sampled while the trial ran
         assert run.data.metrics["system/system_memory_usage_megabytes"] > 0
         assert not any(k.startswith("system/gpu") for k in run.data.metrics)  # a CPU host: no GPU metrics
-        assert run.data.tags["hpsweep.engine.gpus"] == "cpu"
+        assert run.data.tags["hpsweep.gpus"] == "cpu"
 
     # The champion is an MLflow pytorch model that loads and classifies digits on a CPU.
     import mlflow.pytorch

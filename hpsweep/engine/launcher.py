@@ -13,115 +13,93 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
-from mlflow.entities import RunTag
 from mlflow.tracking import MlflowClient
 
 from hpsweep import store
 from hpsweep.datacache import DataCache, DataRef, Remote
-from hpsweep.engine.outcome import TrialOutcome
 from hpsweep.engine.process import CHECKPOINT_SYNC_S, ProcessRunner
-from hpsweep.runtime.durable import retry
+from hpsweep.identity import process_identity
+from hpsweep.model import AttemptResult, Outcome, TrialJob
 from hpsweep.runtime.runner import TrialRequest
-
-# How long bookkeeping calls keep retrying while the tracking server is unreachable.
-TRACKING_PATIENCE_S = 900.0
-
-
-@dataclass(frozen=True)
-class TrialJob:
-    """One attempt of one combination, as plain JSON-able data (it travels to a pool worker)."""
-
-    sweep_id: str
-    experiment_id: str
-    parent_run_id: str
-    tracking_uri: str
-    index: int
-    hparams: dict[str, Any]
-    trial_key: str
-    attempt: int
-    settings: dict[str, Any]
-    train: str
-    val: str
-    entrypoint: str | None = None
-    command: list[str] | None = None
-    time_limit_s: float | None = None
-    gpus: int = 1
-    run_id: str | None = None  # set from the second attempt on: retries continue the same run
-    work_dir: str = ".hpsweep"
-    versions: dict[str, str] = field(default_factory=dict)  # spec hash, data and code versions (tags)
-    # DataRef dicts ("train", "val"): how a host without the sweep's files fetches them (DVC remote).
-    data: dict[str, dict[str, Any]] = field(default_factory=dict)
-    cwd: str = field(default_factory=lambda: str(Path.cwd()))
-    # False: no unfinished attempt of this trial exists (its earlier runs, if any, FINISHED, as
-    # under --retrain), so it starts from scratch (TrialRequest.resume).
-    resume: bool = True
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass(frozen=True)
-class TrialResult:
-    run_id: str | None
-    outcome: TrialOutcome
 
 
 class TrialLauncher(Protocol):
     """Runs one attempt of one trial to completion and records it in MLflow.
 
-    Guarantees: the trial's MLflow run exists and is terminal (or reopened by the caller
-    for a retry) when ``launch`` returns; a trainer's failure is an outcome, never an
-    exception. Safe to call from several threads at once.
+    Guarantees: the trial's MLflow run exists and is terminal when ``launch`` returns (the engine
+    reopens it for a retry); a trainer's failure is an outcome, never an exception. Safe to call
+    from several threads at once.
     """
 
-    def launch(self, job: TrialJob, gpu_ids: tuple[int, ...]) -> TrialResult: ...
+    def launch(self, job: TrialJob, gpu_ids: tuple[int, ...]) -> AttemptResult: ...
 
 
-def execute_trial(job: TrialJob, gpu_ids: tuple[int, ...], runner: ProcessRunner) -> TrialResult:
-    """Create (or continue) the trial's run, train in a child process, store the outcome."""
+def execute_trial(job: TrialJob, gpu_ids: tuple[int, ...], runner: ProcessRunner) -> AttemptResult:
+    """Create (or continue) the trial's run, train in a child process, store the outcome.
+
+    hpsweep's own bookkeeping failing (the tracking server down past its patience) is a machine
+    failure: a retryable outcome, never an exception.
+    """
     client = MlflowClient(job.tracking_uri)
     run_id = job.run_id
     try:
-        data = local_data(job)  # the common case: the sweep's own files (a stat(), no I/O)
-        if run_id is None:
-            # One write creates the run with all its tags (each write is ~20 ms on a trial's critical path).
-            tags = {**job.versions, "hpsweep.engine.gpus": ",".join(map(str, gpu_ids)) or "cpu",
-                    **(data.tags() if data else {})}
-            run_id = retry(lambda: store.start_trial_run(
-                client, job.experiment_id, job.parent_run_id, job.sweep_id, job.index, job.hparams,
-                job.trial_key, job.attempt, tags=tags,
-            ), TRACKING_PATIENCE_S, "creating the trial's run")
-        elif data is not None:  # a retry, perhaps on another host: say where this attempt's data came from
-            retry(lambda: client.log_batch(run_id, tags=[RunTag(k, v) for k, v in data.tags().items()]),
-                  TRACKING_PATIENCE_S, "tagging the run")
-        if data is None:  # staging may fetch from the DVC remote: after the run exists, so it shows
-            data = trial_data(job)
-            retry(lambda: client.log_batch(run_id, tags=[RunTag(k, v) for k, v in data.tags().items()]),
-                  TRACKING_PATIENCE_S, "tagging the run")
-        trial_dir = Path(job.work_dir) / "trials" / job.trial_key
-        trial_dir.mkdir(parents=True, exist_ok=True)
-        request = TrialRequest(
-            run_id=run_id, tracking_uri=job.tracking_uri, hparams=job.hparams, settings=dict(job.settings),
-            train=str(data.train), val=str(data.val),
-            trial_dir=str(trial_dir.resolve()), cwd=job.cwd, entrypoint=job.entrypoint, command=job.command,
-            gpu_ids=gpu_ids, experiment_id=job.experiment_id, trial_key=job.trial_key,
-            checkpoint_sync_s=CHECKPOINT_SYNC_S, orchestrator=store.owner_id(), resume=job.resume,
-        )
+        run_id, data = _open_run(client, job, gpu_ids)
+        request = _request(job, run_id, data, gpu_ids)
         outcome = runner.run(request, job.time_limit_s, heartbeat=lambda: store.heartbeat(client, run_id))
-        retry(lambda: store.finish_trial_run(client, run_id, outcome, request.paths.log),
-              TRACKING_PATIENCE_S, "storing the trial's result")
+        store.retrying(lambda: store.finish_trial_run(client, run_id, outcome, request.paths.log),
+                       "storing the trial's result")
         if outcome.ok:  # its checkpoints are in the artifact store; a finished trial never resumes
             shutil.rmtree(request.paths.checkpoints, ignore_errors=True)
-    except Exception as e:  # hpsweep's bookkeeping failed (tracking down for too long): a machine failure
-        outcome = TrialOutcome(False, None, f"hpsweep could not run the trial: {type(e).__name__}: {e}",
-                               retryable=True, started_at=time.time(), ended_at=time.time())
+    except Exception as e:  # noqa: BLE001 - any bookkeeping error is the machine's, not the trainer's
+        now = time.time()
+        outcome = Outcome(False, None, f"hpsweep could not run the trial: {type(e).__name__}: {e}",
+                          retryable=True, started_at=now, ended_at=now)
         if run_id is not None:
-            store.try_mark_failed(client, run_id, outcome.reason)
-    return TrialResult(run_id, outcome)
+            _try(lambda: store.mark_failed(client, run_id, outcome.reason))
+    return AttemptResult(run_id, outcome)
+
+
+def _open_run(client: MlflowClient, job: TrialJob, gpu_ids: tuple[int, ...]) -> tuple[str, "TrialData"]:
+    """The attempt's run (created with all its tags in one write on the first attempt) and its data,
+    tagged with where this attempt's data came from (staging may fetch: after the run exists, so it shows)."""
+    data = local_data(job)  # the common case: the sweep's own files (a stat(), no I/O)
+    run_id = job.run_id
+    if run_id is None:
+        tags = {**job.versions, store.TAG_GPUS: ",".join(map(str, gpu_ids)) or "cpu", **(data.tags() if data else {})}
+        run_id = store.retrying(lambda: store.start_trial_run(
+            client, job.experiment_id, job.parent_run_id, job.sweep_id, job.index, job.hparams, job.trial_key,
+            job.attempt, tags=tags), "creating the trial's run")
+    else:  # a retry continues the same run, perhaps on another host
+        store.retrying(lambda: store.reopen_trial_run(client, run_id, job.attempt), "reopening the trial's run")
+        if data is not None:
+            store.retrying(lambda: store.set_tags(client, run_id, data.tags()), "tagging the run")
+    if data is None:
+        data = trial_data(job)
+        store.retrying(lambda: store.set_tags(client, run_id, data.tags()), "tagging the run")
+    return run_id, data
+
+
+def _request(job: TrialJob, run_id: str, data: "TrialData", gpu_ids: tuple[int, ...]) -> TrialRequest:
+    trial_dir = Path(job.work_dir) / "trials" / job.trial_key
+    trial_dir.mkdir(parents=True, exist_ok=True)
+    return TrialRequest(
+        run_id=run_id, tracking_uri=job.tracking_uri, hparams=job.hparams, settings=dict(job.settings),
+        train=str(data.train), val=str(data.val), trial_dir=str(trial_dir.resolve()), cwd=job.cwd,
+        entrypoint=job.entrypoint, command=job.command, gpu_ids=gpu_ids, experiment_id=job.experiment_id,
+        trial_key=job.trial_key, checkpoint_sync_s=CHECKPOINT_SYNC_S, orchestrator=process_identity(),
+        resume=job.resume,
+    )
+
+
+def _try(fn) -> None:
+    try:
+        fn()
+    except Exception:  # noqa: BLE001 - the tracking server is what failed; the next sweep reaps the run
+        pass
 
 
 @dataclass(frozen=True)
@@ -176,5 +154,5 @@ class LocalLauncher:
     def __init__(self, preload: list[str] | None = None):
         self._runner = ProcessRunner(preload)
 
-    def launch(self, job: TrialJob, gpu_ids: tuple[int, ...]) -> TrialResult:
+    def launch(self, job: TrialJob, gpu_ids: tuple[int, ...]) -> AttemptResult:
         return execute_trial(job, gpu_ids, self._runner)

@@ -15,8 +15,8 @@ from prefect.exceptions import ObjectNotFound
 
 from hpsweep import store
 from hpsweep.inputs import Problem, SweepInputError
-from hpsweep.engine.launcher import TrialJob, TrialResult
-from hpsweep.engine.outcome import TrialOutcome
+from hpsweep.model import AttemptResult, Outcome, TrialJob
+from hpsweep.store.filters import all_of, tag_equals
 
 
 def check_pool_limit(pool: str | None, quota: int) -> int:
@@ -55,7 +55,7 @@ class PoolLauncher:
         self.poll_interval_s = poll_interval_s
         self.salt = salt
 
-    def launch(self, job: TrialJob, gpu_ids: tuple[int, ...]) -> TrialResult:
+    def launch(self, job: TrialJob, gpu_ids: tuple[int, ...]) -> AttemptResult:
         flow_run = run_deployment(
             self.deployment, parameters={"job": job.as_dict()}, idempotency_key=idempotency_key(job, self.salt),
             timeout=None, poll_interval=self.poll_interval_s, as_subflow=True,
@@ -65,24 +65,25 @@ class PoolLauncher:
         )
         return self._result(job, flow_run)
 
-    def _result(self, job: TrialJob, flow_run) -> TrialResult:
+    def _result(self, job: TrialJob, flow_run) -> AttemptResult:
         client = MlflowClient(job.tracking_uri)
         launched = flow_run.parameters.get("job", {})
-        runs = client.search_runs(
-            [job.experiment_id],
-            f"tags.`{store.TAG_TRIAL_KEY}` = '{job.trial_key}' and "
-            f"tags.`{store.TAG_SWEEP_ID}` = '{launched.get('sweep_id', job.sweep_id)}'",
-            order_by=["attributes.start_time DESC"], max_results=1)
+        flt = all_of(tag_equals(store.TAG_TRIAL_KEY, job.trial_key),
+                     tag_equals(store.TAG_SWEEP_ID, launched.get("sweep_id", job.sweep_id)))
+        runs = list(store.runs.search(client, [job.experiment_id], flt, order_by=["attributes.start_time DESC"],
+                                      limit=1))
         if not runs or runs[0].info.status == "RUNNING":
             state = flow_run.state
             reason = f"pool flow run '{flow_run.name}' ended {state.type.value if state else 'without a state'}"
             if state is not None and state.message:
                 reason += f": {state.message}"
             now = time.time()
-            return TrialResult(runs[0].info.run_id if runs else None,
-                               TrialOutcome(False, None, reason, retryable=True, started_at=now, ended_at=now))
+            if runs:  # its worker died mid-trial: close the run, so a retry may reopen it
+                store.mark_failed(client, runs[0].info.run_id, reason, killed=True)
+            return AttemptResult(runs[0].info.run_id if runs else None,
+                                 Outcome(False, None, reason, retryable=True, killed=True, started_at=now, ended_at=now))
         run = runs[0]
         if launched.get("sweep_id") != job.sweep_id:  # an earlier sweep launched it: this sweep adopts it
-            client.set_tag(run.info.run_id, store.TAG_SWEEP_ID, job.sweep_id)
-            client.set_tag(run.info.run_id, "hpsweep.adopted_from_sweep", launched.get("sweep_id", ""))
-        return TrialResult(run.info.run_id, store.outcome_of(run))
+            store.set_tags(client, run.info.run_id, {store.TAG_SWEEP_ID: job.sweep_id,
+                                                     store.TAG_ADOPTED_FROM: launched.get("sweep_id", "")})
+        return AttemptResult(run.info.run_id, store.outcome_of(run))

@@ -18,7 +18,9 @@ import threading
 import time
 from typing import Any, Callable
 
-from hpsweep.engine.outcome import TrialOutcome, judge
+from hpsweep.engine.outcome import judge
+from hpsweep.model import Outcome
+from hpsweep.periodic import Periodic
 from hpsweep.runtime.runner import TrialRequest, run_trial_process
 
 # How often a running trial tells the tracking store it is alive; a run silent for
@@ -32,7 +34,7 @@ CHECKPOINT_SYNC_S = float(os.environ.get("HPSWEEP_CHECKPOINT_SYNC_S", "30"))
 KILL_GRACE_S = 5.0
 
 
-# Set for the fork server only: the tracking store its trials will open (see trainer/_preload.py).
+# Set for the fork server only: the tracking store its trials will open (see hpsweep/runtime/_preload.py).
 FORKSERVER_TRACKING_URI_ENV = "HPSWEEP_FORKSERVER_TRACKING_URI"
 
 
@@ -67,7 +69,7 @@ class ProcessRunner:
             start_fork_server(preload)
 
     def run(self, request: TrialRequest, time_limit_s: float | None,
-            heartbeat: Callable[[], None] | None = None) -> TrialOutcome:
+            heartbeat: Callable[[], None] | None = None) -> Outcome:
         paths = request.paths
         for stale in (paths.result, paths.outcome):
             stale.unlink(missing_ok=True)
@@ -79,12 +81,13 @@ class ProcessRunner:
         proc = self._mp.Process(target=run_trial_process, args=(request,), name=f"trial-{request.run_id}")
         proc.start()  # returns once forked: the fork server's one-time preload is not the trial's time
         started = time.time()
-        deadline = None if time_limit_s is None else started + time_limit_s
-        while proc.is_alive() and (deadline is None or time.time() < deadline):
-            wait = HEARTBEAT_S if deadline is None else min(HEARTBEAT_S, max(0.0, deadline - time.time()))
-            proc.join(wait)
-            if heartbeat is not None and proc.is_alive():
-                _quietly(heartbeat)
+        # Heartbeats beat in their own thread: one stuck on a tracking outage never delays the time limit.
+        beats = Periodic(HEARTBEAT_S, heartbeat, f"heartbeat-{request.run_id}").start() if heartbeat else None
+        try:
+            proc.join(time_limit_s)
+        finally:
+            if beats is not None:
+                beats.stop(timeout_s=0)
         timed_out = proc.is_alive()
         if timed_out:
             _kill_group(proc)
@@ -97,14 +100,7 @@ class ProcessRunner:
             result=_read_json(paths.result),
         )
         proc.close()
-        return TrialOutcome(**{**outcome.__dict__, "started_at": started, "ended_at": ended})
-
-
-def _quietly(fn: Callable[[], None]) -> None:
-    try:
-        fn()
-    except Exception:  # a missed heartbeat during a tracking outage is not worth failing a trial
-        pass
+        return outcome.timed(started, ended)
 
 
 def _kill_group(proc: multiprocessing.process.BaseProcess) -> None:

@@ -4,15 +4,23 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 from contextlib import contextmanager
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
+from uuid import UUID
 
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate
 from prefect.exceptions import ObjectNotFound
 
+from hpsweep.periodic import Periodic
+
+if TYPE_CHECKING:
+    from prefect.server.concurrency.lease_storage.filesystem import ConcurrencyLeaseStorage
+
 log = logging.getLogger("hpsweep")
+
+# A dead sweep's slots come back after this long (Prefect renews the lease while the sweep lives).
+SLOT_LEASE_S = 60.0  # the shortest lease Prefect accepts
 
 
 def ensure_quota_limit(name: str, quota: int) -> int:
@@ -51,7 +59,7 @@ def dead_sweeps_slots_returned(local_launcher: bool) -> Iterator[None]:
         yield  # a real Prefect server runs its own Repossessor
         return
     # Before the temporary server starts (it inherits the environment): its default lease
-    # storage is its own memory, so the leases of a sweep that died vanished with its server.
+    # storage is its own memory, so the leases of a sweep that died would vanish with its server.
     os.environ.setdefault(LEASE_STORAGE_ENV, FILESYSTEM_LEASES)
     repossessor = SlotRepossessor()
     try:
@@ -60,15 +68,26 @@ def dead_sweeps_slots_returned(local_launcher: bool) -> Iterator[None]:
         repossessor.stop()
 
 
+async def revoke_with_prefect_server_api(lease_id: UUID, storage: ConcurrencyLeaseStorage) -> None:
+    """Return one expired lease's slots with Prefect's *server-side* API.
+
+    ``prefect.server.services.repossessor.revoke_expired_lease`` is the body of Prefect's
+    Repossessor service, not part of its client API: an upgrade may move, rename or re-sign
+    it. tests/test_quota.py checks its import and signature so that such an upgrade fails there.
+    """
+    from prefect.server.database import provide_database_interface
+    from prefect.server.services.repossessor import revoke_expired_lease
+
+    await revoke_expired_lease(lease_id, db=provide_database_interface(), lease_storage=storage)
+
+
 def reclaim_expired_slots() -> int:
     """Give back the slots of every expired lease (a holder that stopped renewing: it died); how many.
 
-    This is the work of Prefect's Repossessor service, done from the sweep's process with Prefect's
-    own server functions on the same database (PREFECT_HOME) and the same lease files.
+    Prefect's Repossessor service does this in a real server; here the sweep's process does it
+    with the same functions on the same database (PREFECT_HOME) and the same lease files.
     """
     from prefect.server.concurrency.lease_storage.filesystem import ConcurrencyLeaseStorage
-    from prefect.server.database import provide_database_interface
-    from prefect.server.services.repossessor import revoke_expired_lease
     from prefect.utilities.asyncutils import run_coro_as_sync
 
     storage = ConcurrencyLeaseStorage()
@@ -76,40 +95,32 @@ def reclaim_expired_slots() -> int:
     async def reclaim() -> int:
         expired = await storage.read_expired_lease_ids()
         for lease_id in expired:
-            await revoke_expired_lease(lease_id, db=provide_database_interface(), lease_storage=storage)
+            await revoke_with_prefect_server_api(lease_id, storage)
         return len(expired)
 
     return run_coro_as_sync(reclaim()) or 0
 
 
 class SlotRepossessor:
-    """The embedded default's stand-in for Prefect's Repossessor service, while a sweep runs.
+    """Prefect's Repossessor service for the embedded default, which does not run it: checks at
+    once, then every ``interval_s``, for expired leases and returns their slots.
 
     A sweep holds its quota slots under leases it renews; a sweep killed with -9 stops renewing
-    and its leases expire. Prefect returns expired leases' slots in a server service that its
-    temporary server (the embedded default) does not run, so the killed sweep's slots stayed
-    taken and the rerun waited for them forever. With the leases on disk (dead_sweeps_slots_returned),
-    this thread returns them every ``interval_s``: a rerun right after a crash waits at most a
-    lease (flows.sweep.SLOT_LEASE_S) and one interval.
+    and its leases expire. Without this, a rerun after such a crash would wait for the dead
+    sweep's slots forever; with it, at most a lease (SLOT_LEASE_S) and one interval.
     """
 
     def __init__(self, interval_s: float = REPOSSESS_EVERY_S):
-        self._interval_s = interval_s
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="hpsweep-slot-repossessor", daemon=True)
-        self._thread.start()
+        self._loop = Periodic(interval_s, self._check, "hpsweep-slot-repossessor", first=True).start()
 
-    def _loop(self) -> None:
-        while True:
-            try:
-                returned = reclaim_expired_slots()
-                if returned:
-                    log.warning("returned the quota slots of %d expired lease(s): a sweep holding them died", returned)
-            except Exception as e:  # e.g. Prefect's database not created yet on a fresh machine
-                log.debug("could not check for expired quota leases: %s: %s", type(e).__name__, e)
-            if self._stop.wait(self._interval_s):
-                return
+    @staticmethod
+    def _check() -> None:
+        # An exception (e.g. Prefect's database not created yet on a fresh machine) is logged
+        # at debug level by Periodic, and the next interval tries again.
+        returned = reclaim_expired_slots()
+        if returned:
+            log.warning("returned the quota slots of %d expired lease(s): a sweep holding them died", returned)
 
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=30)
+    def stop(self, timeout_s: float = 30) -> bool:
+        """Stop checking; False when a check was still running after ``timeout_s``."""
+        return self._loop.stop(timeout_s)

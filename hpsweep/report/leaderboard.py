@@ -1,10 +1,10 @@
-"""The leaderboard: rank trial rows read back from MLflow and render them (md, csv, json, plots).
+"""The leaderboard: rank a sweep's trial rows and render them (md, csv, json, best.json, plots).
 
-Pure functions except ``write_report`` (writes files) and ``learning_curves`` (reads metric
-histories through the MlflowClient it is given); nothing here talks to Prefect. The figures
-themselves are drawn in ``hpsweep.report.plots``. ``leaderboard.json`` is a public contract:
-``{"sweep_id": ..., "rows": [{"rank", "hparams", "f1", "status", "run_id", ...}]}``,
-rows sorted by F1 descending, failed trials last with ``"f1": null`` and a ``"reason"``.
+Pure functions over ``hpsweep.model.TrialRow`` except ``write_report`` (writes files) and
+``learning_curves`` (reads metric histories through the store it is given); the figures are drawn
+in ``hpsweep.report.plots``. ``leaderboard.json`` is a public contract (see the README): each row
+is ``TrialRow.leaderboard()``, sorted by F1 descending, rows without an F1 last with
+``"f1": null`` and a ``"reason"``.
 """
 
 from __future__ import annotations
@@ -12,78 +12,69 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import pandas as pd
 
+from hpsweep.model import TrialRow
 from hpsweep.report import plots
 
-if TYPE_CHECKING:
-    from mlflow.tracking import MlflowClient
-
-PLOT_MAX = plots.BAR_MAX
 F1_BY_COMBINATION = "f1_by_combination.png"
 F1_BY_HPARAM = "f1_by_hparam.png"
 LEARNING_CURVES = "learning_curves.png"
-# Always written; F1_BY_HPARAM too when the trials have hparams, LEARNING_CURVES when curves have points.
-REPORT_FILES = ("leaderboard.md", "leaderboard.csv", "leaderboard.json", F1_BY_COMBINATION)
 PLOT_FILES = (F1_BY_COMBINATION, F1_BY_HPARAM, LEARNING_CURVES)
 CURVE_METRIC = "val_f1"
 
 Curves = dict[str, list[tuple[int, float]]]
 
 
-def rank_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Finished trials by F1 (best first; ties keep file order), then failed ones in file order."""
-    def ok_row(r: dict[str, Any]) -> bool:
-        return r["status"] in ("FINISHED", "REUSED") and r["f1"] is not None
+class MetricHistories(Protocol):
+    """What ``learning_curves`` reads from: ``hpsweep.store.SweepStore`` (or an in-memory stand-in)."""
 
-    finished = sorted((r for r in runs if ok_row(r)), key=lambda r: (-r["f1"], r["index"]))
-    failed = sorted((r for r in runs if not ok_row(r)), key=lambda r: r["index"])
-    ranked = []
-    for rank, r in enumerate(finished + failed, start=1):
-        ok = ok_row(r)
-        row = {
-            "rank": rank,
-            "hparams": r["hparams"],
-            "f1": r["f1"] if ok else None,
-            "status": r["status"] if ok else "FAILED",
-            "run_id": r["run_id"],
-            "run_name": r.get("run_name"),
-            "attempts": r.get("attempt", 1),
-            "duration_s": r.get("duration_s"),
-        }
-        if not ok:
-            row["reason"] = r.get("reason") or f"run ended {r.get('mlflow_status', 'without an F1')}"
-        ranked.append(row)
-    return ranked
+    def metric_history(self, run_id: str, metric: str) -> list[tuple[int, float]]: ...
 
 
-def counts(rows: list[dict[str, Any]]) -> dict[str, int]:
+def rank_rows(rows: Sequence[TrialRow]) -> list[TrialRow]:
+    """The rows with ``rank`` set: those with an F1 (finished or reused) best first, ties in file
+    order; then every row without an F1 (failed, killed, running, never started) in file order."""
+    scored = sorted((r for r in rows if r.has_f1), key=lambda r: (-r.f1, r.index))  # type: ignore[operator]
+    unscored = sorted((r for r in rows if not r.has_f1), key=lambda r: r.index)
+    return [replace(r, rank=rank) for rank, r in enumerate(scored + unscored, start=1)]
+
+
+def report_status(row: TrialRow) -> str:
+    """The row's status in the report: FINISHED or REUSED with an F1, else FAILED."""
+    return row.state.report_status if row.has_f1 else "FAILED"
+
+
+def counts(rows: Sequence[TrialRow]) -> dict[str, int]:
     out = {"total": len(rows), "finished": 0, "failed": 0, "reused": 0}
     for r in rows:
-        out[{"FINISHED": "finished", "REUSED": "reused"}.get(r["status"], "failed")] += 1
+        out[{"FINISHED": "finished", "REUSED": "reused"}.get(report_status(r), "failed")] += 1
     return out
 
 
-def leaderboard_json(sweep: dict[str, Any], rows: list[dict[str, Any]]) -> str:
-    return json.dumps({**sweep, "counts": counts(rows), "rows": rows}, indent=2, default=str)
+def leaderboard_json(sweep: dict[str, Any], rows: Sequence[TrialRow]) -> str:
+    return json.dumps({**sweep, "counts": counts(rows), "rows": [r.leaderboard() for r in rows]}, indent=2,
+                      default=str)
 
 
-def leaderboard_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
-    keys = list(dict.fromkeys(k for r in rows for k in r["hparams"]))
+def leaderboard_frame(rows: Sequence[TrialRow]) -> pd.DataFrame:
+    keys = _hparam_keys(rows)
+    board = [r.leaderboard() for r in rows]
     records = [
         {"rank": r["rank"], **{k: r["hparams"].get(k) for k in keys}, "f1": r["f1"], "status": r["status"],
          "reason": r.get("reason", ""), "attempts": r["attempts"], "duration_s": r["duration_s"],
          "run_id": r["run_id"]}
-        for r in rows
+        for r in board
     ]
     return pd.DataFrame.from_records(records, columns=["rank", *keys, "f1", "status", "reason", "attempts",
                                                         "duration_s", "run_id"])
 
 
-def render_markdown(sweep: dict[str, Any], rows: list[dict[str, Any]], plot_name: str | None = None, *,
+def render_markdown(sweep: dict[str, Any], rows: Sequence[TrialRow], plot_name: str | None = None, *,
                     images: Sequence[tuple[str, str]] = (), notes: Sequence[str] = ()) -> str:
     """The leaderboard as markdown: sweep header, plots (``plot_name`` and ``images``: (caption,
     relative link) pairs, shown before the table so a long table never hides them), then every trial."""
@@ -105,7 +96,7 @@ def render_markdown(sweep: dict[str, Any], rows: list[dict[str, Any]], plot_name
     keys = _hparam_keys(rows)
     lines += ["", "| rank | " + " | ".join(keys) + " | F1 | status | attempts | run |",
               "|---:|" + "---|" * len(keys) + "---:|---|---:|---|"]
-    for r in rows:
+    for r in (row.leaderboard() for row in rows):
         hp = " | ".join(str(r["hparams"].get(k, "")) for k in keys)
         f1 = f"{r['f1']:.4f}" if r["f1"] is not None else "—"
         status = r["status"] + (f": {_one_line(r['reason'])}" if r.get("reason") else "")
@@ -113,8 +104,8 @@ def render_markdown(sweep: dict[str, Any], rows: list[dict[str, Any]], plot_name
     return "\n".join(lines) + "\n"
 
 
-def _hparam_keys(rows: list[dict[str, Any]]) -> list[str]:
-    return list(dict.fromkeys(k for r in rows for k in r["hparams"]))
+def _hparam_keys(rows: Sequence[TrialRow]) -> list[str]:
+    return list(dict.fromkeys(k for r in rows for k in r.hparams))
 
 
 def _one_line(text: str, limit: int = 120) -> str:
@@ -122,58 +113,42 @@ def _one_line(text: str, limit: int = 120) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def plot_f1(rows: list[dict[str, Any]], path: Path) -> None:
-    """Horizontal bars of the best ``PLOT_MAX`` trials; failed trials are listed in the report, not plotted."""
+def plot_f1(rows: Sequence[TrialRow], path: Path) -> None:
+    """Horizontal bars of the best ``plots.BAR_MAX`` trials; failed trials are listed in the report, not plotted."""
     plots.save(plots.f1_by_combination_figure(rows), path)
 
 
-def plot_f1_by_hparam(rows: list[dict[str, Any]], path: Path) -> None:
+def plot_f1_by_hparam(rows: Sequence[TrialRow], path: Path) -> None:
     """One panel per hparam key: F1 against that hparam's values."""
     plots.save(plots.f1_by_hparam_figure(rows), path)
 
 
-def plot_learning_curves(rows: list[dict[str, Any]], curves: Curves, path: Path, metric: str = CURVE_METRIC) -> None:
+def plot_learning_curves(rows: Sequence[TrialRow], curves: Curves, path: Path, metric: str = CURVE_METRIC) -> None:
     """One line per run in ``curves``, labelled with its rank and F1."""
     plots.save(plots.learning_curves_figure(rows, curves, metric), path)
 
 
-def learning_curves(client: MlflowClient, rows: list[dict[str, Any]], top: int = 5,
+def learning_curves(store: MetricHistories, rows: Sequence[TrialRow], top: int = 5,
                     metric: str = CURVE_METRIC) -> Curves:
-    """run_id → [(step, value)] of ``metric`` for the ``top`` best finished or reused rows, in rank order.
+    """run_id → [(step, value)] of ``metric`` for the ``top`` best rows with an F1, in rank order.
 
-    Steps are ascending; a step logged twice (a retried trial that resumed and logged it again)
-    keeps its latest value. A run that no longer exists gets an empty history; any other
-    tracking error propagates (the caller decides whether a report without curves will do).
+    The histories come from ``store.metric_history`` (steps ascending, a step logged twice keeps
+    its latest value, a run that no longer exists has none); other tracking errors propagate, and
+    the caller decides whether a report without curves will do.
     """
-    from mlflow.exceptions import MlflowException
-    from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
-
     if top < 0:
         raise ValueError(f"top must be >= 0, got {top}")
-    chosen = [r for r in rows if r["status"] in ("FINISHED", "REUSED") and r["f1"] is not None][:top]
-    curves: Curves = {}
-    for row in chosen:
-        try:
-            history = client.get_metric_history(row["run_id"], metric)
-        except MlflowException as e:
-            if e.error_code != ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
-                raise
-            history = []
-        latest: dict[int, float] = {}
-        for m in sorted(history, key=lambda m: (m.step, m.timestamp)):
-            latest[int(m.step)] = float(m.value)
-        curves[row["run_id"]] = sorted(latest.items())
-    return curves
+    return {r.run_id: store.metric_history(r.run_id, metric) for r in [r for r in rows if r.has_f1][:top]}
 
 
-def write_report(report_dir: Path, sweep: dict[str, Any], rows: list[dict[str, Any]],
+def write_report(report_dir: Path, sweep: dict[str, Any], rows: Sequence[TrialRow],
                  curves: Curves | None = None, curve_metric: str = CURVE_METRIC) -> dict[str, Path]:
-    """Write the leaderboard (md, csv, json) and its plots, each file atomically; return every file written.
+    """Write the leaderboard (md, csv, json), best.json and the plots, each file atomically; return every file written.
 
-    Always: ``leaderboard.{md,csv,json}`` and ``f1_by_combination.png``; ``f1_by_hparam.png`` when
-    the trials have hparams; ``learning_curves.png`` when ``curves`` (from ``learning_curves``)
-    hold at least one point. A plot not drawn this time is removed from ``report_dir`` so the
-    folder never shows a stale one. The markdown links every plot by its relative name.
+    Always: ``leaderboard.{md,csv,json}``, ``best.json`` and ``f1_by_combination.png``;
+    ``f1_by_hparam.png`` when the trials have hparams; ``learning_curves.png`` when ``curves``
+    (from ``learning_curves``) hold at least one point. A plot not drawn this time is removed from
+    ``report_dir`` so the folder never shows a stale one. The markdown links every plot by its relative name.
     """
     report_dir.mkdir(parents=True, exist_ok=True)
     figures: dict[str, Path] = {}
@@ -203,11 +178,11 @@ def write_report(report_dir: Path, sweep: dict[str, Any], rows: list[dict[str, A
     return {**paths, **figures}
 
 
-def best_summary(sweep: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
+def best_summary(sweep: dict[str, Any], rows: Sequence[TrialRow]) -> dict[str, Any]:
     """The small metrics file `dvc metrics show` / `dvc metrics diff` read: the winner and the counts."""
-    best = next((r for r in rows if r["f1"] is not None), None)
-    return {"best_f1": best["f1"] if best else None, "best_hparams": best["hparams"] if best else None,
-            "best_run_id": best["run_id"] if best else None, "sweep_id": sweep.get("sweep_id"),
+    best = next((r for r in rows if r.has_f1), None)
+    return {"best_f1": best.f1 if best else None, "best_hparams": best.hparams if best else None,
+            "best_run_id": best.run_id if best else None, "sweep_id": sweep.get("sweep_id"),
             **{f"trials_{k}": v for k, v in counts(rows).items()}}
 
 

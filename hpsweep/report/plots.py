@@ -1,7 +1,7 @@
 """The report's figures, drawn with matplotlib's Agg backend (no display, safe in workers and CI).
 
-Each ``*_figure`` function is pure: ranked rows (as produced by ``report.rank_rows``) in, a
-``Figure`` out; ``save`` writes one atomically and closes it. Every figure stays readable and
+Each ``*_figure`` function is pure: ranked ``TrialRow``s (from ``hpsweep.report.leaderboard.rank_rows``)
+in, a ``Figure`` out; ``save`` writes one atomically and closes it. Every figure stays readable and
 fast for tens of thousands of trials: at most ``BAR_MAX`` bars, at most ``CATEGORY_MAX``
 categories per panel, and scatter clouds whose opacity falls with their size.
 """
@@ -24,6 +24,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from hpsweep.model import TrialRow  # noqa: E402
+
 __all__ = ["BAR_MAX", "CATEGORY_MAX", "f1_by_combination_figure", "f1_by_hparam_figure", "is_log_scale",
            "learning_curves_figure", "save"]
 
@@ -33,20 +35,19 @@ LOG_SPAN = 100.0  # a positive numeric hparam whose max/min reaches this gets a 
 PANEL_COLUMNS = 3
 BEST, OTHER = "#2a7", "#58a"
 
-Row = Mapping[str, Any]
 Curves = Mapping[str, Sequence[tuple[int, float]]]
 
 
-def f1_by_combination_figure(rows: Sequence[Row]) -> Figure:
+def f1_by_combination_figure(rows: Sequence[TrialRow]) -> Figure:
     """Horizontal bars of the best ``BAR_MAX`` finished trials, best at the top, F1 on each bar."""
-    done = [r for r in rows if r["f1"] is not None]
+    done = [r for r in rows if r.has_f1]
     shown = done[:BAR_MAX][::-1]
     height = 0.3 * len(shown) + 1.2
     if len(done) <= BAR_MAX:
         fig, ax = plt.subplots(figsize=(8, height))
     else:  # the bars show the best; a strip below shows where they sit among all trials
         fig, (ax, all_ax) = plt.subplots(2, 1, figsize=(8, height + 2.2), height_ratios=[height, 2.2])
-        all_ax.plot(range(1, len(done) + 1), [r["f1"] for r in done], color=OTHER, linewidth=1)
+        all_ax.plot(range(1, len(done) + 1), [r.f1 for r in done], color=OTHER, linewidth=1)
         all_ax.axvspan(1, len(shown), color=BEST, alpha=0.2, label=f"top {len(shown)} (bars above)")
         all_ax.set_xlim(1, len(done))
         all_ax.set_ylim(0, 1)
@@ -55,7 +56,7 @@ def f1_by_combination_figure(rows: Sequence[Row]) -> Figure:
         all_ax.set_title(f"all {len(done)} finished trials, best first", fontsize=9)
         all_ax.legend(fontsize=7, loc="lower left")
         all_ax.grid(alpha=0.3)
-    bars = ax.barh(range(len(shown)), [r["f1"] for r in shown],
+    bars = ax.barh(range(len(shown)), [r.f1 for r in shown],
                    color=[BEST if i == len(shown) - 1 else OTHER for i in range(len(shown))])
     ax.set_yticks(range(len(shown)), [_label(r) for r in shown], fontsize=7)
     ax.set_xlim(0, 1)
@@ -68,21 +69,21 @@ def f1_by_combination_figure(rows: Sequence[Row]) -> Figure:
     return fig
 
 
-def f1_by_hparam_figure(rows: Sequence[Row]) -> Figure:
+def f1_by_hparam_figure(rows: Sequence[TrialRow]) -> Figure:
     """One panel per hparam key (in file order): F1 of every finished trial against that hparam.
 
     Numeric hparams are a scatter (log x-axis when their values span ``LOG_SPAN`` or more) with
     the best F1 at each value joined by a line; other hparams (str, bool, mixed) are a box per
     value with the trials jittered over it. Failed trials have no F1 and are not drawn.
     """
-    keys = list(dict.fromkeys(k for r in rows for k in r["hparams"]))
-    done = [r for r in rows if r["f1"] is not None]
+    keys = list(dict.fromkeys(k for r in rows for k in r.hparams))
+    done = [r for r in rows if r.has_f1]
     ncols = min(PANEL_COLUMNS, max(len(keys), 1))
     nrows = max(math.ceil(len(keys) / ncols), 1)
     fig, axes = plt.subplots(nrows, ncols, figsize=(4 * ncols, 3.2 * nrows), squeeze=False)
     panels = axes.ravel()
     for ax, key in zip(panels, keys):
-        points = [(r["hparams"][key], r["f1"]) for r in done if r["hparams"].get(key) is not None]
+        points = [(r.hparams[key], r.f1) for r in done if r.hparams.get(key) is not None]
         if points and all(_is_number(x) for x, _ in points):
             _numeric_panel(ax, [float(x) for x, _ in points], [y for _, y in points])
         else:
@@ -102,17 +103,17 @@ def f1_by_hparam_figure(rows: Sequence[Row]) -> Figure:
     return fig
 
 
-def learning_curves_figure(rows: Sequence[Row], curves: Curves, metric: str = "val_f1") -> Figure:
+def learning_curves_figure(rows: Sequence[TrialRow], curves: Curves, metric: str = "val_f1") -> Figure:
     """One line per trial in ``curves`` (run_id → [(step, value)]), in rank order, labelled by rank."""
-    by_id = {r["run_id"]: r for r in rows}
-    ranked = sorted(curves, key=lambda run_id: by_id[run_id]["rank"] if run_id in by_id else math.inf)
+    by_id = {r.run_id: r for r in rows}
+    ranked = sorted(curves, key=lambda run_id: getattr(by_id.get(run_id), "rank", None) or math.inf)
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for run_id in ranked:
         points = curves[run_id]
         if not points:
             continue
         row = by_id.get(run_id)
-        label = run_id[:8] if row is None else f"#{row['rank']} {_f1_text(row)}  {_label(row)}"
+        label = run_id[:8] if row is None else f"#{row.rank} {_f1_text(row)}  {_label(row)}"
         steps, values = zip(*points)
         ax.plot(steps, values, marker="o" if len(points) <= 30 else None, markersize=3, label=label)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -211,10 +212,10 @@ def _marker_size(n: int) -> float:
     return 24.0 if n <= 100 else 10.0 if n <= 2000 else 4.0
 
 
-def _label(row: Row) -> str:
-    text = row.get("run_name") or ", ".join(f"{k}={v}" for k, v in row["hparams"].items())
+def _label(row: TrialRow) -> str:
+    text = row.run_name or ", ".join(f"{k}={v}" for k, v in row.hparams.items())
     return text if len(text) <= 60 else text[:59] + "…"
 
 
-def _f1_text(row: Row) -> str:
-    return "failed" if row["f1"] is None else f"F1 {row['f1']:.3f}"
+def _f1_text(row: TrialRow) -> str:
+    return f"F1 {row.f1:.3f}" if row.has_f1 else "failed"

@@ -2,26 +2,34 @@
 running, done, failed, queued, and an ETA. Works on a sweep running in another terminal (the
 embedded SQLite store is in WAL mode: readers never block the sweep's writes) and on past sweeps.
 
-``summarize`` is pure; the reads are small functions over an explicit ``MlflowClient``.
+``summarize`` is pure over ``TrialRow``s; the reads go through ``hpsweep.store``.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from uuid import UUID
 
+from hpsweep.model import TrialRow, TrialState, run_name
 from hpsweep.plan import list_schedule
 
 if TYPE_CHECKING:
-    from mlflow.tracking import MlflowClient
+    from mlflow.entities import Run
+
+    from hpsweep.store import SweepStore
 # hpsweep.store (so MLflow) is imported where needed: `hpsweep plan` with no store never pays for it.
 
 PARENT_STATES = {"FINISHED": "finished", "FAILED": "finished with failures", "KILLED": "killed"}
+# The words `hpsweep status` shows for each trial state (a RUNNING trial with no recent heartbeat is "stale").
+STATE_WORDS = {TrialState.PLANNED: "queued", TrialState.RUNNING: "running", TrialState.FINISHED: "done",
+               TrialState.FAILED: "failed", TrialState.KILLED: "failed", TrialState.REUSED: "reused",
+               TrialState.NEVER_STARTED: "never started"}
+STALE = "stale"
+WORDS = ("running", STALE, "queued", "done", "failed", "reused", "never started")  # the order of the counts
 
 
 class SweepNotFound(Exception):
@@ -57,102 +65,113 @@ def existing_tracking_uri(explicit: str | None) -> str:
     return store.resolve_tracking_uri(uri)
 
 
-def find_sweep(client: MlflowClient, sweep: str) -> SweepRecord:
-    """``sweep`` is a sweep name (its latest execution) or a sweep id."""
-    from hpsweep import store
+def find_sweep(store: SweepStore, sweep: str) -> SweepRecord:
+    """``sweep`` is a sweep name (its latest execution) or a sweep id. Either is quoted into the
+    search, so a quote in it can neither break nor widen the query."""
+    from hpsweep.store import redact_uri
+    from hpsweep.store.runs import latest_parent_run
 
-    exp = client.get_experiment_by_name(sweep)
-    if exp is not None:
-        runs = client.search_runs([exp.experiment_id], f"tags.`{store.TAG_ROLE}` = 'sweep'",
-                                  order_by=["attributes.start_time DESC"], max_results=1)
-        if not runs:
-            raise SweepNotFound(f"sweep '{sweep}' has no executions in {store.redact_uri(client.tracking_uri)}")
-        return _record(exp.name, runs[0])
+    where = redact_uri(store.tracking_uri)
+    exp_id = store.experiment_id(sweep)
+    if exp_id is not None:
+        run = latest_parent_run(store.client, [exp_id])
+        if run is None:
+            raise SweepNotFound(f"sweep '{sweep}' has no executions in {where}")
+        return _record(sweep, run)
     # A sweep id is '<name>-<date>-<time>-<hex>': try its experiment first, then every experiment.
-    guess = client.get_experiment_by_name(sweep.rsplit("-", 3)[0]) if sweep.count("-") >= 3 else None
-    flt = f"tags.`{store.TAG_SWEEP_ID}` = '{sweep}' and tags.`{store.TAG_ROLE}` = 'sweep'"
-    candidates = [guess] if guess is not None else client.search_experiments()
-    for i in range(0, len(candidates), 100):
-        chunk = candidates[i:i + 100]
-        runs = client.search_runs([e.experiment_id for e in chunk], flt, max_results=1)
-        if runs:
-            name = next(e.name for e in chunk if e.experiment_id == runs[0].info.experiment_id)
-            return _record(name, runs[0])
-    raise SweepNotFound(f"no sweep named or with id '{sweep}' in {store.redact_uri(client.tracking_uri)}")
+    guess = sweep.rsplit("-", 3)[0] if sweep.count("-") >= 3 else None
+    guess_id = store.experiment_id(guess) if guess else None
+    names = {guess_id: guess} if guess_id is not None else _experiment_names(store)
+    ids = list(names)
+    for i in range(0, len(ids), 100):
+        try:
+            run = latest_parent_run(store.client, ids[i:i + 100], sweep_id=sweep)
+        except ValueError:  # both kinds of quote: MLflow cannot search for it, and no sweep id has them
+            break
+        if run is not None:
+            return _record(names[run.info.experiment_id], run)
+    raise SweepNotFound(f"no sweep named or with id '{sweep}' in {where}")
 
 
-def _record(name: str, run) -> SweepRecord:
-    from hpsweep import store
+def _experiment_names(store: SweepStore) -> dict[str, str]:
+    """experiment id → name of every active experiment, page by page."""
+    names: dict[str, str] = {}
+    token = None
+    while True:
+        page = store.client.search_experiments(max_results=1000, page_token=token)
+        names.update((e.experiment_id, e.name) for e in page)
+        token = page.token
+        if not token:
+            return names
+
+
+def _record(name: str, run: Run) -> SweepRecord:
+    from hpsweep.store import TAG_SWEEP_ID
 
     info = run.info
-    return SweepRecord(name=name, experiment_id=info.experiment_id, sweep_id=run.data.tags[store.TAG_SWEEP_ID],
+    return SweepRecord(name=name, experiment_id=info.experiment_id, sweep_id=run.data.tags[TAG_SWEEP_ID],
                        parent_run_id=info.run_id, parent_status=info.status, started_at=info.start_time / 1000,
                        ended_at=info.end_time / 1000 if info.end_time else None, tags=dict(run.data.tags),
                        params=dict(run.data.params))
 
 
-def load_plan(client: MlflowClient, parent_run_id: str) -> list[dict[str, Any]] | None:
-    """The sweep's plan.json (every trial, reused or not, with its estimate); None when missing."""
-    import mlflow.artifacts
-
-    try:
-        text = mlflow.artifacts.load_text(f"{client.get_run(parent_run_id).info.artifact_uri}/plan.json")
-    except Exception:  # an older sweep, or the artifact store is unreachable: status degrades to counts
-        return None
-    return json.loads(text)
-
-
 def prefect_state(flow_run_id: str | None, api_url: str | None = None, timeout_s: float = 3.0) -> str:
-    """The flow run's state from the Prefect API, or why it is not known (never raises)."""
-    api_url = api_url or os.environ.get("PREFECT_API_URL")
+    """The flow run's state name from the Prefect API (Prefect's own client, one try of at most
+    ``timeout_s``), or why it is not known. Never raises: MLflow still answers when Prefect does not."""
     if not flow_run_id:
         return "unknown (the sweep recorded no flow run)"
-    if not api_url:
+    import httpx
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import PrefectException
+    from prefect.settings import PREFECT_API_URL, PREFECT_CLIENT_MAX_RETRIES, temporary_settings
+
+    api_url = api_url or PREFECT_API_URL.value()
+    if not api_url:  # never let the client start a temporary API of its own
         return "unknown (PREFECT_API_URL not set: the sweep used a temporary Prefect API)"
-    request = urllib.request.Request(f"{api_url.rstrip('/')}/flow_runs/{flow_run_id}")
-    if os.environ.get("PREFECT_API_KEY"):
-        request.add_header("Authorization", f"Bearer {os.environ['PREFECT_API_KEY']}")
     try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:
-            state = json.loads(response.read()).get("state") or {}
-    except Exception as e:  # unreachable, or another Prefect server: MLflow still answers
+        with temporary_settings({PREFECT_API_URL: api_url, PREFECT_CLIENT_MAX_RETRIES: 0}), \
+                get_client(httpx_settings={"timeout": timeout_s}, sync_client=True) as client:
+            state = client.read_flow_run(UUID(flow_run_id)).state
+    except (httpx.HTTPError, PrefectException, OSError, ValueError, RuntimeError) as e:
         return f"unknown (Prefect API at {api_url} not reachable: {type(e).__name__})"
-    return str(state.get("name") or state.get("type") or "unknown")
+    if state is None:
+        return "unknown"
+    return str(state.name or state.type.value)
 
 
 # ---------------------------------------------------------------- the summary (pure)
 
 
-def summarize(record: SweepRecord, plan_rows: list[dict[str, Any]] | None, runs: list[dict[str, Any]],
-              now: float, stale_after_s: float, prefect: str | None = None) -> dict[str, Any]:
-    """Counts, one line per trial and an ETA. ``runs``: the sweep's trial rows (store.sweep_runs)."""
-    from hpsweep import store
+def trial_word(plan: TrialRow, run: TrialRow | None, over: bool, now: float, stale_after_s: float) -> str:
+    """What `hpsweep status` calls a trial: its run's state (a silent RUNNING one is "stale"), else
+    its plan's (queued, or never started once the sweep is over)."""
+    if run is None:
+        state = plan.state
+        if state is TrialState.PLANNED and over:
+            state = TrialState.NEVER_STARTED
+    else:
+        state = run.state
+    if state is TrialState.RUNNING and run is not None:
+        beat = run.heartbeat or run.started_at or now
+        if now - beat > stale_after_s:
+            return STALE
+    return STATE_WORDS[state]
 
-    by_index = {r["index"]: r for r in runs}
-    plan_rows = plan_rows or [{"index": r["index"], "hparams": r["hparams"], "reused_run_id": None,
-                               "expected_duration_s": None} for r in runs]
+
+def summarize(record: SweepRecord, plan: list[TrialRow] | None, runs: list[TrialRow],
+              now: float, stale_after_s: float, prefect: str | None = None) -> dict[str, Any]:
+    """Counts, one line per trial and an ETA. ``plan``: the sweep's plan.json (``store.load_plan``;
+    None for an older sweep: its runs alone); ``runs``: its trial runs (``store.sweep_trials``)."""
+    from hpsweep.store import TAG_DISPATCH, TAG_HEARTBEAT
+
+    by_index = {r.index: r for r in runs}
+    if plan is None:
+        plan = [TrialRow(index=r.index, hparams=r.hparams, state=TrialState.PLANNED) for r in runs]
     over = record.parent_status != "RUNNING"
-    trials = []
-    for p in sorted(plan_rows, key=lambda p: (p.get("dispatch_position") or 10**9, p["index"])):
-        run = by_index.get(p["index"])
-        row = {"index": p["index"], "hparams": p["hparams"], "run_id": run["run_id"] if run else p.get("reused_run_id"),
-               "expected_duration_s": p.get("expected_duration_s"), "attempt": run["attempt"] if run else None,
-               "f1": run["f1"] if run else None, "duration_s": run["duration_s"] if run else None, "reason": None}
-        if run is None:
-            row["state"] = "reused" if p.get("reused_run_id") else ("never started" if over else "queued")
-        elif run["mlflow_status"] == "RUNNING":
-            beat = run.get("heartbeat") or run.get("started_at") or now
-            row["elapsed_s"] = max(0.0, now - (run.get("started_at") or now))
-            row["state"] = "stale" if now - beat > stale_after_s else "running"
-        elif run["status"] == "FINISHED":
-            row["state"] = "done"
-        else:
-            row["state"] = "failed"
-            row["reason"] = run.get("reason")
-        trials.append(row)
-    counts = {s: sum(1 for t in trials if t["state"] == s)
-              for s in ("running", "stale", "queued", "done", "failed", "reused", "never started")}
-    parent_beat = float(record.tags.get(store.TAG_HEARTBEAT, record.started_at))
+    trials = [_trial(p, by_index.get(p.index), over, now, stale_after_s)
+              for p in sorted(plan, key=lambda p: (p.dispatch_position or 10**9, p.index))]
+    counts = {word: sum(1 for t in trials if t["state"] == word) for word in WORDS}
+    parent_beat = float(record.tags.get(TAG_HEARTBEAT, record.started_at))
     if over:
         state = PARENT_STATES.get(record.parent_status, record.parent_status.lower())
     elif now - parent_beat > stale_after_s:
@@ -162,7 +181,7 @@ def summarize(record: SweepRecord, plan_rows: list[dict[str, Any]] | None, runs:
     return {
         "sweep_id": record.sweep_id, "name": record.name, "parent_run_id": record.parent_run_id,
         "experiment_id": record.experiment_id, "state": state, "prefect": prefect,
-        "dispatch_order": record.tags.get("hpsweep.dispatch_order"),
+        "dispatch_order": record.tags.get(TAG_DISPATCH),
         "started_at": record.started_at, "ended_at": record.ended_at,
         "elapsed_s": (record.ended_at or now) - record.started_at,
         "total": len(trials), "counts": counts, "eta_s": None if over else eta_s(trials, _slots(record)),
@@ -170,6 +189,21 @@ def summarize(record: SweepRecord, plan_rows: list[dict[str, Any]] | None, runs:
                     default=None),
         "trials": trials,
     }
+
+
+def _trial(plan: TrialRow, run: TrialRow | None, over: bool, now: float, stale_after_s: float) -> dict[str, Any]:
+    """One trial's line in the summary (the keys of `hpsweep status --json`'s "trials")."""
+    word = trial_word(plan, run, over, now, stale_after_s)
+    row: dict[str, Any] = {
+        "index": plan.index, "hparams": plan.hparams, "run_id": run.run_id if run else plan.reused_run_id,
+        "expected_duration_s": plan.expected_duration_s, "attempt": run.attempt if run else None,
+        "f1": run.f1 if run else None, "duration_s": run.duration_s if run else None, "reason": None}
+    if word in ("running", STALE):
+        row["elapsed_s"] = max(0.0, now - (run.started_at or now))  # type: ignore[union-attr]
+    if word == "failed":
+        row["reason"] = run.reason  # type: ignore[union-attr]
+    row["state"] = word
+    return row
 
 
 def _slots(record: SweepRecord) -> int:
@@ -203,7 +237,7 @@ def eta_s(trials: list[dict[str, Any]], slots: int) -> float | None:
 
 
 def render(status: dict[str, Any]) -> str:
-    from hpsweep import store
+    """`hpsweep status`'s text: the sweep, its counts, its best trial, then each running, stale or failed one."""
     from hpsweep.plan import human_duration
 
     c = status["counts"]
@@ -216,14 +250,14 @@ def render(status: dict[str, Any]) -> str:
              + (f", {c['never started']} never started" if c["never started"] else ""),
              f"  dispatch    {status['dispatch_order']}" if status["dispatch_order"] else None,
              f"  best        F1 {status['best']['f1']:.4f}: #{status['best']['index']} "
-             f"{store.run_name(status['best']['hparams'])}" if status["best"] else None]
+             f"{run_name(status['best']['hparams'])}" if status["best"] else None]
     if status["state"] == "running" or status["state"].startswith("not responding"):
         lines.append(f"  ETA         {human_duration(status['eta_s'])}" if status["eta_s"] is not None
                      else "  ETA         unknown (no trial has finished yet and the plan has no estimates)")
     lines = [line for line in lines if line]
     for t in status["trials"]:
         if t["state"] in ("running", "stale", "failed"):
-            hp = store.run_name(t["hparams"])
+            hp = run_name(t["hparams"])
             detail = {"running": f"for {human_duration(t.get('elapsed_s'))}, attempt {t['attempt']}",
                       "stale": "no heartbeat: its process may be dead",
                       "failed": (t["reason"] or "")[:160]}[t["state"]]

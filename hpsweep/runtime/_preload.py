@@ -1,11 +1,23 @@
 """Imported once by the trial fork server, never by trials themselves: everything a trial
 would otherwise import on its own, at seconds per trial (MLflow's stores, SQLAlchemy's
-mapper set-up, model serialisers). Forked trials inherit it already loaded."""
+mapper set-up, model serialisers). Forked trials inherit it already loaded.
 
+All of it is best effort: what fails here (an optional backend not installed, a private MLflow
+API an upgrade removed) only leaves trials to do that work themselves, more slowly.
+"""
+
+import functools
 import importlib
+import logging
 import os
+from typing import Callable
 
-for _name in (
+log = logging.getLogger("hpsweep.trial")
+
+# What a trial imports on its way: MLflow's stores and artifact repositories, SQLite's dialect
+# and MLflow's migration scripts (each trial opens a tracking store), serialisers (skops is
+# optional), and the entrypoint resolver.
+PRELOAD = (
     "mlflow.store.tracking.sqlalchemy_store",
     "mlflow.store.tracking.rest_store",
     "mlflow.store.model_registry.sqlalchemy_store",
@@ -13,30 +25,6 @@ for _name in (
     "mlflow.store.artifact.s3_artifact_repo",
     "mlflow.sklearn",
     "skops.io",
-):
-    try:
-        importlib.import_module(_name)
-    except ImportError:  # optional backends (e.g. skops) may be absent
-        pass
-
-from sqlalchemy.orm import configure_mappers  # noqa: E402
-
-configure_mappers()
-
-try:
-    # MLflow maps every installed package to its modules on a process's first save_model
-    # (1.6 s here). Private API, so best effort: if it moves, trials are only slower.
-    from mlflow.utils import requirements_utils
-
-    requirements_utils._init_packages_to_modules_map()
-except Exception:
-    pass
-
-# Every trial opens its own tracking store. Import what that needs here, once (SQLite's
-# dialect, MLflow's migration scripts), and compute MLflow's latest schema revision once:
-# a store checks the database against it, and working it out re-reads ~70 migration files
-# (0.4 s per trial here). It is a constant of the installed MLflow. Private API: best effort.
-for _name in (
     "sqlalchemy.dialects.sqlite",
     "alembic.script",
     "mlflow.store.db.utils",
@@ -44,33 +32,48 @@ for _name in (
     "mlflow.utils.search_logged_model_utils",
     "mlflow.artifacts",
     "hpsweep.inputs",
-):
+)
+
+
+def _best_effort(what: str, fn: Callable[[], object]) -> None:
     try:
-        importlib.import_module(_name)
-    except ImportError:
-        pass
+        fn()
+    except Exception as e:  # noqa: BLE001 - trials only get slower; an upgrade must not break them
+        log.debug("preload: %s skipped: %s: %s", what, type(e).__name__, e)
 
-try:
-    import functools
 
-    from mlflow.store.db import utils as _db_utils
+def _open_trials_store(uri: str) -> None:
+    """Open the tracking store the trials will log to (engine built, tables and schema checked)
+    and empty its connection pool, so no connection crosses a fork; each trial's MlflowClient
+    then finds the store in MLflow's per-process cache."""
+    from hpsweep.store import private
 
-    if not hasattr(_db_utils._get_latest_schema_revision, "cache_info"):
-        _db_utils._get_latest_schema_revision = functools.lru_cache(maxsize=1)(_db_utils._get_latest_schema_revision)
-    _db_utils._get_latest_schema_revision()
-except Exception:
-    pass
+    engine = getattr(private.cached_tracking_store(uri), "engine", None)
+    if engine is not None:
+        engine.dispose()
 
-# The tracking store the trials will log to (hpsweep.engine.process.start_fork_server): opened here
-# once (engine built, tables and schema checked), its connection pool emptied so that no
-# connection crosses a fork; each trial's MlflowClient then finds it in MLflow's store cache.
-_uri = os.environ.get("HPSWEEP_FORKSERVER_TRACKING_URI")
-if _uri:
-    try:
-        from mlflow.tracking._tracking_service.utils import _get_store
 
-        _engine = getattr(_get_store(_uri), "engine", None)
-        if _engine is not None:
-            _engine.dispose()
-    except Exception:  # trials open their own store, as without this
-        pass
+def preload() -> None:
+    for name in PRELOAD:
+        _best_effort(f"import {name}", functools.partial(importlib.import_module, name))
+
+    def configure_mappers() -> None:
+        from sqlalchemy.orm import configure_mappers as configure
+
+        configure()
+
+    _best_effort("SQLAlchemy's mapper set-up", configure_mappers)
+
+    from hpsweep.store import private
+
+    # MLflow maps every installed package to its modules on a process's first save_model (1.6 s here).
+    _best_effort("the installed-package scan", private.scan_installed_packages)
+    # A store checks its database against the latest schema revision; working that out re-reads
+    # ~70 migration files (0.4 s per trial here).
+    _best_effort("the schema revision", private.remember_latest_schema_revision)
+    uri = os.environ.get("HPSWEEP_FORKSERVER_TRACKING_URI")  # hpsweep.engine.process.FORKSERVER_TRACKING_URI_ENV
+    if uri:
+        _best_effort("the trials' tracking store", lambda: _open_trials_store(uri))
+
+
+preload()

@@ -9,6 +9,9 @@
 - ``restore_checkpoints`` fetches them back before an attempt starts with an empty folder.
 - ``SystemMetrics`` samples CPU, memory, disk, network and the trial's GPUs into the run as
   MLflow system metrics (``system/...``), so a starved GPU shows in the MLflow UI.
+- ``exit_when_dead`` ends the trial when its orchestrator is gone, so no orphan trains unobserved.
+
+Every MLflow call goes through ``hpsweep.store.artifacts``; background loops are ``Periodic``.
 """
 
 from __future__ import annotations
@@ -19,11 +22,9 @@ import os
 import queue
 import shutil
 import signal
-import socket
 import threading
 import time
 from pathlib import Path
-from typing import Callable, TypeVar
 
 from mlflow.entities import Metric
 from mlflow.system_metrics.metrics.cpu_monitor import CPUMonitor
@@ -32,25 +33,14 @@ from mlflow.system_metrics.metrics.gpu_monitor import GPUMonitor
 from mlflow.system_metrics.metrics.network_monitor import NetworkMonitor
 from mlflow.tracking import MlflowClient
 
+from hpsweep.identity import identity_is_dead
+from hpsweep.periodic import Periodic
+from hpsweep.store import artifacts
+from hpsweep.store.artifacts import CHECKPOINT_ARTIFACT_DIR
+from hpsweep.store.retry import retrying
+
 log = logging.getLogger("hpsweep.trial")
-T = TypeVar("T")
-CHECKPOINT_ARTIFACT_DIR = "checkpoints"
 SYSTEM_PREFIX = "system/"  # MLflow's: the run page's System metrics section shows these keys
-
-
-def retry(fn: Callable[[], T], deadline_s: float, what: str, first_wait_s: float = 0.5) -> T:
-    """Call ``fn`` until it succeeds or ``deadline_s`` has passed (then re-raise), backing off to 10 s."""
-    give_up = time.monotonic() + deadline_s
-    wait = first_wait_s
-    while True:
-        try:
-            return fn()
-        except Exception as e:  # the tracking server is down or restarting
-            if time.monotonic() + wait > give_up:
-                raise
-            log.warning("%s failed (%s: %s); retrying in %.1fs", what, type(e).__name__, str(e)[:200], wait)
-            time.sleep(wait)
-            wait = min(wait * 2, 10.0)
 
 
 class MetricsLogger:
@@ -138,7 +128,7 @@ class MetricsLogger:
     def _store(self, items: list[tuple[str, Metric, int]], deadline_s: float) -> None:
         for run_id in dict.fromkeys(run for run, _, _ in items):
             metrics = [m for run, m, _ in items if run == run_id]
-            retry(lambda: self._client.log_batch(run_id, metrics=metrics), deadline_s, "logging metrics")
+            retrying(lambda: artifacts.log_metrics(self._client, run_id, metrics), "logging metrics", deadline_s)
         if self._shipped_file is not None and items[-1][2]:
             self._shipped_file.write_text(str(items[-1][2]))
 
@@ -167,15 +157,8 @@ class CheckpointSync:
 
     def __init__(self, client: MlflowClient, run_id: str, folder: Path, interval_s: float):
         self._client, self._run_id, self._folder = client, run_id, folder
-        self._interval_s = interval_s
         self._uploaded: dict[str, tuple[int, int]] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="hpsweep-checkpoints", daemon=True)
-        self._thread.start()
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self._interval_s):
-            self.sync_once()
+        self._periodic = Periodic(interval_s, self.sync_once, "hpsweep-checkpoints", last=True).start()
 
     def sync_once(self) -> int:
         """Upload what changed since the last sync; returns how many files went up."""
@@ -183,12 +166,15 @@ class CheckpointSync:
         for path in sorted(self._folder.glob("*")):
             if not path.is_file() or path.name.startswith("."):
                 continue  # a dot-file is a checkpoint being written
-            st = path.stat()
+            try:
+                st = path.stat()
+            except FileNotFoundError:  # replaced by the trainer since the listing: next round
+                continue
             stamp = (st.st_size, st.st_mtime_ns)
             if self._uploaded.get(path.name) == stamp:
                 continue
             try:
-                self._client.log_artifact(self._run_id, str(path), CHECKPOINT_ARTIFACT_DIR)
+                artifacts.upload_file(self._client, self._run_id, path, CHECKPOINT_ARTIFACT_DIR)
             except Exception as e:  # tracking outage: try again next round; the local copy is still there
                 log.warning("checkpoint upload of %s failed: %s", path.name, e)
                 continue
@@ -197,9 +183,8 @@ class CheckpointSync:
         return sent
 
     def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.sync_once()
+        """Wait for a sync in progress, then upload what the trainer wrote since."""
+        self._periodic.stop()
 
 
 class SystemMetrics:
@@ -210,7 +195,7 @@ class SystemMetrics:
     as ``system/<name>`` at steps 0, 1, 2, ... through the trial's ``MetricsLogger``, so they
     share its retries on a tracking outage and its final flush. Unlike MLflow's
     ``SystemMetricsMonitor`` it watches only this trial's GPUs (``gpu_0`` is the trial's
-    ``cuda:0``, whichever physical GPU that is; the run's ``hpsweep.engine.gpus`` tag says which),
+    ``cuda:0``, whichever physical GPU that is; the run's ``hpsweep.gpus`` tag says which),
     polls no run status, and takes one last sample at ``stop``, so a trial shorter than the
     interval still gets a point (CPU utilisation over its whole life). A retry continues the
     steps after the previous attempt's.
@@ -222,26 +207,29 @@ class SystemMetrics:
 
     def __init__(self, metrics: MetricsLogger, interval_s: float, gpu_ids: tuple[int, ...] = (),
                  client: MlflowClient | None = None, run_id: str | None = None):
-        self._metrics, self._interval_s, self._gpu_ids = metrics, interval_s, tuple(gpu_ids)
+        self._metrics, self._gpu_ids = metrics, tuple(gpu_ids)
         self._client, self._run_id = client, run_id
-        self._stop = threading.Event()
         self._monitors: list = []
-        self._thread = threading.Thread(target=self._loop, name="hpsweep-system-metrics", daemon=True)
-        self._thread.start()
+        self._step: int | None = None  # set once the monitors are ready (in the background)
+        self._periodic = Periodic(interval_s, self._sample, "hpsweep-system-metrics", first=True).start()
 
-    def _loop(self) -> None:
+    def _sample(self) -> None:
+        if self._step is None:
+            self._set_up()
+        elif self._monitors:
+            self._step = self._publish(self._step)
+
+    def _set_up(self) -> None:
         try:
             self._monitors = self._make_monitors()
             step = self._first_step()
             self._collect()
             for m in self._monitors:  # psutil's first CPU reading is relative to nothing: drop it
                 m.clear_metrics()
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - metrics are never worth failing a trial
             log.warning("system metrics off for this trial: %s: %s", type(e).__name__, e)
-            return
-        while not self._stop.wait(self._interval_s):
-            step = self._publish(step)
-        self._publish(step)
+            self._monitors, step = [], 0
+        self._step = step
 
     def _make_monitors(self) -> list:
         monitors: list = [CPUMonitor(), DiskMonitor(), NetworkMonitor()]
@@ -256,11 +244,10 @@ class SystemMetrics:
         if self._client is None or self._run_id is None:
             return 0
         try:
-            run = self._client.get_run(self._run_id)
-        except Exception:
+            return artifacts.next_step(self._client, self._run_id, SYSTEM_PREFIX)
+        except Exception as e:  # noqa: BLE001 - tracking unreachable: overlapping steps beat no metrics
+            log.info("system metrics start at step 0: %s: %s", type(e).__name__, e)
             return 0
-        steps = [m.step for m in getattr(run.data, "_metric_objs", []) if m.key.startswith(SYSTEM_PREFIX)]
-        return max(steps) + 1 if steps else 0
 
     def _collect(self) -> None:
         for m in self._monitors:
@@ -283,9 +270,10 @@ class SystemMetrics:
         return step + 1
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        """Take the last sample and hand it to the metrics logger (flush that afterwards)."""
-        self._stop.set()
-        self._thread.join(timeout_s)  # a thread stuck on a tracking outage is left behind
+        """Take the last sample and hand it to the metrics logger (flush that afterwards). A thread
+        still setting up after ``timeout_s`` (stuck on a tracking outage) is left behind, sampling nothing."""
+        if self._periodic.stop(timeout_s) and self._step is not None and self._monitors:
+            self._step = self._publish(self._step)
 
 
 def trial_gpu_monitor(gpu_ids: tuple[int, ...]):
@@ -300,8 +288,7 @@ def trial_gpu_monitor(gpu_ids: tuple[int, ...]):
         return None
 
 
-def restore_checkpoints(client: MlflowClient, experiment_id: str, trial_key: str, dest: Path,
-                        key_tag: str = "hpsweep.trial_key") -> str | None:
+def restore_checkpoints(client: MlflowClient, experiment_id: str, trial_key: str, dest: Path) -> str | None:
     """Fill an empty ``dest`` from the newest unfinished run of this trial that uploaded checkpoints.
 
     A FINISHED run's checkpoints are its final state: resuming from them would skip the
@@ -310,60 +297,28 @@ def restore_checkpoints(client: MlflowClient, experiment_id: str, trial_key: str
     """
     if dest.is_dir() and any(p.is_file() for p in dest.iterdir()):
         return None
-    runs = client.search_runs([experiment_id], f"tags.`{key_tag}` = '{trial_key}' and attributes.status != 'FINISHED'",
-                              order_by=["attributes.start_time DESC"], max_results=20)
-    for run in runs:
-        try:
-            files = client.list_artifacts(run.info.run_id, CHECKPOINT_ARTIFACT_DIR)
-        except Exception:
-            continue
-        if not files:
-            continue
-        dest.mkdir(parents=True, exist_ok=True)
-        tmp = dest.parent / f".restore-{os.getpid()}"
-        client.download_artifacts(run.info.run_id, CHECKPOINT_ARTIFACT_DIR, str(tmp))
-        for f in (tmp / CHECKPOINT_ARTIFACT_DIR).iterdir():
+    source = artifacts.checkpoint_source(client, experiment_id, trial_key)
+    if source is None:
+        return None
+    dest.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f".restore-{os.getpid()}"
+    try:  # downloaded beside ``dest`` first: a download cut short leaves ``dest`` empty, to retry
+        for f in artifacts.download_dir(client, source, CHECKPOINT_ARTIFACT_DIR, tmp).iterdir():
             os.replace(f, dest / f.name)
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        return run.info.run_id
-    return None
+    return source
 
 
-def process_start(pid: int) -> str:
-    """The process's start time since boot: with the pid, a process's identity (pids get reused)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return "?"
-
-
-def process_identity(pid: int | None = None) -> str:
-    pid = os.getpid() if pid is None else pid
-    return f"{socket.gethostname()}:{pid}:{process_start(pid)}"
-
-
-def identity_is_dead(identity: str | None) -> bool:
-    """True only when we can tell for sure: the process ran on this host and is gone."""
-    if not identity or identity.count(":") < 2:
-        return False
-    host, pid, start = identity.rsplit(":", 2)
-    if host != socket.gethostname() or not pid.isdigit():
-        return False
-    return process_start(int(pid)) != start
-
-
-def exit_when_dead(identity: str, interval_s: float = 1.0) -> threading.Thread:
+def exit_when_dead(identity: str, interval_s: float = 1.0) -> Periodic:
     """Kill this trial's whole process group once the orchestrator ``identity`` is gone.
 
     A trial of a killed orchestrator must not train on unobserved (nobody would record its
     F1, and it would hold a GPU the rerun needs); the rerun resumes it from its checkpoint.
     """
 
-    def watch() -> None:
-        while not identity_is_dead(identity):
-            time.sleep(interval_s)
-        os.killpg(os.getpgid(0), signal.SIGKILL)
+    def check() -> None:
+        if identity_is_dead(identity):
+            os.killpg(os.getpgid(0), signal.SIGKILL)
 
-    thread = threading.Thread(target=watch, name="hpsweep-orphan-watch", daemon=True)
-    thread.start()
-    return thread
+    return Periodic(interval_s, check, "hpsweep-orphan-watch", first=True).start()

@@ -22,9 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hpsweep.runtime.durable import CheckpointSync, MetricsLogger, SystemMetrics, exit_when_dead, restore_checkpoints
+from hpsweep.store import artifacts
+from hpsweep.store.retry import retrying
 from trainer import contract
-from hpsweep.runtime.durable import (CheckpointSync, MetricsLogger, SystemMetrics, exit_when_dead, restore_checkpoints,
-                             retry)
 
 # Imported here so the fork server pays for it once; trials only fork.
 import mlflow  # noqa: F401
@@ -67,8 +68,8 @@ class TrialRequest:
     # False: a fresh start (no unfinished attempt of this trial exists): the trial folder's
     # checkpoints and log are cleared, and the artifact store is not searched for checkpoints.
     resume: bool = True
-    orchestrator: str = ""  # process identity of the sweep; the trial dies with it
-    extra_env: dict[str, str] = field(default_factory=dict)
+    # hpsweep.identity.process_identity() of the sweep's process; the trial dies with it ("": never).
+    orchestrator: str = ""
     # Read where the request is made (the sweep or a pool worker), so its environment decides.
     system_metrics_s: float = field(default_factory=system_metrics_interval)
 
@@ -129,7 +130,6 @@ def trial_env(req: TrialRequest) -> dict[str, str]:
         # GPU ids are NVML's (nvidia-smi's) numbering, which is PCI bus order; CUDA's default
         # order is "fastest first", so without this cuda:0 could be another trial's GPU.
         env["CUDA_DEVICE_ORDER"] = os.environ.get("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
-    env.update(req.extra_env)
     return env
 
 
@@ -166,8 +166,8 @@ def _train_durably(req: TrialRequest, client: MlflowClient) -> dict[str, Any]:
     then wait until metrics and model are stored. The trainer's own exception is its outcome."""
     paths = req.paths
     if req.resume and req.experiment_id and req.trial_key:
-        source = retry(lambda: restore_checkpoints(client, req.experiment_id, req.trial_key, paths.checkpoints),
-                       600, "restoring checkpoints")
+        source = retrying(lambda: restore_checkpoints(client, req.experiment_id, req.trial_key, paths.checkpoints),
+                          "restoring checkpoints", deadline_s=600)
         if source:
             logging.info("restored checkpoints of run %s from the artifact store", source)
     sync = CheckpointSync(client, req.run_id, paths.checkpoints, req.checkpoint_sync_s)
@@ -187,7 +187,8 @@ def _train_durably(req: TrialRequest, client: MlflowClient) -> dict[str, Any]:
     if paths.model.is_dir() and any(paths.model.iterdir()) and "error" not in outcome \
             and not outcome.get("exit_code"):
         # Uploaded from the trial's own process: on a fleet, the files live only here.
-        retry(lambda: client.log_artifacts(req.run_id, str(paths.model), "model"), 3600, "uploading the model")
+        retrying(lambda: artifacts.upload_dir(client, req.run_id, paths.model, artifacts.MODEL_ARTIFACT_DIR),
+                 "uploading the model", deadline_s=3600)
     return outcome
 
 

@@ -1,0 +1,126 @@
+"""One sweep execution around the controller: open it (keys, reuse, zombies, dispatch order, the
+parent run and its plan.json), run its trials, close it (report, champion, the parent run's end).
+
+Prefect-free: the `sweep` flow supplies the quota slot, the attempt wrapper and its callbacks.
+Rerunning the same sweep after any crash is the resume mechanism: FINISHED trials are reused by key.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hpsweep import plan
+from hpsweep.config import SweepConfig
+from hpsweep.dvcdata import data_ref
+from hpsweep.engine.callbacks import Callbacks, SweepCallback
+from hpsweep.engine.controller import SweepRun
+from hpsweep.engine.process import HEARTBEAT_S, ZOMBIE_AFTER_S
+from hpsweep.inputs import SweepInputs
+from hpsweep.model import PlannedTrial, TrialRow
+from hpsweep.periodic import Periodic
+from hpsweep.report import assemble
+from hpsweep.store import SweepStore
+from hpsweep.store.tags import TAG_DISPATCH, TAG_GIT_COMMIT, TAG_QUOTA, TAG_SPEC_HASH
+from hpsweep.versions import git_commit
+
+
+@dataclass(frozen=True)
+class OpenedSweep:
+    """A sweep whose parent run exists and whose trials are planned, in the order to start them."""
+
+    run: SweepRun
+    trials: list[PlannedTrial]  # every combination, file order
+    reused: dict[str, TrialRow]  # trial key → the FINISHED run standing in for it
+    to_train: list[PlannedTrial]  # dispatch order
+    parallel: int  # workers (trials in flight at once, a pool's queue included)
+    slots: int  # trials that actually run at once
+    order: str  # how to_train is ordered, in words
+    provenance: dict[str, str]  # versions, git commit, quota: the parent run's tags and the report's header
+    zombies: list[str]  # runs of dead processes closed on the way
+
+
+def new_sweep_id(name: str) -> str:
+    return f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+
+
+def sweep_name(config: SweepConfig, inputs: SweepInputs) -> str:
+    return config.name or inputs.spec.name or config.spec.stem
+
+
+def open_sweep(config: SweepConfig, inputs: SweepInputs, store: SweepStore, capacity: int, queue_depth: int,
+               tags: dict[str, str] | None = None) -> OpenedSweep:
+    """Plan the sweep and start its parent run. ``capacity``: trials that can run at once (quota,
+    host or pool limit); ``queue_depth``: trials kept in flight (a pool's queue: more than run)."""
+    name = sweep_name(config, inputs)
+    trials, versions = plan.plan_trials(inputs)
+    experiment_id = store.ensure_experiment(name)
+    zombies = store.reap_zombies(experiment_id, ZOMBIE_AFTER_S)
+    reused = plan.reusable_runs(store, experiment_id, trials, versions, config.retrain)
+    to_train = plan.trials_to_train(trials, reused)
+    resumable = store.unfinished_trial_keys(experiment_id, {t.key for t in to_train}, versions)
+    slots = max(1, min(len(to_train), capacity))
+    parallel = max(1, min(len(to_train), queue_depth))
+    to_train, estimates, order = _dispatch(store, experiment_id, inputs, versions, to_train, slots)
+
+    provenance = {**versions, TAG_GIT_COMMIT: git_commit(), TAG_QUOTA: str(config.quota)}
+    sweep_id = new_sweep_id(name)
+    gpus = inputs.spec.resources.gpus
+    parent_run_id = store.start_parent_run(
+        experiment_id, sweep_id, {**provenance, TAG_DISPATCH: order, **(tags or {})},
+        params={"combinations": config.combinations, "spec": config.spec, "train": config.train,
+                "val": config.val, "quota": config.quota, "gpus_per_trial": gpus, "trials": len(trials),
+                "reused": len(reused), "max_attempts": config.max_attempts, "slots": slots})
+    store.log_plan(parent_run_id, plan.plan_rows(trials, reused, to_train, estimates))
+    spec = inputs.spec
+    run = SweepRun(
+        sweep_id=sweep_id, name=name, experiment_id=experiment_id, parent_run_id=parent_run_id,
+        tracking_uri=store.tracking_uri, work_dir=config.work_dir, settings=dict(spec.settings),
+        train=str(inputs.train.resolve()), val=str(inputs.val.resolve()), entrypoint=spec.trainer.entrypoint,
+        command=spec.trainer.command, time_limit_s=spec.time_limit_s, gpus=gpus,
+        versions={**versions, TAG_GIT_COMMIT: provenance[TAG_GIT_COMMIT]},
+        data_refs={"train": data_ref(inputs.train).as_dict(), "val": data_ref(inputs.val).as_dict()},
+        resumable=frozenset(resumable))
+    return OpenedSweep(run, trials, reused, to_train, parallel, slots, order, provenance, zombies)
+
+
+def _dispatch(store: SweepStore, experiment_id: str, inputs: SweepInputs, versions: dict[str, str],
+              to_train: list[PlannedTrial], slots: int) -> tuple[list[PlannedTrial], list[plan.Estimate], str]:
+    """The trials in the order to start them, their estimates, and that order in words.
+
+    The order only matters when trials wait for a slot; only then is the duration history read.
+    """
+    waits = len(to_train) > slots
+    history = plan.duration_history(store, experiment_id, versions[TAG_SPEC_HASH]) if waits \
+        else plan.DurationHistory()
+    estimates = plan.estimate_durations(to_train, inputs.spec.expected_duration_s, history)
+    if not waits:
+        return to_train, estimates, f"{plan.FILE_ORDER} (every trial starts at once)"
+    ordered, ordered_est, order = plan.dispatch_order(to_train, estimates)
+    return ordered, ordered_est, plan.describe_order(order, ordered_est)
+
+
+def parent_heartbeat(store: SweepStore, opened: OpenedSweep) -> Periodic:
+    """Keeps the parent run visibly alive while trials run (so no other sweep reaps it as a zombie)."""
+    return Periodic(HEARTBEAT_S, lambda: store.heartbeat(opened.run.parent_run_id), "hpsweep-heartbeat")
+
+
+def close_sweep(opened: OpenedSweep, store: SweepStore, report_dir: Path | None,
+                callbacks: list[SweepCallback] = ()) -> dict[str, Any]:
+    """Read the trials back from MLflow, rank them, register the champion, write the report, log it
+    to the parent run and close that; then ``on_report`` callbacks. Returns the sweep's summary."""
+    run = opened.run
+    report_dir = report_dir or Path("reports") / run.name
+    meta = assemble.sweep_meta(run.sweep_id, run.name, run.experiment_id, run.parent_run_id, run.tracking_uri,
+                               opened.provenance, opened.provenance.get(TAG_QUOTA))
+    rows, header, paths = assemble.build_report(store, meta, opened.trials, opened.reused, report_dir,
+                                                register=True)
+    summary = assemble.sweep_summary(header, rows, report_dir, paths)
+    best = next((r for r in rows if r.has_f1), None)
+    store.finish_parent_run(run.parent_run_id, summary["counts"], best.f1 if best else None,
+                            [str(p) for p in paths.values()], ok=summary["counts"]["failed"] == 0)
+    Callbacks(list(callbacks)).emit("on_report", header, rows)
+    return summary

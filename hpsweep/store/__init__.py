@@ -1,0 +1,101 @@
+"""The only package that talks to MLflow (tracking, artifacts, registry).
+
+Tag names are constants (``hpsweep.store.tags``), filters are quoted (``filters``), searches page
+(``runs.search``), retries go through one tenacity policy (``retry``), and every state a trial run
+moves to is checked against ``hpsweep.model``'s transitions. Private MLflow APIs live in
+``private``, one function each.
+
+``SweepStore`` is the face the sweep engine sees (bound to one client); the engine's unit tests
+swap in ``tests/memstore.py``'s in-memory implementation of the same methods.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+from hpsweep.model import Hparams, Outcome, TrialRow
+from hpsweep.store import registry, runs
+from hpsweep.store.filters import quote
+from hpsweep.store.registry import champion, champion_uri, has_model, register_champion
+from hpsweep.store.retry import TRACKING_PATIENCE_S, retrying
+from hpsweep.store.runs import (ensure_experiment, finish_trial_run, heartbeat, latest_parent_run, mark_failed,
+                                outcome_of, reap_zombies, reopen_trial_run, set_tags, start_parent_run, start_trial_run,
+                                state_of, sweep_trials, trial_row, trials_by_run_id)
+from hpsweep.store.tags import *  # noqa: F401,F403  (the tag names)
+from hpsweep.store.uri import redact_uri, resolve_tracking_uri
+
+
+class SweepStore:
+    """What the sweep engine reads and writes, over one MLflow client. Thread-safe (MlflowClient is)."""
+
+    def __init__(self, client: MlflowClient):
+        self.client = client
+
+    @classmethod
+    def at(cls, tracking_uri: str) -> "SweepStore":
+        return cls(MlflowClient(tracking_uri))
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.client.tracking_uri
+
+    # before the trials
+    def ensure_experiment(self, name: str) -> str:
+        return runs.ensure_experiment(self.client, name)
+
+    def experiment_id(self, name: str) -> str | None:
+        exp = self.client.get_experiment_by_name(name)
+        return exp.experiment_id if exp is not None else None
+
+    def reap_zombies(self, exp_id: str, stale_after_s: float) -> list[str]:
+        return runs.reap_zombies(self.client, exp_id, stale_after_s)
+
+    def finished_trials_by_key(self, exp_id: str, keys: set[str], versions: dict[str, str]) -> dict[str, TrialRow]:
+        return runs.finished_trials_by_key(self.client, exp_id, keys, versions)
+
+    def unfinished_trial_keys(self, exp_id: str, keys: set[str], versions: dict[str, str]) -> set[str]:
+        return runs.unfinished_trial_keys(self.client, exp_id, keys, versions)
+
+    def finished_trial_durations(self, exp_id: str, spec_hash: str | None, limit: int) -> list[tuple[Hparams, float]]:
+        return runs.finished_trial_durations(self.client, exp_id, spec_hash, limit)
+
+    def start_parent_run(self, exp_id: str, sweep_id: str, tags: dict[str, str], params: dict) -> str:
+        return runs.start_parent_run(self.client, exp_id, sweep_id, tags, params)
+
+    def log_plan(self, parent_run_id: str, rows: list[TrialRow]) -> None:
+        runs.log_plan(self.client, parent_run_id, rows)
+
+    # while they run
+    def heartbeat(self, run_id: str) -> None:
+        runs.heartbeat(self.client, run_id)
+
+    def finish_trial_run(self, run_id: str, outcome: Outcome, log_path: Path | None = None) -> None:
+        runs.finish_trial_run(self.client, run_id, outcome, log_path)
+
+    # after them
+    def sweep_trials(self, exp_id: str, sweep_id: str) -> list[TrialRow]:
+        return runs.sweep_trials(self.client, exp_id, sweep_id)
+
+    def trials_by_run_id(self, exp_id: str, run_ids: list[str]) -> dict[str, TrialRow]:
+        return runs.trials_by_run_id(self.client, exp_id, run_ids)
+
+    def metric_history(self, run_id: str, metric: str) -> list[tuple[int, float]]:
+        return runs.metric_history(self.client, run_id, metric)
+
+    def load_plan(self, parent_run_id: str) -> list[TrialRow] | None:
+        return runs.load_plan(self.client, parent_run_id)
+
+    def has_model(self, run_id: str) -> bool:
+        return registry.has_model(self.client, run_id)
+
+    def register_champion(self, model_name: str, run_id: str) -> str:
+        return registry.register_champion(self.client, model_name, run_id)
+
+    def champion(self, model_name: str) -> tuple[str, str] | None:
+        return registry.champion(self.client, model_name)
+
+    def finish_parent_run(self, parent_run_id: str, counts: dict[str, int], best_f1: float | None,
+                          files: list[str], ok: bool) -> None:
+        runs.finish_parent_run(self.client, parent_run_id, counts, best_f1, files, ok)

@@ -1,0 +1,316 @@
+"""hpsweep's runs in MLflow: one experiment per sweep name, a parent run per sweep execution, a
+child run per trial. Every state a trial run moves to is checked against ``hpsweep.model``'s
+transitions; every search pages and quotes what it is given.
+
+Every write goes through an explicit ``MlflowClient`` (never the fluent API's global active run),
+so trial threads cannot step on each other.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+from mlflow.entities import Metric, Param, Run, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from hpsweep.identity import identity_is_dead, process_identity
+from hpsweep.model import Hparams, Outcome, TrialRow, TrialState, check_transition, run_name
+from hpsweep.store.filters import all_of, run_id_in, tag_equals
+from hpsweep.store.tags import (EXPERIMENT_KIND, TAG_ATTEMPT, TAG_ATTEMPT_LOG, TAG_DURATION, TAG_HEARTBEAT,
+                                TAG_HPARAMS, TAG_INDEX, TAG_OWNER, TAG_REASON, TAG_RETRYABLE, TAG_ROLE,
+                                TAG_SPEC_HASH, TAG_STATUS, TAG_SWEEP_ID, TAG_TRIAL_KEY)
+
+MAX_PARAM_LEN = 6000
+MAX_TAG_LEN = 5000
+PAGE = 1000
+
+
+def ensure_experiment(client: MlflowClient, name: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        try:
+            exp_id = client.create_experiment(name)
+        except MlflowException:  # another sweep created it a moment ago
+            exp_id = client.get_experiment_by_name(name).experiment_id
+    else:
+        exp_id = exp.experiment_id
+    for key, value in EXPERIMENT_KIND.items():
+        client.set_experiment_tag(exp_id, key, value)
+    return exp_id
+
+
+def search(client: MlflowClient, experiment_ids: list[str], flt: str, order_by: list[str] | None = None,
+           limit: int | None = None) -> Iterator[Run]:
+    """Every run matching ``flt``, page by page (at most ``limit``)."""
+    token, seen = None, 0
+    while True:
+        page = client.search_runs(experiment_ids, flt, order_by=order_by, page_token=token,
+                                  max_results=PAGE if limit is None else min(PAGE, limit - seen))
+        for run in page:
+            yield run
+        seen += len(page)
+        token = page.token
+        if not token or (limit is not None and seen >= limit):
+            return
+
+
+# ---------------------------------------------------------------- reading a run as a trial
+
+
+def state_of(run: Run) -> TrialState:
+    """A trial run's state, from MLflow's status and hpsweep's tags."""
+    status = run.info.status
+    if status in ("RUNNING", "SCHEDULED"):
+        return TrialState.RUNNING
+    if status == "FINISHED" and run.data.tags.get(TAG_STATUS) == "FINISHED" and "f1" in run.data.metrics:
+        return TrialState.FINISHED
+    return TrialState.KILLED if status == "KILLED" else TrialState.FAILED
+
+
+def trial_row(run: Run) -> TrialRow:
+    tags = run.data.tags
+    return TrialRow(
+        index=int(tags.get(TAG_INDEX, 0)), hparams=json.loads(tags.get(TAG_HPARAMS, "{}")), state=state_of(run),
+        run_id=run.info.run_id, run_name=run.info.run_name, key=tags.get(TAG_TRIAL_KEY),
+        f1=run.data.metrics.get("f1"), reason=tags.get(TAG_REASON), attempt=int(tags.get(TAG_ATTEMPT, 1)),
+        duration_s=float(tags[TAG_DURATION]) if TAG_DURATION in tags else None,
+        started_at=(run.info.start_time or 0) / 1000,
+        heartbeat=float(tags[TAG_HEARTBEAT]) if TAG_HEARTBEAT in tags else None,
+    )
+
+
+def outcome_of(run: Run) -> Outcome:
+    """A terminal trial run read back as an outcome (how a pool trial's result comes home)."""
+    tags = run.data.tags
+    end = (run.info.end_time or 0) / 1000
+    start = end - float(tags.get(TAG_DURATION, 0) or 0)
+    if state_of(run) is TrialState.FINISHED:
+        return Outcome(True, run.data.metrics["f1"], started_at=start, ended_at=end)
+    return Outcome(False, None, tags.get(TAG_REASON) or f"run ended {run.info.status}",
+                   retryable=tags.get(TAG_RETRYABLE) == "true", killed=run.info.status == "KILLED",
+                   started_at=start, ended_at=end)
+
+
+# ---------------------------------------------------------------- writing: parent and trial runs
+
+
+def start_parent_run(client: MlflowClient, exp_id: str, sweep_id: str, tags: dict[str, str],
+                     params: dict[str, Any]) -> str:
+    run = client.create_run(exp_id, run_name=f"sweep {sweep_id}",
+                            tags={TAG_SWEEP_ID: sweep_id, TAG_ROLE: "sweep", TAG_OWNER: process_identity(),
+                                  TAG_HEARTBEAT: f"{time.time():.0f}", **tags})
+    client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
+    return run.info.run_id
+
+
+def start_trial_run(client: MlflowClient, exp_id: str, parent_run_id: str, sweep_id: str, index: int,
+                    hparams: Hparams, trial_key: str, attempt: int, tags: dict[str, str]) -> str:
+    """A new trial run, RUNNING, created with all its tags in one write."""
+    run = client.create_run(exp_id, run_name=run_name(hparams), tags={
+        "mlflow.parentRunId": parent_run_id, TAG_SWEEP_ID: sweep_id, TAG_ROLE: "trial", TAG_TRIAL_KEY: trial_key,
+        TAG_HPARAMS: json.dumps(hparams), TAG_INDEX: str(index), TAG_ATTEMPT: str(attempt),
+        TAG_STATUS: TrialState.RUNNING.value, TAG_OWNER: process_identity(), TAG_HEARTBEAT: f"{time.time():.0f}",
+        **tags})
+    client.log_batch(run.info.run_id, params=[Param(k, str(v)[:MAX_PARAM_LEN]) for k, v in hparams.items()])
+    return run.info.run_id
+
+
+def _move(client: MlflowClient, run_id: str, new: TrialState) -> Run:
+    """The run, after checking that its trial may move to ``new`` (IllegalTransition if not)."""
+    run = client.get_run(run_id)
+    check_transition(state_of(run), new, f"trial run {run_id}")
+    return run
+
+
+def finish_trial_run(client: MlflowClient, run_id: str, outcome: Outcome, log_path: Path | None = None) -> None:
+    """RUNNING → FINISHED, FAILED or KILLED, with the trial log. The F1 is stored before the status:
+    a FINISHED run always has one."""
+    _move(client, run_id, outcome.state)
+    if log_path is not None and log_path.is_file():
+        client.log_artifact(run_id, str(log_path))
+    tags = [RunTag(TAG_STATUS, "FINISHED" if outcome.ok else "FAILED"),
+            RunTag(TAG_DURATION, f"{outcome.duration_s:.3f}")]
+    if outcome.reason:
+        tags.append(RunTag(TAG_REASON, outcome.reason[:MAX_TAG_LEN]))
+    if not outcome.ok:
+        tags.append(RunTag(TAG_RETRYABLE, str(outcome.retryable).lower()))
+    metrics = [Metric("f1", outcome.f1, int(time.time() * 1000), 0)] if outcome.ok else []
+    client.log_batch(run_id, metrics=metrics, tags=tags)
+    client.set_terminated(run_id, outcome.state.value, end_time=int(outcome.ended_at * 1000) or None)
+
+
+def reopen_trial_run(client: MlflowClient, run_id: str, attempt: int) -> None:
+    """FAILED/KILLED → RUNNING for attempt ``attempt``, in the same run (one run per combination, its
+    metric history continuing across attempts); the attempt log keeps why the last one failed.
+    A FINISHED run is never reopened (IllegalTransition)."""
+    run = _move(client, run_id, TrialState.RUNNING)
+    tags = run.data.tags
+    line = f"attempt {attempt - 1}: {tags.get(TAG_REASON)}"
+    log = (tags.get(TAG_ATTEMPT_LOG, "") + "\n" + line).strip()[-MAX_TAG_LEN:]
+    set_tags(client, run_id, {TAG_ATTEMPT: str(attempt), TAG_STATUS: "RUNNING", TAG_ATTEMPT_LOG: log,
+                              TAG_OWNER: process_identity(), TAG_HEARTBEAT: f"{time.time():.0f}"})
+    client.update_run(run_id, status="RUNNING")
+
+
+def mark_failed(client: MlflowClient, run_id: str, reason: str | None, killed: bool = False) -> None:
+    """RUNNING → FAILED (or KILLED) with a reason, for a trial whose outcome could not be stored."""
+    state = TrialState.KILLED if killed else TrialState.FAILED
+    _move(client, run_id, state)
+    client.log_batch(run_id, tags=[RunTag(TAG_STATUS, "FAILED"), RunTag(TAG_REASON, reason or "unknown")])
+    client.set_terminated(run_id, state.value)
+
+
+def set_tags(client: MlflowClient, run_id: str, tags: dict[str, str]) -> None:
+    client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+def heartbeat(client: MlflowClient, run_id: str) -> None:
+    client.set_tag(run_id, TAG_HEARTBEAT, f"{time.time():.0f}")
+
+
+def reap_zombies(client: MlflowClient, exp_id: str, stale_after_s: float) -> list[str]:
+    """Close runs left RUNNING by a process that died without reporting.
+
+    A run is a zombie when its owner process is known dead (same host) or its heartbeat is older
+    than ``stale_after_s`` (any host). It becomes KILLED with the reason, so the MLflow UI and
+    reports stop showing it as running, and its trial is trained again (resuming its checkpoints).
+    """
+    reaped, now = [], time.time()
+    # Read every page before closing any run: closing shifts the pages of a RUNNING-only search.
+    for run in list(search(client, [exp_id], "attributes.status = 'RUNNING'")):
+        tags = run.data.tags
+        if TAG_ROLE not in tags:
+            continue
+        last_seen = float(tags.get(TAG_HEARTBEAT, run.info.start_time / 1000))
+        dead = identity_is_dead(tags.get(TAG_OWNER))
+        if not dead and now - last_seen <= stale_after_s:
+            continue
+        why = "its process died" if dead else f"no heartbeat for {now - last_seen:.0f}s"
+        client.log_batch(run.info.run_id, tags=[RunTag(TAG_STATUS, "FAILED"), RunTag(
+            TAG_REASON, f"zombie: {why} without reporting (host lost or orchestrator killed); closed by a later sweep")])
+        client.set_terminated(run.info.run_id, TrialState.KILLED.value)
+        reaped.append(run.info.run_id)
+    return reaped
+
+
+# ---------------------------------------------------------------- reading: a sweep's trials
+
+
+def sweep_trials(client: MlflowClient, exp_id: str, sweep_id: str) -> list[TrialRow]:
+    """The sweep's trial runs, one row per run."""
+    flt = all_of(tag_equals(TAG_SWEEP_ID, sweep_id), tag_equals(TAG_ROLE, "trial"))
+    return [trial_row(run) for run in search(client, [exp_id], flt)]
+
+
+def trials_by_run_id(client: MlflowClient, exp_id: str, run_ids: list[str]) -> dict[str, TrialRow]:
+    """Trial rows for the given run ids (one search per 100 ids, not one request per run)."""
+    found: dict[str, TrialRow] = {}
+    for i in range(0, len(run_ids), 100):
+        for run in search(client, [exp_id], run_id_in(run_ids[i:i + 100])):
+            found[run.info.run_id] = trial_row(run)
+    return found
+
+
+def _trial_runs(client: MlflowClient, exp_id: str, flt: str, versions: dict[str, str] | None) -> Iterator[Run]:
+    """Trial runs matching ``flt``, newest first. ``versions`` (spec hash, data and code versions,
+    which every trial key includes) narrow the search to runs that could match a key."""
+    clauses = [tag_equals(TAG_ROLE, "trial"), flt, *(tag_equals(t, v) for t, v in (versions or {}).items())]
+    return search(client, [exp_id], all_of(*clauses), order_by=["attributes.start_time DESC"])
+
+
+def finished_trials_by_key(client: MlflowClient, exp_id: str, keys: set[str],
+                           versions: dict[str, str] | None = None) -> dict[str, TrialRow]:
+    """The newest FINISHED trial run (with its F1 stored) for each of ``keys`` in the experiment."""
+    found: dict[str, TrialRow] = {}
+    flt = f"{tag_equals(TAG_STATUS, 'FINISHED')} and attributes.status = 'FINISHED'"
+    for run in _trial_runs(client, exp_id, flt, versions):
+        key = run.data.tags.get(TAG_TRIAL_KEY)
+        if key in keys and key not in found and "f1" in run.data.metrics:
+            found[key] = trial_row(run)
+    return found
+
+
+def unfinished_trial_keys(client: MlflowClient, exp_id: str, keys: set[str],
+                          versions: dict[str, str] | None = None) -> set[str]:
+    """Those of ``keys`` with a trial run that did not finish (killed, failed, a reaped zombie):
+    the only runs whose checkpoints a new attempt should resume from."""
+    runs = _trial_runs(client, exp_id, "attributes.status != 'FINISHED'", versions)
+    return {key for key in (run.data.tags.get(TAG_TRIAL_KEY) for run in runs) if key in keys}
+
+
+def finished_trial_durations(client: MlflowClient, exp_id: str, spec_hash: str | None = None,
+                             limit: int = 1000) -> list[tuple[Hparams, float]]:
+    """(hparams, measured duration) of the newest ``limit`` FINISHED trials of the experiment, newest
+    first; only those trained under ``spec_hash`` when given."""
+    flt = all_of(tag_equals(TAG_ROLE, "trial"), tag_equals(TAG_STATUS, "FINISHED"), "attributes.status = 'FINISHED'",
+                 tag_equals(TAG_SPEC_HASH, spec_hash) if spec_hash else None)
+    runs = search(client, [exp_id], flt, order_by=["attributes.start_time DESC"], limit=limit)
+    return [(json.loads(r.data.tags.get(TAG_HPARAMS, "{}")), float(r.data.tags[TAG_DURATION]))
+            for r in runs if TAG_DURATION in r.data.tags]
+
+
+def latest_parent_run(client: MlflowClient, experiment_ids: list[str], sweep_id: str | None = None) -> Run | None:
+    """The newest parent run of the experiments (of ``sweep_id`` when given)."""
+    flt = all_of(tag_equals(TAG_ROLE, "sweep"), tag_equals(TAG_SWEEP_ID, sweep_id) if sweep_id else None)
+    return next(search(client, experiment_ids, flt, order_by=["attributes.start_time DESC"], limit=1), None)
+
+
+def checkpoint_runs(client: MlflowClient, exp_id: str, trial_key: str, limit: int = 20) -> list[Run]:
+    """The newest unfinished runs of a trial: where a new attempt looks for checkpoints to resume."""
+    flt = all_of(tag_equals(TAG_TRIAL_KEY, trial_key), "attributes.status != 'FINISHED'")
+    return list(search(client, [exp_id], flt, order_by=["attributes.start_time DESC"], limit=limit))
+
+
+
+# ---------------------------------------------------------------- the parent run's files and end
+
+PLAN_FILE = "plan.json"
+
+
+def log_plan(client: MlflowClient, parent_run_id: str, rows: list[TrialRow]) -> None:
+    """Every trial, its estimate and its turn: what `hpsweep status` and `hpsweep report` read back."""
+    client.log_text(parent_run_id, json.dumps([r.plan_entry() for r in rows], indent=1), PLAN_FILE)
+
+
+def load_plan(client: MlflowClient, parent_run_id: str) -> list[TrialRow] | None:
+    """The sweep's plan.json; None when it is missing (an older sweep) or unreadable."""
+    import mlflow.artifacts
+
+    try:
+        text = mlflow.artifacts.load_text(f"{client.get_run(parent_run_id).info.artifact_uri}/{PLAN_FILE}")
+        return [TrialRow.from_plan_entry(entry) for entry in json.loads(text)]
+    except (MlflowException, OSError, ValueError, KeyError):  # status degrades to counts
+        return None
+
+
+def metric_history(client: MlflowClient, run_id: str, metric: str) -> list[tuple[int, float]]:
+    """[(step, value)] ascending; a step logged twice (a resumed retry) keeps its latest value; a run
+    that no longer exists has none. Other tracking errors propagate."""
+    from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
+
+    try:
+        history = client.get_metric_history(run_id, metric)
+    except MlflowException as e:
+        if e.error_code != ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+            raise
+        history = []
+    latest: dict[int, float] = {}
+    for m in sorted(history, key=lambda m: (m.step, m.timestamp)):
+        latest[int(m.step)] = float(m.value)
+    return sorted(latest.items())
+
+
+def finish_parent_run(client: MlflowClient, parent_run_id: str, counts: dict[str, int], best_f1: float | None,
+                      files: list[str], ok: bool) -> None:
+    """Log the report files and the counts to the parent run, then close it."""
+    for path in files:
+        client.log_artifact(parent_run_id, path, "report")
+    metrics = [Metric(f"trials_{k}", v, int(time.time() * 1000), 0) for k, v in counts.items()]
+    if best_f1 is not None:
+        metrics.append(Metric("best_f1", best_f1, int(time.time() * 1000), 0))
+    client.log_batch(parent_run_id, metrics=metrics)
+    client.set_terminated(parent_run_id, "FINISHED" if ok else "FAILED")

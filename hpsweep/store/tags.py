@@ -1,0 +1,26 @@
+"""hpsweep's MLflow tag names (a public contract: `status`, `report` and users' queries read them)."""
+
+TAG_SWEEP_ID = "hpsweep.sweep_id"
+TAG_ROLE = "hpsweep.role"  # "sweep" (the parent run) or "trial"
+TAG_TRIAL_KEY = "hpsweep.trial_key"
+TAG_HPARAMS = "hpsweep.hparams"  # canonical JSON: typed hparams (MLflow params are strings)
+TAG_INDEX = "hpsweep.index"  # the combination's row number in the file order
+TAG_ATTEMPT = "hpsweep.attempt"
+TAG_STATUS = "hpsweep.status"  # RUNNING, FINISHED or FAILED (MLflow's status says KILLED)
+TAG_REASON = "hpsweep.reason"
+TAG_DURATION = "hpsweep.duration_s"
+TAG_RETRYABLE = "hpsweep.retryable"  # "true" when the machine, not the trainer, failed the attempt
+TAG_OWNER = "hpsweep.owner"  # host:pid:start of the process that runs (or ran) this run
+TAG_HEARTBEAT = "hpsweep.heartbeat"  # unix time of the owner's last sign of life
+TAG_ATTEMPT_LOG = "hpsweep.attempt_log"  # one line per failed attempt: why it was retried
+TAG_SPEC_HASH = "hpsweep.spec_hash"
+TAG_DATA_VERSION = "hpsweep.data_version"
+TAG_CODE_VERSION = "hpsweep.code_version"
+TAG_GIT_COMMIT = "hpsweep.git_commit"
+TAG_QUOTA = "hpsweep.quota"
+TAG_DISPATCH = "hpsweep.dispatch_order"  # on the parent run: how the sweep ordered its trials
+TAG_FLOW_RUN_ID = "hpsweep.flow_run_id"  # the Prefect flow run of the sweep
+TAG_GPUS = "hpsweep.gpus"
+TAG_ADOPTED_FROM = "hpsweep.adopted_from_sweep"
+CHAMPION_ALIAS = "champion"
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # MLflow 3's UI: the runs table

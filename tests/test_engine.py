@@ -1,0 +1,274 @@
+"""The sweep engine's rules, each tested directly on an in-memory store (no server, milliseconds):
+the trial state machine, the retry policy, the controller's workers, slots and callbacks."""
+
+from __future__ import annotations
+
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from hpsweep.engine.callbacks import SweepCallback
+from hpsweep.engine.controller import RetryPolicy, SweepEngine, SweepRun
+from hpsweep.engine.gpus import GpuPool
+from hpsweep.model import (TRANSITIONS, AttemptResult, IllegalTransition, Outcome, PlannedTrial, TrialJob,
+                           TrialState, check_transition)
+from tests.memstore import InMemoryStore
+
+OK = Outcome(True, 0.9)
+TRAINER_ERROR = Outcome(False, None, "trainer raised ValueError: bad lr")
+LOST_HOST = Outcome(False, None, "trainer process killed by SIGKILL", retryable=True, killed=True)
+
+
+# ---------------------------------------------------------------- the state machine
+
+
+LEGAL = [(a, b) for a, targets in TRANSITIONS.items() for b in targets]
+ILLEGAL = [(a, b) for a in TrialState for b in TrialState if b not in TRANSITIONS[a]]
+
+
+@pytest.mark.parametrize("current,new", LEGAL, ids=[f"{a.value}->{b.value}" for a, b in LEGAL])
+def test_each_legal_transition_is_allowed(current, new):
+    check_transition(current, new)
+
+
+@pytest.mark.parametrize("current,new", ILLEGAL, ids=[f"{a.value}->{b.value}" for a, b in ILLEGAL])
+def test_each_illegal_transition_is_refused(current, new):
+    with pytest.raises(IllegalTransition, match=f"{current.value} → {new.value}"):
+        check_transition(current, new)
+
+
+def test_a_finished_trial_is_never_reopened_and_a_failed_one_is_for_a_retry():
+    assert TrialState.FINISHED.terminal and TrialState.REUSED.terminal
+    assert TRANSITIONS[TrialState.FAILED] == {TrialState.RUNNING} == TRANSITIONS[TrialState.KILLED]
+    store = InMemoryStore()
+    run_id = store.start_trial_run("1", "s", 1, {"lr": 0.1}, "k1")
+    store.finish_trial_run(run_id, OK)
+    with pytest.raises(IllegalTransition):
+        store.reopen_trial_run(run_id, 2)
+
+
+def test_the_report_speaks_three_statuses():
+    assert {s.report_status for s in TrialState} == {"FINISHED", "REUSED", "FAILED"}
+
+
+# ---------------------------------------------------------------- the retry policy
+
+
+@pytest.mark.parametrize("outcome,attempt,retry", [
+    (OK, 1, False),  # finished: nothing to retry
+    (TRAINER_ERROR, 1, False),  # the trainer's own error: never retried
+    (LOST_HOST, 1, True),  # the machine's failure, attempts left
+    (LOST_HOST, 2, True),
+    (LOST_HOST, 3, False),  # out of attempts
+])
+def test_retry_policy_retries_only_machine_failures_while_attempts_are_left(outcome, attempt, retry):
+    assert RetryPolicy(max_attempts=3).should_retry(outcome, attempt) is retry
+
+
+def test_retry_delays_back_off():
+    policy = RetryPolicy(max_attempts=4, first_delay_s=10, backoff=4)
+    assert [policy.delay_s(a) for a in (1, 2, 3)] == [10, 40, 160]
+
+
+def test_one_attempt_means_no_retry():
+    assert not RetryPolicy(max_attempts=1).should_retry(LOST_HOST, 1)
+
+
+# ---------------------------------------------------------------- the controller
+
+
+class ScriptedLauncher:
+    """Plays a script of outcomes per trial index, recording into the in-memory store as a real attempt does."""
+
+    def __init__(self, store: InMemoryStore, script: dict[int, list[Outcome]], seconds: float = 0.0):
+        self.store, self.script, self.seconds = store, {k: list(v) for k, v in script.items()}, seconds
+        self.jobs: list[TrialJob] = []
+        self.gpus: dict[int, tuple[int, ...]] = {}
+        self._lock = threading.Lock()
+        self.running = self.peak = 0
+
+    def launch(self, job: TrialJob, gpu_ids: tuple[int, ...]) -> AttemptResult:
+        with self._lock:
+            self.jobs.append(job)
+            self.gpus[job.index] = gpu_ids
+            self.running += 1
+            self.peak = max(self.peak, self.running)
+        run_id = job.run_id
+        if run_id is None:
+            run_id = self.store.start_trial_run(job.experiment_id, job.sweep_id, job.index, job.hparams, job.trial_key,
+                                                job.versions)
+        else:
+            self.store.reopen_trial_run(run_id, job.attempt)
+        time.sleep(self.seconds)
+        outcome = self.script.get(job.index, [OK]).pop(0) if self.script.get(job.index) else OK
+        self.store.finish_trial_run(run_id, outcome)
+        with self._lock:
+            self.running -= 1
+        return AttemptResult(run_id, outcome)
+
+
+class Recorder(SweepCallback):
+    def __init__(self):
+        self.events: list[tuple] = []
+
+    def on_sweep_start(self, total, parallel):
+        self.events.append(("start", total, parallel))
+
+    def on_trial_start(self, trial):
+        self.events.append(("trial_start", trial.index))
+
+    def on_trial_retry(self, trial, attempt, outcome, delay_s):
+        self.events.append(("retry", trial.index, attempt, delay_s))
+
+    def on_trial_end(self, trial, attempts, result):
+        self.events.append(("end", trial.index, attempts, result.outcome.ok))
+
+    def on_sweep_end(self):
+        self.events.append(("sweep_end",))
+
+
+def sweep_run(gpus: int = 1, resumable: frozenset[str] = frozenset()) -> SweepRun:
+    return SweepRun(sweep_id="s1", name="demo", experiment_id="1", parent_run_id="p", tracking_uri="memory://",
+                    work_dir=Path("w"), settings={"epochs": 2}, train="train.csv", val="val.csv",
+                    entrypoint="tests.trainers:epochs", command=None, time_limit_s=None, gpus=gpus,
+                    resumable=resumable)
+
+
+def trials(n: int) -> list[PlannedTrial]:
+    return [PlannedTrial(i, {"lr": i / 10}, f"key{i}") for i in range(1, n + 1)]
+
+
+def engine(launcher, policy=RetryPolicy(max_attempts=3, first_delay_s=0), **kw) -> SweepEngine:
+    return SweepEngine(kw.pop("sweep", sweep_run()), launcher, policy, sleep=lambda s: False, **kw)
+
+
+def test_a_machine_failure_is_retried_in_the_same_run_and_resumes():
+    store = InMemoryStore()
+    launcher = ScriptedLauncher(store, {1: [LOST_HOST, OK]})
+    rec = Recorder()
+    eng = engine(launcher, RetryPolicy(max_attempts=3, first_delay_s=5), callbacks=[rec])
+    eng.run(trials(1), parallel=1)
+    first, second = launcher.jobs
+    assert (first.attempt, first.run_id, first.resume) == (1, None, False)
+    assert (second.attempt, second.resume) == (2, True) and second.run_id is not None
+    assert ("retry", 1, 1, 5.0) in rec.events and ("end", 1, 2, True) in rec.events
+    assert store.runs[second.run_id].state is TrialState.FINISHED
+    assert eng.results[1][0] == 2
+
+
+def test_a_trainer_error_is_never_retried():
+    store = InMemoryStore()
+    launcher = ScriptedLauncher(store, {1: [TRAINER_ERROR, OK]})
+    eng = engine(launcher)
+    eng.run(trials(1), parallel=1)
+    assert len(launcher.jobs) == 1
+    attempts, result = eng.results[1]
+    assert attempts == 1 and result.outcome.reason == TRAINER_ERROR.reason
+    assert store.runs[result.run_id].state is TrialState.FAILED
+
+
+def test_attempts_stop_at_max_attempts():
+    store = InMemoryStore()
+    launcher = ScriptedLauncher(store, {1: [LOST_HOST] * 5})
+    rec = Recorder()
+    eng = engine(launcher, RetryPolicy(max_attempts=3, first_delay_s=0), callbacks=[rec])
+    eng.run(trials(1), parallel=1)
+    assert [j.attempt for j in launcher.jobs] == [1, 2, 3]
+    assert ("end", 1, 3, False) in rec.events
+    assert store.runs[eng.results[1][1].run_id].state is TrialState.KILLED
+
+
+def test_waits_between_attempts_follow_the_policy():
+    store = InMemoryStore()
+    waits: list[float] = []
+    eng = SweepEngine(sweep_run(), ScriptedLauncher(store, {1: [LOST_HOST, LOST_HOST, OK]}),
+                      RetryPolicy(max_attempts=3, first_delay_s=2, backoff=3), sleep=lambda s: waits.append(s))
+    eng.run(trials(1), parallel=1)
+    assert waits == [2, 6]
+
+
+def test_resumable_trials_resume_from_their_first_attempt():
+    store = InMemoryStore()
+    launcher = ScriptedLauncher(store, {})
+    engine(launcher, sweep=sweep_run(resumable=frozenset({"key2"}))).run(trials(2), parallel=1)
+    assert {j.index: j.resume for j in launcher.jobs} == {1: False, 2: True}
+
+
+def test_trials_start_in_the_order_given_one_worker():
+    store = InMemoryStore()
+    launcher = ScriptedLauncher(store, {})
+    order = [PlannedTrial(i, {"x": i}, f"k{i}") for i in (3, 1, 2)]
+    engine(launcher).run(order, parallel=1)
+    assert [j.index for j in launcher.jobs] == [3, 1, 2]
+
+
+def test_each_worker_holds_one_slot_for_its_life_and_at_most_parallel_run():
+    store = InMemoryStore()
+    launcher = ScriptedLauncher(store, {}, seconds=0.02)
+    held, lock = [], threading.Lock()
+
+    @contextmanager
+    def slot():
+        with lock:
+            held.append(threading.current_thread().name)
+        yield
+
+    engine(launcher, hold_slot=slot).run(trials(12), parallel=3)
+    assert len(launcher.jobs) == 12 and launcher.peak <= 3
+    assert len(held) == 3  # a slot per worker, not per trial
+
+
+def test_running_trials_never_share_a_gpu(tmp_path):
+    store = InMemoryStore()
+    launcher = ScriptedLauncher(store, {}, seconds=0.02)
+    pool = GpuPool((0, 1, 2, 3), lock_dir=tmp_path)
+    engine(launcher, sweep=sweep_run(gpus=2), gpu_pool=pool).run(trials(6), parallel=2)
+    assert all(len(g) == 2 for g in launcher.gpus.values())
+    assert {frozenset(g) for g in launcher.gpus.values()} <= {frozenset({0, 1}), frozenset({2, 3})}
+
+
+def test_a_failing_callback_never_stops_the_sweep():
+    class Broken(SweepCallback):
+        def on_trial_end(self, trial, attempts, result):
+            raise RuntimeError("display gone")
+
+    store = InMemoryStore()
+    launcher = ScriptedLauncher(store, {})
+    eng = engine(launcher, callbacks=[Broken()])
+    eng.run(trials(3), parallel=2)
+    assert sorted(eng.results) == [1, 2, 3]
+
+
+def test_callbacks_see_the_sweep_from_start_to_end():
+    store = InMemoryStore()
+    rec = Recorder()
+    engine(ScriptedLauncher(store, {2: [TRAINER_ERROR]}), callbacks=[rec]).run(trials(2), parallel=1)
+    assert rec.events == [("start", 2, 1), ("trial_start", 1), ("end", 1, 1, True), ("trial_start", 2),
+                          ("end", 2, 1, False), ("sweep_end",)]
+
+
+def test_an_attempt_that_raises_is_a_machine_failure_retried_and_the_sweep_goes_on():
+    class Exploding(ScriptedLauncher):
+        def launch(self, job, gpu_ids):
+            if job.index == 1:
+                raise ConnectionError("Prefect API gone")
+            return super().launch(job, gpu_ids)
+
+    store = InMemoryStore()
+    rec = Recorder()
+    eng = engine(Exploding(store, {}), callbacks=[rec])
+    eng.run(trials(4), parallel=2)
+    assert sorted(eng.results) == [1, 2, 3, 4]
+    attempts, result = eng.results[1]
+    assert attempts == 3 and not result.outcome.ok
+    assert "ConnectionError: Prefect API gone" in result.outcome.reason
+    assert ("end", 1, 3, False) in rec.events
+
+
+def test_no_trials_still_starts_and_ends_the_sweep():
+    rec = Recorder()
+    engine(ScriptedLauncher(InMemoryStore(), {}), callbacks=[rec]).run([], parallel=1)
+    assert rec.events == [("start", 0, 1), ("sweep_end",)]

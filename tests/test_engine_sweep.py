@@ -1,0 +1,115 @@
+"""A whole sweep execution through the engine on the in-memory store: reuse, zombies, dispatch
+order, ranking, the champion and the parent run's end, with no MLflow, Prefect or trainer process."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hpsweep.config import SweepConfig
+from hpsweep.engine import sweep as engine
+from hpsweep.engine.controller import RetryPolicy, SweepEngine
+from hpsweep.inputs import load_inputs
+from hpsweep.model import Outcome, TrialState
+from tests.memstore import InMemoryStore
+from tests.test_engine import LOST_HOST, TRAINER_ERROR, ScriptedLauncher
+
+
+@pytest.fixture
+def project(tmp_path: Path):
+    (tmp_path / "train.csv").write_text("x,y\n1,0\n")
+    (tmp_path / "val.csv").write_text("x,y\n1,0\n")
+    combos = [{"lr": lr, "depth": d} for lr in (0.1, 0.2) for d in (1, 2)]
+    (tmp_path / "combos.yaml").write_text(yaml.safe_dump({"combinations": combos}))
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump({"name": "mem", "trainer": {"entrypoint": "tests.trainers:sleepy"},
+                                                        "settings": {"epochs": 1}, "resources": {"gpus": 1}}))
+    return tmp_path
+
+
+def config(project: Path, **kw) -> SweepConfig:
+    return SweepConfig(combinations=project / "combos.yaml", spec=project / "spec.yaml", train=project / "train.csv",
+                       val=project / "val.csv", quota=2, work_dir=project / "work", report_dir=project / "report", **kw)
+
+
+def run_sweep(project: Path, store: InMemoryStore, script=None, capacity=2, **kw):
+    cfg = config(project, **kw)
+    inputs = load_inputs(cfg.combinations, cfg.spec, cfg.train, cfg.val, cfg.quota)
+    opened = engine.open_sweep(cfg, inputs, store, capacity=capacity, queue_depth=capacity)
+    launcher = ScriptedLauncher(store, script or {})
+    SweepEngine(opened.run, launcher, RetryPolicy(first_delay_s=0), sleep=lambda s: False).run(
+        opened.to_train, opened.parallel)
+    return opened, launcher, engine.close_sweep(opened, store, cfg.report_dir)
+
+
+def f1s(store: InMemoryStore, scores: dict[int, float]) -> dict[int, list[Outcome]]:
+    return {i: [Outcome(True, f, started_at=0, ended_at=10.0 * i)] for i, f in scores.items()}
+
+
+def test_a_sweep_trains_every_combination_ranks_them_and_crowns_the_best(project):
+    store = InMemoryStore()
+    opened, launcher, summary = run_sweep(project, store, f1s(store, {1: 0.5, 2: 0.9, 3: 0.7, 4: 0.6}))
+    assert summary["counts"] == {"total": 4, "finished": 4, "failed": 0, "reused": 0}
+    assert [r["f1"] for r in summary["top"]] == [0.9, 0.7, 0.6]
+    best_run = summary["top"][0]["run_id"]
+    assert store.champion("mem") == ("1", best_run)
+    parent = store.runs[opened.run.parent_run_id]
+    assert parent.status == "FINISHED" and parent.params["best_f1"] == 0.9
+    assert [r.dispatch_position for r in store.load_plan(opened.run.parent_run_id)] == [1, 2, 3, 4]
+
+
+def test_a_rerun_reuses_finished_trials_and_trains_only_the_rest(project):
+    store = InMemoryStore()
+    run_sweep(project, store, {2: [TRAINER_ERROR]})
+    opened, launcher, summary = run_sweep(project, store)
+    assert [j.index for j in launcher.jobs] == [2]  # only the failed one trains again
+    assert summary["counts"] == {"total": 4, "finished": 1, "failed": 0, "reused": 3}
+    assert all(j.resume for j in launcher.jobs)  # its earlier run did not finish: resume from it
+
+
+def test_retrain_trains_everything_from_scratch(project):
+    store = InMemoryStore()
+    run_sweep(project, store)
+    _, launcher, summary = run_sweep(project, store, retrain=True)
+    assert len(launcher.jobs) == 4 and summary["counts"]["reused"] == 0
+    assert not any(j.resume for j in launcher.jobs)
+
+
+def test_a_dead_sweeps_running_trials_are_closed_as_zombies_and_trained_again(project):
+    store = InMemoryStore()
+    opened, _, _ = run_sweep(project, store, {1: [TRAINER_ERROR]})
+    # a crashed sweep left trial 1 RUNNING: reopened, owner gone
+    run_id = next(r.run_id for r in store.runs.values() if r.row and r.row.index == 1)
+    store.reopen_trial_run(run_id, 2)
+    store.runs[run_id].owner_alive = False
+    opened, launcher, summary = run_sweep(project, store)
+    assert opened.zombies == [run_id] and store.runs[run_id].state is TrialState.KILLED
+    assert [j.index for j in launcher.jobs] == [1] and launcher.jobs[0].resume
+
+
+def test_measured_durations_start_the_longest_trials_first(project):
+    store = InMemoryStore()
+    run_sweep(project, store, f1s(store, {1: 0.5, 2: 0.6, 3: 0.7, 4: 0.8}))  # trial i took 10·i s
+    opened, launcher, _ = run_sweep(project, store, capacity=1, retrain=True)
+    assert [t.index for t in opened.to_train] == [4, 3, 2, 1]
+    assert opened.order.startswith("longest first") and [j.index for j in launcher.jobs] == [4, 3, 2, 1]
+
+
+def test_failed_trials_are_reported_last_with_their_reason_and_fail_the_parent_run(project):
+    store = InMemoryStore()
+    opened, _, summary = run_sweep(project, store, {1: [LOST_HOST] * 3, 2: [TRAINER_ERROR]})
+    assert summary["counts"] == {"total": 4, "finished": 2, "failed": 2, "reused": 0}
+    assert store.runs[opened.run.parent_run_id].status == "FAILED"
+    import json
+    rows = json.loads((project / "report" / "leaderboard.json").read_text())["rows"]
+    assert [r["status"] for r in rows] == ["FINISHED", "FINISHED", "FAILED", "FAILED"]
+    assert rows[2]["reason"] == LOST_HOST.reason and rows[3]["reason"] == TRAINER_ERROR.reason
+
+
+def test_a_worse_follow_up_sweep_still_registers_its_own_best(project):
+    # Today's rule (issue 13 changes it): each sweep points @champion at its own best.
+    store = InMemoryStore()
+    run_sweep(project, store, f1s(store, {1: 0.9}))
+    _, _, summary = run_sweep(project, store, f1s(store, {1: 0.4, 2: 0.3, 3: 0.2, 4: 0.1}), retrain=True)
+    assert store.champion("mem")[1] == summary["top"][0]["run_id"]
