@@ -50,16 +50,17 @@ def test_what_cannot_be_checked_is_not_dead(identity):
 class Calls:
     """A ``fn`` for ``Periodic`` that counts its calls, can fail, and lets a test wait for the n-th."""
 
-    def __init__(self, fail_first: int = 0):
-        self.count, self.fail_first = 0, fail_first
+    def __init__(self, fail_first: int = 0, returns: object = None):
+        self.count, self.fail_first, self.returns = 0, fail_first, returns
         self._changed = threading.Condition()
 
-    def __call__(self) -> None:
+    def __call__(self) -> object:
         with self._changed:
             self.count += 1
             self._changed.notify_all()
         if self.count <= self.fail_first:
             raise RuntimeError(f"call {self.count} fails")
+        return self.returns
 
     def wait_for(self, n: int) -> bool:
         with self._changed:

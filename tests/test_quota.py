@@ -14,6 +14,7 @@ import pytest
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from hpsweep.engine import quota
+from tests.test_identity_periodic import Calls
 
 
 def test_prefects_server_side_revoke_expired_lease_is_still_there():
@@ -56,49 +57,28 @@ def test_revoking_a_lease_that_is_gone_goes_through_prefects_function():
     assert storage.revoked == [lease]
 
 
-class CountingReclaim:
-    """Stands in for reclaim_expired_slots: records each call, optionally fails the first ones."""
-
-    def __init__(self, returns: int = 0, fail_first: int = 0):
-        self.calls = 0
-        self.returns, self.fail_first = returns, fail_first
-        self.called = threading.Condition()
-
-    def __call__(self) -> int:
-        with self.called:
-            self.calls += 1
-            self.called.notify_all()
-            if self.calls <= self.fail_first:
-                raise RuntimeError("no Prefect database yet")
-        return self.returns
-
-    def wait_for(self, calls: int) -> bool:
-        with self.called:
-            return self.called.wait_for(lambda: self.calls >= calls, timeout=30)
-
-
 def test_repossessor_checks_at_once_then_stop_ends_it(monkeypatch):
-    reclaim = CountingReclaim()
+    reclaim = Calls()
     monkeypatch.setattr(quota, "reclaim_expired_slots", reclaim)
     repossessor = quota.SlotRepossessor(interval_s=3600)  # only the first check can happen in this test
     assert reclaim.wait_for(1)
     assert repossessor.stop(timeout_s=30) is True  # the loop ended without waiting out its interval
-    assert reclaim.calls == 1
+    assert reclaim.count == 1
 
 
 def test_repossessor_keeps_checking_after_a_failure_and_stops_for_good(monkeypatch):
-    reclaim = CountingReclaim(fail_first=2)
+    reclaim = Calls(fail_first=2)
     monkeypatch.setattr(quota, "reclaim_expired_slots", reclaim)
     repossessor = quota.SlotRepossessor(interval_s=0.01)
     assert reclaim.wait_for(5)  # two failed checks did not end the loop
     assert repossessor.stop(timeout_s=30) is True
-    calls = reclaim.calls
+    calls = reclaim.count
     threading.Event().wait(0.1)  # ten more intervals
-    assert reclaim.calls == calls
+    assert reclaim.count == calls
 
 
 def test_returned_slots_are_logged_as_a_warning(monkeypatch, caplog):
-    monkeypatch.setattr(quota, "reclaim_expired_slots", CountingReclaim(returns=2))
+    monkeypatch.setattr(quota, "reclaim_expired_slots", Calls(returns=2))
     with caplog.at_level(logging.WARNING, logger="hpsweep"):
         quota.SlotRepossessor._check()
     assert "returned the quota slots of 2 expired lease(s)" in caplog.text

@@ -69,40 +69,27 @@ def find_sweep(store: SweepStore, sweep: str) -> SweepRecord:
     """``sweep`` is a sweep name (its latest execution) or a sweep id. Either is quoted into the
     search, so a quote in it can neither break nor widen the query."""
     from hpsweep.store import redact_uri
-    from hpsweep.store.runs import latest_parent_run
 
     where = redact_uri(store.tracking_uri)
     exp_id = store.experiment_id(sweep)
     if exp_id is not None:
-        run = latest_parent_run(store.client, [exp_id])
+        run = store.latest_parent_run([exp_id])
         if run is None:
             raise SweepNotFound(f"sweep '{sweep}' has no executions in {where}")
         return _record(sweep, run)
     # A sweep id is '<name>-<date>-<time>-<hex>': try its experiment first, then every experiment.
     guess = sweep.rsplit("-", 3)[0] if sweep.count("-") >= 3 else None
     guess_id = store.experiment_id(guess) if guess else None
-    names = {guess_id: guess} if guess_id is not None else _experiment_names(store)
+    names = {guess_id: guess} if guess_id is not None else store.experiment_names()
     ids = list(names)
     for i in range(0, len(ids), 100):
         try:
-            run = latest_parent_run(store.client, ids[i:i + 100], sweep_id=sweep)
+            run = store.latest_parent_run(ids[i:i + 100], sweep_id=sweep)
         except ValueError:  # both kinds of quote: MLflow cannot search for it, and no sweep id has them
             break
         if run is not None:
             return _record(names[run.info.experiment_id], run)
     raise SweepNotFound(f"no sweep named or with id '{sweep}' in {where}")
-
-
-def _experiment_names(store: SweepStore) -> dict[str, str]:
-    """experiment id → name of every active experiment, page by page."""
-    names: dict[str, str] = {}
-    token = None
-    while True:
-        page = store.client.search_experiments(max_results=1000, page_token=token)
-        names.update((e.experiment_id, e.name) for e in page)
-        token = page.token
-        if not token:
-            return names
 
 
 def _record(name: str, run: Run) -> SweepRecord:

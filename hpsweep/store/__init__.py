@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
 from hpsweep.model import Hparams, Outcome, TrialRow
@@ -48,6 +49,12 @@ class SweepStore:
     def experiment_id(self, name: str) -> str | None:
         exp = self.client.get_experiment_by_name(name)
         return exp.experiment_id if exp is not None else None
+
+    def experiment_names(self) -> dict[str, str]:
+        return runs.experiment_names(self.client)
+
+    def latest_parent_run(self, experiment_ids: list[str], sweep_id: str | None = None) -> Run | None:
+        return runs.latest_parent_run(self.client, experiment_ids, sweep_id)
 
     def reap_zombies(self, exp_id: str, stale_after_s: float) -> list[str]:
         return runs.reap_zombies(self.client, exp_id, stale_after_s)

@@ -259,6 +259,18 @@ def latest_parent_run(client: MlflowClient, experiment_ids: list[str], sweep_id:
     return next(search(client, experiment_ids, flt, order_by=["attributes.start_time DESC"], limit=1), None)
 
 
+def experiment_names(client: MlflowClient) -> dict[str, str]:
+    """experiment id → name of every active experiment, page by page."""
+    names: dict[str, str] = {}
+    token = None
+    while True:
+        page = client.search_experiments(max_results=PAGE, page_token=token)
+        names.update((e.experiment_id, e.name) for e in page)
+        token = page.token
+        if not token:
+            return names
+
+
 def checkpoint_runs(client: MlflowClient, exp_id: str, trial_key: str, limit: int = 20) -> list[Run]:
     """The newest unfinished runs of a trial: where a new attempt looks for checkpoints to resume."""
     flt = all_of(tag_equals(TAG_TRIAL_KEY, trial_key), "attributes.status != 'FINISHED'")
