@@ -81,7 +81,7 @@ def sweep(config: SweepConfig) -> dict[str, Any]:
     logger.info("sweep %s: %d combinations, %d reused, %d to train, %d at once (quota %d, %d GPU(s) per trial, "
                 "host GPUs %s), %s", opened.run.sweep_id, len(opened.trials), len(opened.reused),
                 len(opened.to_train), opened.parallel, config.quota, gpus, list(host) or "none", opened.order)
-    launcher = _launcher(config, opened) if opened.to_train else None
+    launcher = _launcher(config, opened)
     trials = SweepEngine(
         opened.run, launcher, RetryPolicy(config.max_attempts, config.retry_delay_s),
         callbacks=[LogCallback(logger), *observers()], gpu_pool=GpuPool(host),

@@ -286,7 +286,7 @@ def _open_sweep(args: argparse.Namespace):
 
 
 def _status(args: argparse.Namespace) -> int:
-    from hpsweep.engine.process import ZOMBIE_AFTER_S
+    from hpsweep.model import ZOMBIE_AFTER_S
     from hpsweep.report.status import SweepNotFound, prefect_state, render, summarize
     from hpsweep.store import TAG_FLOW_RUN_ID
 

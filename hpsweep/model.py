@@ -8,12 +8,18 @@ state change it writes against ``TRANSITIONS``.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
 Hparams = dict[str, Any]
+
+# A RUNNING trial's (and sweep's) process tells the store it is alive every HEARTBEAT_S; a run
+# silent for ZOMBIE_AFTER_S is a zombie: the next sweep closes it, and `status` calls it stale.
+HEARTBEAT_S = float(os.environ.get("HPSWEEP_HEARTBEAT_S", "30"))
+ZOMBIE_AFTER_S = 4 * HEARTBEAT_S
 
 
 class TrialState(str, Enum):

@@ -14,6 +14,7 @@ from hpsweep.engine.gpus import GpuPool, host_gpus, max_parallel_trials
 from hpsweep.engine.outcome import check_f1, judge
 from tests.conftest import alive
 from hpsweep.engine.process import ProcessRunner
+from hpsweep.model import TrialJob
 from hpsweep.runtime.runner import TrialRequest
 
 
@@ -67,9 +68,11 @@ def request_for(tmp_path: Path, store: tuple[str, str]):
 
     def make(command: list[str]) -> TrialRequest:
         run_id = MlflowClient(uri).create_run(experiment_id).info.run_id
-        return TrialRequest(run_id=run_id, tracking_uri=uri, hparams={"x": 1}, settings={},
-                            train=str(tmp_path), val=str(tmp_path), trial_dir=str(tmp_path / "trial"),
-                            cwd=str(tmp_path), command=command)
+        job = TrialJob(sweep_id="s", experiment_id=experiment_id, parent_run_id="p", tracking_uri=uri, index=1,
+                       hparams={"x": 1}, trial_key="k", attempt=1, settings={}, train=str(tmp_path),
+                       val=str(tmp_path), command=command, cwd=str(tmp_path))
+        return TrialRequest(job=job, run_id=run_id, train=str(tmp_path), val=str(tmp_path),
+                            trial_dir=str(tmp_path / "trial"))
     return make
 
 

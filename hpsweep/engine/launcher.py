@@ -86,13 +86,9 @@ def _open_run(client: MlflowClient, job: TrialJob, gpu_ids: tuple[int, ...]) -> 
 def _request(job: TrialJob, run_id: str, data: "TrialData", gpu_ids: tuple[int, ...]) -> TrialRequest:
     trial_dir = Path(job.work_dir) / "trials" / job.trial_key
     trial_dir.mkdir(parents=True, exist_ok=True)
-    return TrialRequest(
-        run_id=run_id, tracking_uri=job.tracking_uri, hparams=job.hparams, settings=dict(job.settings),
-        train=str(data.train), val=str(data.val), trial_dir=str(trial_dir.resolve()), cwd=job.cwd,
-        entrypoint=job.entrypoint, command=job.command, gpu_ids=gpu_ids, experiment_id=job.experiment_id,
-        trial_key=job.trial_key, checkpoint_sync_s=CHECKPOINT_SYNC_S, orchestrator=process_identity(),
-        resume=job.resume,
-    )
+    return TrialRequest(job=job, run_id=run_id, train=str(data.train), val=str(data.val),
+                        trial_dir=str(trial_dir.resolve()), gpu_ids=gpu_ids, checkpoint_sync_s=CHECKPOINT_SYNC_S,
+                        orchestrator=process_identity())
 
 
 def _try(fn) -> None:

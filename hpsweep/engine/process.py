@@ -19,14 +19,10 @@ import time
 from typing import Any, Callable
 
 from hpsweep.engine.outcome import judge
-from hpsweep.model import Outcome
+from hpsweep.model import HEARTBEAT_S, Outcome
 from hpsweep.periodic import Periodic
 from hpsweep.runtime.runner import TrialRequest, run_trial_process
 
-# How often a running trial tells the tracking store it is alive; a run silent for
-# ZOMBIE_AFTER_S is closed as a zombie by the next sweep.
-HEARTBEAT_S = float(os.environ.get("HPSWEEP_HEARTBEAT_S", "30"))
-ZOMBIE_AFTER_S = 4 * HEARTBEAT_S
 # How often a running trial mirrors new checkpoints to the artifact store.
 CHECKPOINT_SYNC_S = float(os.environ.get("HPSWEEP_CHECKPOINT_SYNC_S", "30"))
 
@@ -65,15 +61,19 @@ class ProcessRunner:
         """``forkserver`` (the sweep: many trials, from a process with many threads) or ``fork``
         (a pool's train-trial flow run: one trial, from a process that has imported it all)."""
         self._mp = multiprocessing.get_context(start_method)
-        if start_method == "forkserver":
-            start_fork_server(preload)
+        self._preload, self._server_started = preload, start_method != "forkserver"
+        self._start_lock = threading.Lock()
 
     def run(self, request: TrialRequest, time_limit_s: float | None,
             heartbeat: Callable[[], None] | None = None) -> Outcome:
+        with self._start_lock:  # the fork server starts with the first trial (`hpsweep run` starts it earlier)
+            if not self._server_started:
+                start_fork_server(self._preload)
+                self._server_started = True
         paths = request.paths
         for stale in (paths.result, paths.outcome):
             stale.unlink(missing_ok=True)
-        if not request.resume:  # a fresh start: nothing of an earlier, finished run carries over
+        if not request.job.resume:  # a fresh start: nothing of an earlier, finished run carries over
             shutil.rmtree(paths.checkpoints, ignore_errors=True)
             paths.log.unlink(missing_ok=True)
         paths.checkpoints.mkdir(parents=True, exist_ok=True)

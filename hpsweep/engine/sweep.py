@@ -18,9 +18,8 @@ from hpsweep.config import SweepConfig
 from hpsweep.dvcdata import data_ref
 from hpsweep.engine.callbacks import Callbacks, SweepCallback
 from hpsweep.engine.controller import SweepRun
-from hpsweep.engine.process import HEARTBEAT_S, ZOMBIE_AFTER_S
 from hpsweep.inputs import SweepInputs
-from hpsweep.model import PlannedTrial, TrialRow
+from hpsweep.model import HEARTBEAT_S, ZOMBIE_AFTER_S, PlannedTrial, TrialRow
 from hpsweep.periodic import Periodic
 from hpsweep.report import assemble
 from hpsweep.store import SweepStore

@@ -25,6 +25,7 @@ from typing import Any
 from hpsweep.runtime.durable import CheckpointSync, MetricsLogger, SystemMetrics, exit_when_dead, restore_checkpoints
 from hpsweep.store import artifacts
 from hpsweep.store.retry import retrying
+from hpsweep.model import TrialJob
 from trainer import contract
 
 # Imported here so the fork server pays for it once; trials only fork.
@@ -49,25 +50,16 @@ def system_metrics_interval(environ: dict[str, str] | None = None) -> float:
 
 @dataclass(frozen=True)
 class TrialRequest:
-    """Everything a trial process needs; plain data so it pickles across the fork server."""
+    """A trial attempt as its process runs it: the job, plus where it runs on this host. Plain
+    data, so it pickles across the fork server."""
 
+    job: TrialJob
     run_id: str
-    tracking_uri: str
-    hparams: dict[str, Any]
-    settings: dict[str, Any]
-    train: str
+    train: str  # the data as this host reads it (the sweep's files, or this host's cached copy)
     val: str
     trial_dir: str
-    cwd: str
-    entrypoint: str | None = None
-    command: list[str] | None = None
     gpu_ids: tuple[int, ...] = ()
-    experiment_id: str = ""
-    trial_key: str = ""
     checkpoint_sync_s: float = 30.0
-    # False: a fresh start (no unfinished attempt of this trial exists): the trial folder's
-    # checkpoints and log are cleared, and the artifact store is not searched for checkpoints.
-    resume: bool = True
     # hpsweep.identity.process_identity() of the sweep's process; the trial dies with it ("": never).
     orchestrator: str = ""
     # Read where the request is made (the sweep or a pool worker), so its environment decides.
@@ -123,7 +115,7 @@ def trial_env(req: TrialRequest) -> dict[str, str]:
         contract.ENV_RESULT: str(paths.result),
         contract.ENV_DEVICE: "cuda" if req.gpu_ids else "cpu",
         "CUDA_VISIBLE_DEVICES": ",".join(str(g) for g in req.gpu_ids),
-        "MLFLOW_TRACKING_URI": req.tracking_uri,
+        "MLFLOW_TRACKING_URI": req.job.tracking_uri,
         "MLFLOW_RUN_ID": req.run_id,
     }
     if req.gpu_ids:
@@ -138,7 +130,7 @@ def run_trial_process(req: TrialRequest) -> None:
     os.setsid()
     if req.orchestrator:
         exit_when_dead(req.orchestrator)
-    os.chdir(req.cwd)
+    os.chdir(req.job.cwd)
     paths = req.paths
     log = open(paths.log, "ab", buffering=0)
     os.dup2(log.fileno(), 1)
@@ -147,8 +139,8 @@ def run_trial_process(req: TrialRequest) -> None:
     sys.stderr = open(2, "w", buffering=1, closefd=False)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
     os.environ.update(trial_env(req))
-    paths.hparams.write_text(json.dumps({**req.settings, **req.hparams}, indent=1))
-    client = MlflowClient(req.tracking_uri)
+    paths.hparams.write_text(json.dumps({**req.job.settings, **req.job.hparams}, indent=1))
+    client = MlflowClient(req.job.tracking_uri)
     try:
         outcome = _train_durably(req, client)
     except Exception as e:  # hpsweep's own plumbing (tracking, artifact store) failed: worth a retry
@@ -165,8 +157,8 @@ def _train_durably(req: TrialRequest, client: MlflowClient) -> dict[str, Any]:
     """Restore checkpoints, train with metrics shipped and checkpoints mirrored in the background,
     then wait until metrics and model are stored. The trainer's own exception is its outcome."""
     paths = req.paths
-    if req.resume and req.experiment_id and req.trial_key:
-        source = retrying(lambda: restore_checkpoints(client, req.experiment_id, req.trial_key, paths.checkpoints),
+    if req.job.resume and req.job.experiment_id and req.job.trial_key:
+        source = retrying(lambda: restore_checkpoints(client, req.job.experiment_id, req.job.trial_key, paths.checkpoints),
                           "restoring checkpoints", deadline_s=600)
         if source:
             logging.info("restored checkpoints of run %s from the artifact store", source)
@@ -175,7 +167,7 @@ def _train_durably(req: TrialRequest, client: MlflowClient) -> dict[str, Any]:
     system = (SystemMetrics(metrics, req.system_metrics_s, req.gpu_ids, client, req.run_id)
               if req.system_metrics_s > 0 else None)
     try:
-        outcome = _run_entrypoint(req, metrics) if req.entrypoint is not None else _run_command(req)
+        outcome = _run_entrypoint(req, metrics) if req.job.entrypoint is not None else _run_command(req)
     except BaseException as e:  # SystemExit from a trainer is its own verdict too
         traceback.print_exc()
         outcome = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
@@ -205,25 +197,25 @@ def _die_with_parent() -> None:
 def _run_entrypoint(req: TrialRequest, metrics: MetricsLogger) -> dict[str, Any]:
     from hpsweep.inputs import resolve_entrypoint
 
-    train = resolve_entrypoint(req.entrypoint)  # type: ignore[arg-type]
+    train = resolve_entrypoint(req.job.entrypoint)  # type: ignore[arg-type]
     paths = req.paths
     ctx = contract.TrainContext(
         checkpoint_dir=paths.checkpoints,
         model_dir=paths.model,
         device="cuda" if req.gpu_ids else "cpu",
         gpu_ids=tuple(req.gpu_ids),
-        settings=dict(req.settings),
+        settings=dict(req.job.settings),
         _reporter=metrics.log,
     )
     data = contract.DataRefs(Path(req.train), Path(req.val))
-    f1 = train(dict(req.hparams), data, ctx)
+    f1 = train(dict(req.job.hparams), data, ctx)
     _write_json(paths.result, {"f1": f1 if isinstance(f1, (int, float)) else repr(f1)})
     return {"returned": True}
 
 
 def _run_command(req: TrialRequest) -> dict[str, Any]:
     # The command inherits our stdout/stderr, which are the trial log.
-    proc = subprocess.run(req.command, env=os.environ.copy(), preexec_fn=_die_with_parent)  # type: ignore[arg-type]
+    proc = subprocess.run(req.job.command, env=os.environ.copy(), preexec_fn=_die_with_parent)  # type: ignore[arg-type]
     return {"exit_code": proc.returncode}
 
 
