@@ -113,3 +113,9 @@ def test_a_worse_follow_up_sweep_still_registers_its_own_best(project):
     run_sweep(project, store, f1s(store, {1: 0.9}))
     _, _, summary = run_sweep(project, store, f1s(store, {1: 0.4, 2: 0.3, 3: 0.2, 4: 0.1}), retrain=True)
     assert store.champion("mem")[1] == summary["top"][0]["run_id"]
+
+
+def test_the_parent_run_shows_the_specs_settings_as_params(project):
+    store = InMemoryStore()
+    opened, _, _ = run_sweep(project, store)
+    assert store.runs[opened.run.parent_run_id].params["settings.epochs"] == 1

@@ -142,3 +142,10 @@ def test_the_parent_run_is_found_by_a_quoted_sweep_id(client, exp):
     parent = store.start_parent_run(client, exp, "sweep-'q'", {}, {})
     assert store.latest_parent_run(client, [exp], "sweep-'q'").info.run_id == parent
     assert store.latest_parent_run(client, [exp], "sweep-'q' or '1'='1") is None
+
+
+def test_a_trial_run_shows_its_hparams_and_the_specs_settings_as_params(client, exp):
+    run_id = store.start_trial_run(client, exp, "parent", "sw", 1, {"lr": 0.1, "seed": 7}, "k", 1, tags=VERSIONS,
+                                   settings={"seed": 0, "epochs": 10})
+    assert client.get_run(run_id).data.params == {"lr": "0.1", "seed": "7", "settings.seed": "0",
+                                                  "settings.epochs": "10"}

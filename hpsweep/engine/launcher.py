@@ -72,7 +72,7 @@ def _open_run(client: MlflowClient, job: TrialJob, gpu_ids: tuple[int, ...]) -> 
         tags = {**job.versions, store.TAG_GPUS: ",".join(map(str, gpu_ids)) or "cpu", **(data.tags() if data else {})}
         run_id = store.retrying(lambda: store.start_trial_run(
             client, job.experiment_id, job.parent_run_id, job.sweep_id, job.index, job.hparams, job.trial_key,
-            job.attempt, tags=tags), "creating the trial's run")
+            job.attempt, tags=tags, settings=job.settings), "creating the trial's run")
     else:  # a retry continues the same run, perhaps on another host
         store.retrying(lambda: store.reopen_trial_run(client, run_id, job.attempt), "reopening the trial's run")
         if data is not None:

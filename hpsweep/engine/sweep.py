@@ -23,6 +23,7 @@ from hpsweep.model import HEARTBEAT_S, ZOMBIE_AFTER_S, PlannedTrial, TrialRow
 from hpsweep.periodic import Periodic
 from hpsweep.report import assemble
 from hpsweep.store import SweepStore
+from hpsweep.store.runs import setting_params
 from hpsweep.store.tags import TAG_DISPATCH, TAG_GIT_COMMIT, TAG_QUOTA, TAG_SPEC_HASH
 from hpsweep.versions import git_commit
 
@@ -72,7 +73,8 @@ def open_sweep(config: SweepConfig, inputs: SweepInputs, store: SweepStore, capa
         experiment_id, sweep_id, {**provenance, TAG_DISPATCH: order, **(tags or {})},
         params={"combinations": config.combinations, "spec": config.spec, "train": config.train,
                 "val": config.val, "quota": config.quota, "gpus_per_trial": gpus, "trials": len(trials),
-                "reused": len(reused), "max_attempts": config.max_attempts, "slots": slots})
+                "reused": len(reused), "max_attempts": config.max_attempts, "slots": slots,
+                **setting_params(inputs.spec.settings)})
     store.log_plan(parent_run_id, plan.plan_rows(trials, reused, to_train, estimates))
     spec = inputs.spec
     run = SweepRun(

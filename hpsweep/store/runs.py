@@ -22,7 +22,7 @@ from hpsweep.model import Hparams, Outcome, TrialRow, TrialState, check_transiti
 from hpsweep.store.filters import all_of, run_id_in, tag_equals
 from hpsweep.store.tags import (EXPERIMENT_KIND, TAG_ATTEMPT, TAG_ATTEMPT_LOG, TAG_DURATION, TAG_HEARTBEAT,
                                 TAG_HPARAMS, TAG_INDEX, TAG_OWNER, TAG_REASON, TAG_RETRYABLE, TAG_ROLE,
-                                TAG_SPEC_HASH, TAG_STATUS, TAG_SWEEP_ID, TAG_TRIAL_KEY)
+                                TAG_SPEC_HASH, TAG_STATUS, TAG_SWEEP_ID, TAG_TRIAL_KEY, SETTINGS_PARAM_PREFIX)
 
 MAX_PARAM_LEN = 6000
 MAX_TAG_LEN = 5000
@@ -107,15 +107,23 @@ def start_parent_run(client: MlflowClient, exp_id: str, sweep_id: str, tags: dic
     return run.info.run_id
 
 
+def setting_params(settings: dict[str, Any]) -> dict[str, Any]:
+    """The spec's settings as MLflow params, prefixed so they can never collide with an hparam."""
+    return {f"{SETTINGS_PARAM_PREFIX}{k}": v for k, v in settings.items()}
+
+
 def start_trial_run(client: MlflowClient, exp_id: str, parent_run_id: str, sweep_id: str, index: int,
-                    hparams: Hparams, trial_key: str, attempt: int, tags: dict[str, str]) -> str:
-    """A new trial run, RUNNING, created with all its tags in one write."""
+                    hparams: Hparams, trial_key: str, attempt: int, tags: dict[str, str],
+                    settings: dict[str, Any] | None = None) -> str:
+    """A new trial run, RUNNING, created with all its tags in one write; its params are the hparams
+    and the spec's settings (``settings.<name>``)."""
     run = client.create_run(exp_id, run_name=run_name(hparams), tags={
         "mlflow.parentRunId": parent_run_id, TAG_SWEEP_ID: sweep_id, TAG_ROLE: "trial", TAG_TRIAL_KEY: trial_key,
         TAG_HPARAMS: json.dumps(hparams), TAG_INDEX: str(index), TAG_ATTEMPT: str(attempt),
         TAG_STATUS: TrialState.RUNNING.value, TAG_OWNER: process_identity(), TAG_HEARTBEAT: f"{time.time():.0f}",
         **tags})
-    client.log_batch(run.info.run_id, params=[Param(k, str(v)[:MAX_PARAM_LEN]) for k, v in hparams.items()])
+    params = {**hparams, **setting_params(settings or {})}
+    client.log_batch(run.info.run_id, params=[Param(k, str(v)[:MAX_PARAM_LEN]) for k, v in params.items()])
     return run.info.run_id
 
 

@@ -23,4 +23,5 @@ TAG_FLOW_RUN_ID = "hpsweep.flow_run_id"  # the Prefect flow run of the sweep
 TAG_GPUS = "hpsweep.gpus"
 TAG_ADOPTED_FROM = "hpsweep.adopted_from_sweep"
 CHAMPION_ALIAS = "champion"
+SETTINGS_PARAM_PREFIX = "settings."  # the spec's settings as params of the parent and every trial run
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # MLflow 3's UI: the runs table
