@@ -1,15 +1,17 @@
 """What DVC knows about the sweep's data: content hashes, whether DVC has recorded them, and the remote.
 
-The data version on every run is the file's md5, which for a file is exactly DVC's hash
-(DVC 3 hashes a file's raw bytes). It is computed from the workspace, not read from a
-`.dvc` file or `dvc.lock`, so data edited without `dvc add`/`dvc repro` still gets a new
-version and never reuses trials trained on the old bytes. Hashing tens of GB once per change
-is the price; a memo keyed by (path, size, mtime, inode) makes every later sweep free, as
-DVC's own state database does.
+The data version on every run is exactly DVC's hash: for a file, the md5 of its raw bytes (DVC 3);
+for a folder, DVC's `.dir` md5 (the md5 of the JSON listing of its files' relpaths and md5s, plus
+".dir"), so a folder dataset of shards is versioned, recorded and pushed as DVC does it. It is
+computed from the workspace, not read from a `.dvc` file or `dvc.lock`, so data edited without
+`dvc add`/`dvc repro` still gets a new version and never reuses trials trained on the old bytes.
+Hashing tens of GB once per change is the price; a memo keyed by (path, size, mtime, inode) per
+file makes every later sweep free, as DVC's own state database does.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -26,29 +28,79 @@ def _memo_path() -> Path:
     return Path(os.environ.get(MEMO_ENV) or Path.home() / ".cache" / "hpsweep" / "hashes.json")
 
 
+class _Memo:
+    """The on-disk memo of file md5s (read once, written once per hashing, best effort)."""
+
+    def __init__(self) -> None:
+        self.file = _memo_path()
+        try:
+            self.entries: dict[str, Any] = json.loads(self.file.read_text())
+        except (OSError, ValueError):
+            self.entries = {}
+        self.changed = False
+
+    def md5(self, path: Path) -> str:
+        st = path.stat()
+        stamp = [st.st_size, st.st_mtime_ns, st.st_ino]
+        hit = self.entries.get(str(path))
+        if hit and hit.get("stamp") == stamp:
+            return str(hit["md5"])
+        md5 = file_md5(path)
+        self.entries[str(path)] = {"stamp": stamp, "md5": md5}
+        self.changed = True
+        return md5
+
+    def save(self) -> None:
+        if not self.changed:
+            return
+        try:  # best effort: a read-only home only costs a re-hash next time
+            self.file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.file.with_name(f"{self.file.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(self.entries))
+            os.replace(tmp, self.file)
+        except OSError:
+            pass
+
+
+# What DVC never puts in a folder's listing (dvc.ignore's defaults); `.dvcignore` patterns are not read.
+_DVC_IGNORED = {".git", ".hg", ".dvc"}
+
+
+def folder_files(folder: Path) -> list[tuple[str, Path]]:
+    """(relpath with '/', path) of every file under ``folder``, as DVC lists them: sorted by relpath."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = [d for d in dirnames if d not in _DVC_IGNORED]
+        for name in filenames:
+            if name != ".git":
+                path = Path(dirpath) / name
+                found.append((path.relative_to(folder).as_posix(), path))
+    return sorted(found)
+
+
+def dir_listing_md5(listing: list[dict[str, str]]) -> str:
+    """DVC's md5 of a folder from its listing ([{"md5", "relpath"}] sorted by relpath): the `.dir` object's
+    md5 plus ".dir", as in a `.dvc` file, `dvc.lock` and the remote's `files/md5/xx/yyyy.dir`."""
+    return hashlib.md5(json.dumps(listing, sort_keys=True).encode()).hexdigest() + ".dir"
+
+
 def content_md5(path: Path) -> str:
-    """md5 of a file's bytes, remembered while its size, mtime and inode stay the same."""
+    """DVC's md5 of a file (its bytes) or of a folder (``dir_listing_md5``); each file's md5 is
+    remembered while its size, mtime and inode stay the same."""
     path = Path(path).resolve()
-    st = path.stat()
-    stamp = [st.st_size, st.st_mtime_ns, st.st_ino]
-    memo_file = _memo_path()
+    memo = _Memo()
     try:
-        memo: dict[str, Any] = json.loads(memo_file.read_text())
-    except (OSError, ValueError):
-        memo = {}
-    hit = memo.get(str(path))
-    if hit and hit.get("stamp") == stamp:
-        return str(hit["md5"])
-    md5 = file_md5(path)
-    memo[str(path)] = {"stamp": stamp, "md5": md5}
-    try:  # best effort: a read-only home only costs a re-hash next time
-        memo_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = memo_file.with_name(f"{memo_file.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(memo))
-        os.replace(tmp, memo_file)
-    except OSError:
-        pass
-    return md5
+        if not path.is_dir():
+            return memo.md5(path)
+        return dir_listing_md5([{"md5": memo.md5(f), "relpath": rel} for rel, f in folder_files(path)])
+    finally:
+        memo.save()
+
+
+def content_size(path: Path) -> int:
+    """Bytes in a file, or in all the files of a folder."""
+    path = Path(path)
+    return sum(f.stat().st_size for _, f in folder_files(path)) if path.is_dir() else path.stat().st_size
 
 
 def dvc_root(start: Path) -> Path | None:
@@ -91,7 +143,8 @@ def default_remote(root: Path) -> Remote | None:
 
 
 def data_ref(path: Path) -> DataRef:
-    """How a trial host gets ``path``: its content hash, and the DVC remote when DVC holds these bytes.
+    """How a trial host gets ``path`` (a file or a folder): its DVC hash, and the DVC remote when DVC
+    holds these bytes.
 
     The remote is only named when DVC's record matches the workspace; otherwise the remote
     holds other bytes (or none), and a host without the file cannot train on it.
@@ -102,4 +155,4 @@ def data_ref(path: Path) -> DataRef:
     root = dvc_root(path.parent)
     if root is not None and recorded_md5(path) == md5:
         remote = default_remote(root)
-    return DataRef(path=str(path), md5=md5, size=path.stat().st_size, remote=remote)
+    return DataRef(path=str(path), md5=md5, size=content_size(path), remote=remote)

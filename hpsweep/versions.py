@@ -28,17 +28,12 @@ def spec_hash(spec: ModelSpec) -> str:
 
 
 def data_version(path: Path) -> str:
-    """DVC's md5 of a file (its content hash, memoized: hpsweep.dvcdata), or a hash over a folder's files.
+    """DVC's md5 of a file, or DVC's `.dir` md5 of a folder (hpsweep.dvcdata.content_md5, memoized):
+    the hash a `.dvc` file or `dvc.lock` records for the same bytes.
 
     Read from the bytes, not from a `.dvc` file, so data changed without `dvc add` is a new version.
     """
-    if path.is_file():
-        return content_md5(path)
-    h = hashlib.md5()
-    for f in sorted(p for p in path.rglob("*") if p.is_file()):
-        h.update(str(f.relative_to(path)).encode())
-        h.update(content_md5(f).encode())
-    return h.hexdigest()
+    return content_md5(path)
 
 
 def code_version(spec: ModelSpec) -> str:

@@ -123,6 +123,19 @@ class InMemoryStore:
         run.status = "FINISHED" if ok else "FAILED"
         run.params.update({f"trials_{k}": v for k, v in counts.items()}, best_f1=best_f1)
 
+    def close_sweep_runs(self, exp_id: str, sweep_id: str, parent_run_id: str, reason: str) -> list[str]:
+        closed = []
+        for run in self._trials(exp_id):
+            if run.sweep_id == sweep_id and run.state is TrialState.RUNNING:
+                self._move(run, TrialState.FAILED, reason=reason)
+                closed.append(run.run_id)
+        parent = self.runs[parent_run_id]
+        if parent.status == "RUNNING":
+            parent.status = "FAILED"
+            parent.tags["hpsweep.reason"] = reason
+            closed.append(parent_run_id)
+        return closed
+
     # ------------------------------------------------------------ what a trial attempt writes
 
     def start_trial_run(self, exp_id: str, sweep_id: str, index: int, hparams: Hparams, key: str,

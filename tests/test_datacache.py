@@ -2,19 +2,24 @@
 
 What a user notices: the first trial on a host fetches, later ones don't, four trials starting
 together fetch once, a damaged copy is fetched again instead of being trained on, and the
-cache stays under its cap.
+cache stays under its cap; the same for a folder of shards (a DVC `.dir` object pushed by `dvc push`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import multiprocessing
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from hpsweep.datacache import DataCache, DataFetchError, DataRef, Remote
+from hpsweep.dvcdata import data_ref
 from hpsweep.engine.launcher import TrialJob, trial_data
 
 
@@ -170,3 +175,140 @@ def test_a_host_without_the_files_stages_them(tmp_path: Path, s3_endpoint):
 
     with pytest.raises(FileNotFoundError, match="track the data with DVC"):
         trial_data(_job("/elsewhere/train.csv", "/elsewhere/val.csv", {}), env)
+
+
+# ---------------------------------------------------------------- folders (DVC `.dir` objects)
+
+SHARDS = {"part-0.csv": b"label,p0\n1,3\n" * 300, "part-1.csv": b"label,p0\n0,7\n" * 200,
+          "nested/part-2.csv": b"label,p0\r\n1,1\r\n" * 100, "Z.txt": b"no newline"}
+
+
+def dvc_pushed_folder(project: Path, remote: Path, files: dict[str, bytes] = SHARDS, name: str = "shards") -> Path:
+    """``project/data/<name>``, a folder of ``files`` added with the real `dvc add` and pushed with
+    `dvc push` to the folder remote ``remote`` (``project`` becomes a DVC project if it is not one)."""
+    folder = project / "data" / name
+    for rel, data in files.items():
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / rel).write_bytes(data)
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+    dvc = str(Path(sys.executable).parent / "dvc")
+    steps = [] if (project / ".dvc").is_dir() else [["init", "--no-scm", "-q"],
+                                                     ["remote", "add", "-d", "local", str(remote)]]
+    for args in [*steps, ["add", "-q", f"data/{name}"], ["push", "-q"]]:
+        result = subprocess.run([dvc, *args], cwd=project, env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, f"dvc {' '.join(args)}: {result.stdout}\n{result.stderr}"
+    return folder
+
+
+@pytest.fixture(scope="module", autouse=True)
+def hash_memo(tmp_path_factory: pytest.TempPathFactory):
+    """Hashing the folders remembers its md5s here, not in the user's ~/.cache."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HPSWEEP_HASH_MEMO", str(tmp_path_factory.mktemp("memo") / "hashes.json"))
+        yield
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def pushed_folder(tmp_path_factory: pytest.TempPathFactory) -> DataRef:
+    """The DataRef a sweep sends for a DVC-tracked folder (its `.dir` md5 and the folder remote)."""
+    root = tmp_path_factory.mktemp("dvc")
+    folder = dvc_pushed_folder(root / "project", root / "remote")
+    ref = data_ref(folder)
+    assert ref.md5.endswith(".dir") and ref.remote is not None
+    return ref
+
+
+def test_a_folder_is_staged_from_its_dvc_listing_once(tmp_path: Path, pushed_folder: DataRef):
+    cache = DataCache(tmp_path / "cache")
+    path = cache.stage(pushed_folder)
+    assert path.is_dir() and folder_bytes(path) == SHARDS
+    total = sum(map(len, SHARDS.values()))
+    assert (cache.stats.fetches, cache.stats.bytes_fetched, pushed_folder.size) == (1, total, total)
+    later_trial = DataCache(tmp_path / "cache")
+    assert later_trial.stage(pushed_folder) == path
+    assert (later_trial.stats.fetches, later_trial.stats.hits) == (0, 1)
+    assert cache.entries() == [(path, total, pytest.approx(time.time(), abs=60))]
+
+
+def test_a_damaged_folder_is_repaired_fetching_only_what_was_damaged(tmp_path: Path, pushed_folder: DataRef):
+    cache = DataCache(tmp_path / "cache")
+    path = cache.stage(pushed_folder)
+    with (path / "part-0.csv").open("r+b") as f:
+        f.truncate(10)
+    (path / "nested" / "part-2.csv").unlink()
+    (path / "stray.csv").write_bytes(b"not part of this version\n")  # a trainer that wrote into its data
+    assert cache.stage(pushed_folder) == path
+    assert folder_bytes(path) == SHARDS
+    assert cache.stats.refetches == 1
+    assert cache.stats.bytes_fetched == sum(map(len, SHARDS.values())) + len(SHARDS["part-0.csv"]) + \
+        len(SHARDS["nested/part-2.csv"])  # the first fetch, then only the two damaged files
+
+    # Same size, new content: the seal no longer matches, the hash catches it.
+    (path / "part-1.csv").write_bytes(b"\0" * len(SHARDS["part-1.csv"]))
+    assert folder_bytes(cache.stage(pushed_folder)) == SHARDS and cache.stats.refetches == 2
+
+
+def test_folder_copies_are_evicted_whole_by_size(tmp_path: Path):
+    root, refs = tmp_path / "dvc", []
+    for n in range(3):
+        files = {"a.bin": os.urandom(1 << 19), "b/c.bin": os.urandom(1 << 19)}
+        refs.append(data_ref(dvc_pushed_folder(root / "project", root / "remote", files, name=f"v{n}")))
+    cache = DataCache(tmp_path / "cache", max_bytes=int(2.5 * (1 << 20)))
+    first, second = cache.stage(refs[0]), cache.stage(refs[1])
+    os.utime(second.with_name(second.name + ".ok"), (1, 1))  # refs[1] used long ago
+    cache.stage(refs[2])
+    assert first.is_dir() and cache.path_for(refs[2].md5).is_dir()
+    assert not second.exists() and cache.stats.evictions == 1
+    assert sum(size for _, size, _ in cache.entries()) <= cache.max_bytes
+
+
+def _listing(entries: list[dict[str, str]]) -> bytes:
+    return json.dumps(entries, sort_keys=True).encode()
+
+
+def test_a_corrupt_or_unsafe_folder_listing_is_refused(tmp_path: Path):
+    remote = tmp_path / "remote"
+
+    def publish(data: bytes, suffix: str = "") -> str:
+        md5 = hashlib.md5(data).hexdigest()
+        obj = remote / "files" / "md5" / md5[:2] / (md5[2:] + suffix)
+        obj.parent.mkdir(parents=True, exist_ok=True)
+        obj.write_bytes(data)
+        return md5 + suffix
+
+    shard = publish(b"1,2\n")
+    cache = DataCache(tmp_path / "cache")
+    for rel in ("../escaped.csv", "/etc/escaped.csv"):
+        md5 = publish(_listing([{"md5": shard, "relpath": rel}]), ".dir")
+        with pytest.raises(DataFetchError, match="unsafe"):
+            cache.stage(DataRef("data/shards", md5, remote=Remote(str(remote))))
+    assert not list(tmp_path.rglob("escaped.csv"))
+    good = publish(_listing([{"md5": shard, "relpath": "a.csv"}]), ".dir")
+    obj = remote / "files" / "md5" / good[:2] / good[2:]
+    obj.write_bytes(obj.read_bytes().replace(b"a.csv", b"b.csv"))  # the listing's bytes no longer match its md5
+    with pytest.raises(DataFetchError, match="corrupt"):
+        cache.stage(DataRef("data/shards", good, remote=Remote(str(remote))))
+    assert not cache.path_for(good).exists() and not list(cache.path_for(good).parent.glob("*partial*"))
+
+
+def test_a_folder_is_staged_from_s3(tmp_path: Path, s3_endpoint):
+    bucket = s3_endpoint.bucket()
+    refs = {rel: put_object(s3_endpoint, bucket, data) for rel, data in SHARDS.items()}
+    listing = _listing(sorted(({"md5": ref.md5, "relpath": rel} for rel, ref in refs.items()),
+                              key=lambda e: e["relpath"]))
+    md5 = hashlib.md5(listing).hexdigest() + ".dir"
+    s3_endpoint.client().put_object(Bucket=bucket, Key=f"dvc/files/md5/{md5[:2]}/{md5[2:]}", Body=listing)
+    ref = DataRef("data/shards", md5, remote=Remote(f"s3://{bucket}/dvc", s3_endpoint.url))
+    assert folder_bytes(DataCache(tmp_path / "cache").stage(ref)) == SHARDS
+
+
+def test_a_host_without_the_folders_stages_them(tmp_path: Path, pushed_folder: DataRef):
+    job = _job("/elsewhere/data/shards", "/elsewhere/data/shards",
+               {"train": pushed_folder.as_dict(), "val": pushed_folder.as_dict()})
+    got = trial_data(job, {"HPSWEEP_DATA_CACHE": str(tmp_path / "cache")})
+    assert got.source == "cache" and folder_bytes(got.train) == folder_bytes(got.val) == SHARDS
+    assert got.fetched_bytes == sum(map(len, SHARDS.values()))  # one copy serves both

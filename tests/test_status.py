@@ -13,7 +13,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from hpsweep.model import TrialRow, TrialState
-from hpsweep.report.status import STATE_WORDS, SweepNotFound, SweepRecord, eta_s, find_sweep, prefect_state, summarize
+from hpsweep.report.status import (STATE_WORDS, SweepNotFound, SweepRecord, eta_s, find_sweep, prefect_state,
+                                   render, summarize)
 from tests.conftest import Project, stop
 from tests.test_plan import write_inputs
 from tests.test_sweep_e2e import SLEEPY_SPEC
@@ -76,7 +77,22 @@ def test_every_trial_state_has_the_word_status_shows():
     assert list(trials[1]) == list(trials[6]) == base + ["state"] and list(trials[4]) == base + ["elapsed_s", "state"]
     assert (trials[3]["reason"], trials[7]["run_id"], trials[6]["run_id"]) == ("time limit", "old", None)
     assert list(over) == ["sweep_id", "name", "parent_run_id", "experiment_id", "state", "prefect", "dispatch_order",
-                          "started_at", "ended_at", "elapsed_s", "total", "counts", "eta_s", "best", "trials"]
+                          "started_at", "ended_at", "elapsed_s", "total", "counts", "eta_s", "best", "trials",
+                          "reason"]
+
+
+def test_a_sweep_that_crashed_says_so_and_why():
+    crash = "hpsweep failed: IsADirectoryError: [Errno 21] Is a directory: 'data/shards'"
+    crashed = SweepRecord(**{**record("FAILED").__dict__, "tags": {"hpsweep.reason": crash}})
+    status = summarize(crashed, plan_rows(2), [run_row(1, TrialState.FAILED, reason=crash)], 1100.0, 120.0)
+    assert status["state"] == f"crashed: {crash}" and status["reason"] == crash
+    assert render(status).splitlines()[0].startswith(f"sweep s-1 (s): crashed: {crash}, ")
+    # A sweep that ran to its end with failed trials is not a crash.
+    assert summarize(record("FAILED"), plan_rows(2), [], 1100.0, 120.0)["state"] == "finished with failures"
+    long = SweepRecord(**{**crashed.__dict__, "tags": {"hpsweep.reason": "RuntimeError: x\n" + "y" * 5000}})
+    status = summarize(long, None, [], 1100.0, 120.0)
+    assert status["state"] == "crashed: RuntimeError: x" and status["reason"].endswith("y" * 5000)
+    assert "  why         RuntimeError: x" in render(status)  # the rest of it, under the state line
 
 
 def test_a_sweep_without_a_plan_is_summarized_from_its_runs():
@@ -111,6 +127,44 @@ def test_a_sweep_name_or_id_with_a_quote_is_found_and_cannot_widen_the_search(sw
     sweep_store.ensure_experiment("empty")
     with pytest.raises(SweepNotFound, match="has no executions"):
         find_sweep(sweep_store, "empty")
+
+
+def test_closing_a_crashed_sweep_leaves_no_run_of_it_running(project: Project):
+    """What the sweep's crash path calls: every run it left RUNNING is closed FAILED with the reason,
+    and `hpsweep status` then says the sweep crashed, and why (not "not responding")."""
+    from hpsweep.model import Outcome
+    from hpsweep.store import SweepStore
+    from hpsweep.store.runs import start_parent_run, start_trial_run
+
+    store = SweepStore(MlflowClient(f"sqlite:///{project.root / 'mlflow.db'}"))
+    client = store.client
+    exp = store.ensure_experiment("crashy")
+    parent = start_parent_run(client, exp, "crashy-20260101-000000-abcdef", {}, {})
+    other = start_parent_run(client, exp, "crashy-20260101-000001-abcdef", {}, {})  # another sweep, still running
+    trial = {i: start_trial_run(client, exp, parent, "crashy-20260101-000000-abcdef", i, {"i": i}, f"k{i}", 1, {})
+             for i in (1, 2, 3)}
+    theirs = start_trial_run(client, exp, other, "crashy-20260101-000001-abcdef", 1, {"i": 1}, "k1", 1, {})
+    store.finish_trial_run(trial[1], Outcome(True, 0.9, started_at=1.0, ended_at=2.0))
+
+    crash = "hpsweep failed: IsADirectoryError: [Errno 21] Is a directory: 'data/shards'"
+    closed = store.close_sweep_runs(exp, "crashy-20260101-000000-abcdef", parent, crash)
+    assert sorted(closed) == sorted([trial[2], trial[3], parent])
+    runs = {i: client.get_run(r) for i, r in trial.items()}
+    assert runs[1].info.status == "FINISHED"  # what ended keeps its end
+    for i in (2, 3):
+        assert runs[i].info.status == "FAILED" and runs[i].data.tags["hpsweep.reason"] == crash
+        assert runs[i].data.tags["hpsweep.status"] == "FAILED"
+    assert client.get_run(parent).info.status == "FAILED"
+    assert client.get_run(parent).data.tags["hpsweep.reason"] == crash
+    assert client.get_run(other).info.status == client.get_run(theirs).info.status == "RUNNING"
+    assert store.close_sweep_runs(exp, "crashy-20260101-000000-abcdef", parent, "again") == []
+
+    result = status(project, "crashy-20260101-000000-abcdef")
+    assert result.returncode == 0, result.stderr
+    assert f"crashy-20260101-000000-abcdef (crashy): crashed: {crash}" in result.stdout
+    assert "2 failed" in result.stdout and "not responding" not in result.stdout
+    as_json = json.loads(status(project, "crashy-20260101-000000-abcdef", "--json").stdout)
+    assert (as_json["state"], as_json["reason"]) == (f"crashed: {crash}", crash)
 
 
 def test_prefect_state_asks_prefects_api_and_never_raises():

@@ -119,7 +119,7 @@ def local_data(job: TrialJob, environ: dict[str, str] | None = None) -> TrialDat
 
 
 def trial_data(job: TrialJob, environ: dict[str, str] | None = None) -> TrialData:
-    """The train and validation files this host reads, and where they came from.
+    """The train and validation data (files or folders) this host reads, and where they came from.
 
     The sweep's own paths when this host has them (the embedded default, a shared disk);
     otherwise, or always with HPSWEEP_STAGE_DATA=always, this host's data cache, filled from

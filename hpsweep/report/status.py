@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 # hpsweep.store (so MLflow) is imported where needed: `hpsweep plan` with no store never pays for it.
 
 PARENT_STATES = {"FINISHED": "finished", "FAILED": "finished with failures", "KILLED": "killed"}
+# A FAILED parent run with a `hpsweep.reason` tag is a sweep that crashed: "crashed: <reason>".
 # The words `hpsweep status` shows for each trial state (a RUNNING trial with no recent heartbeat is "stale").
 STATE_WORDS = {TrialState.PLANNED: "queued", TrialState.RUNNING: "running", TrialState.FINISHED: "done",
                TrialState.FAILED: "failed", TrialState.KILLED: "failed", TrialState.REUSED: "reused",
@@ -149,7 +150,7 @@ def summarize(record: SweepRecord, plan: list[TrialRow] | None, runs: list[Trial
               now: float, stale_after_s: float, prefect: str | None = None) -> dict[str, Any]:
     """Counts, one line per trial and an ETA. ``plan``: the sweep's plan.json (``store.load_plan``;
     None for an older sweep: its runs alone); ``runs``: its trial runs (``store.sweep_trials``)."""
-    from hpsweep.store import TAG_DISPATCH, TAG_HEARTBEAT
+    from hpsweep.store import TAG_DISPATCH, TAG_HEARTBEAT, TAG_REASON
 
     by_index = {r.index: r for r in runs}
     if plan is None:
@@ -159,7 +160,10 @@ def summarize(record: SweepRecord, plan: list[TrialRow] | None, runs: list[Trial
               for p in sorted(plan, key=lambda p: (p.dispatch_position or 10**9, p.index))]
     counts = {word: sum(1 for t in trials if t["state"] == word) for word in WORDS}
     parent_beat = float(record.tags.get(TAG_HEARTBEAT, record.started_at))
-    if over:
+    reason = record.tags.get(TAG_REASON) if over else None  # why it ended: a crash, a reaped zombie
+    if over and record.parent_status == "FAILED" and reason:
+        state = f"crashed: {_first_line(reason, 300)}"
+    elif over:
         state = PARENT_STATES.get(record.parent_status, record.parent_status.lower())
     elif now - parent_beat > stale_after_s:
         state = f"not responding (no heartbeat for {now - parent_beat:.0f} s: orchestrator killed?)"
@@ -174,8 +178,13 @@ def summarize(record: SweepRecord, plan: list[TrialRow] | None, runs: list[Trial
         "total": len(trials), "counts": counts, "eta_s": None if over else eta_s(trials, _slots(record)),
         "best": max((t for t in trials if t["state"] == "done" and t["f1"] is not None), key=lambda t: t["f1"],
                     default=None),
-        "trials": trials,
+        "trials": trials, "reason": reason,
     }
+
+
+def _first_line(text: str, limit: int) -> str:
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
 def _trial(plan: TrialRow, run: TrialRow | None, over: bool, now: float, stale_after_s: float) -> dict[str, Any]:
@@ -231,6 +240,8 @@ def render(status: dict[str, Any]) -> str:
     lines = [f"sweep {status['sweep_id']} ({status['name']}): {status['state']}, "
              f"{human_duration(status['elapsed_s'])} elapsed",
              f"  Prefect     {status['prefect']}" if status["prefect"] else None,
+             f"  why         {status['reason'].strip()[:2000]}"  # what the state line could not hold
+             if status.get("reason") and status["reason"].strip() not in status["state"] else None,
              f"  trials      {status['total']}: {c['running']} running, {c['queued']} queued, {c['done']} done, "
              f"{c['failed']} failed, {c['reused']} reused"
              + (f", {c['stale']} stale (no heartbeat)" if c["stale"] else "")

@@ -18,7 +18,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from hpsweep.identity import identity_is_dead, process_identity
-from hpsweep.model import Hparams, Outcome, TrialRow, TrialState, check_transition, run_name
+from hpsweep.model import Hparams, IllegalTransition, Outcome, TrialRow, TrialState, check_transition, run_name
 from hpsweep.store.filters import all_of, run_id_in, tag_equals
 from hpsweep.store.tags import (EXPERIMENT_KIND, TAG_ATTEMPT, TAG_ATTEMPT_LOG, TAG_DURATION, TAG_HEARTBEAT,
                                 TAG_HPARAMS, TAG_INDEX, TAG_OWNER, TAG_REASON, TAG_RETRYABLE, TAG_ROLE,
@@ -170,6 +170,25 @@ def mark_failed(client: MlflowClient, run_id: str, reason: str | None, killed: b
     _move(client, run_id, state)
     client.log_batch(run_id, tags=[RunTag(TAG_STATUS, "FAILED"), RunTag(TAG_REASON, reason or "unknown")])
     client.set_terminated(run_id, state.value)
+
+
+def close_sweep_runs(client: MlflowClient, exp_id: str, sweep_id: str, parent_run_id: str, reason: str) -> list[str]:
+    """Close what a sweep that crashed left open: each of its RUNNING trial runs becomes FAILED (a checked
+    transition) and its parent run FAILED, all with ``reason`` as `hpsweep.reason` (so `hpsweep status`
+    says it crashed, and why). A run that ended meanwhile keeps its end. Returns the run ids closed."""
+    closed = []
+    flt = all_of(tag_equals(TAG_SWEEP_ID, sweep_id), tag_equals(TAG_ROLE, "trial"), "attributes.status = 'RUNNING'")
+    for run in list(search(client, [exp_id], flt)):  # every page first: closing shifts a RUNNING-only search
+        try:
+            mark_failed(client, run.info.run_id, reason)
+        except IllegalTransition:  # it finished between the search and now
+            continue
+        closed.append(run.info.run_id)
+    if client.get_run(parent_run_id).info.status == "RUNNING":
+        client.log_batch(parent_run_id, tags=[RunTag(TAG_REASON, reason[:MAX_TAG_LEN])])
+        client.set_terminated(parent_run_id, "FAILED")
+        closed.append(parent_run_id)
+    return closed
 
 
 def set_tags(client: MlflowClient, run_id: str, tags: dict[str, str]) -> None:
