@@ -81,16 +81,17 @@ def sweep(config: SweepConfig) -> dict[str, Any]:
     logger.info("sweep %s: %d combinations, %d reused, %d to train, %d at once (quota %d, %d GPU(s) per trial, "
                 "host GPUs %s), %s", opened.run.sweep_id, len(opened.trials), len(opened.reused),
                 len(opened.to_train), opened.parallel, config.quota, gpus, list(host) or "none", opened.order)
-    launcher = _launcher(config, opened)
-    trials = SweepEngine(
-        opened.run, launcher, RetryPolicy(config.max_attempts, config.retry_delay_s),
-        callbacks=[LogCallback(logger), *observers()], gpu_pool=GpuPool(host),
-        hold_slot=(lambda: concurrency(config.quota_limit, occupy=gpus, strict=True, lease_duration=SLOT_LEASE_S))
-        if local else nullcontext,
-        run_attempt=lambda job, gpu_ids: trial_attempt(job, gpu_ids, quote(launcher)))
-    with engine.parent_heartbeat(store, opened):
-        trials.run(opened.to_train, opened.parallel)
-    return engine.close_sweep(opened, store, config.report_dir, [PrefectArtifacts(), *observers()])
+    with engine.closed_on_crash(store, opened.run.experiment_id, opened.run.sweep_id, opened.run.parent_run_id):
+        launcher = _launcher(config, opened)
+        trials = SweepEngine(
+            opened.run, launcher, RetryPolicy(config.max_attempts, config.retry_delay_s),
+            callbacks=[LogCallback(logger), *observers()], gpu_pool=GpuPool(host),
+            hold_slot=(lambda: concurrency(config.quota_limit, occupy=gpus, strict=True,
+                                           lease_duration=SLOT_LEASE_S)) if local else nullcontext,
+            run_attempt=lambda job, gpu_ids: trial_attempt(job, gpu_ids, quote(launcher)))
+        with engine.parent_heartbeat(store, opened):
+            trials.run(opened.to_train, opened.parallel)
+        return engine.close_sweep(opened, store, config.report_dir, [PrefectArtifacts(), *observers()])
 
 
 def _launcher(config: SweepConfig, opened: engine.OpenedSweep) -> TrialLauncher:

@@ -119,3 +119,17 @@ def test_the_parent_run_shows_the_specs_settings_as_params(project):
     store = InMemoryStore()
     opened, _, _ = run_sweep(project, store)
     assert store.runs[opened.run.parent_run_id].params["settings.epochs"] == 1
+
+
+def test_a_crash_after_the_parent_run_exists_closes_it_and_every_running_trial(project):
+    store = InMemoryStore()
+    cfg = config(project)
+    inputs = load_inputs(cfg.combinations, cfg.spec, cfg.train, cfg.val, cfg.quota)
+    opened = engine.open_sweep(cfg, inputs, store, capacity=2, queue_depth=2)
+    running = store.start_trial_run(opened.run.experiment_id, opened.run.sweep_id, 1, {"lr": 0.1}, "key1")
+    with pytest.raises(OSError, match="disk full"):
+        with engine.closed_on_crash(store, opened.run.experiment_id, opened.run.sweep_id, opened.run.parent_run_id):
+            raise OSError("disk full")
+    assert store.runs[running].state is TrialState.FAILED
+    assert store.runs[running].row.reason == "hpsweep failed: OSError: disk full"
+    assert store.runs[opened.run.parent_run_id].status == "FAILED"

@@ -196,3 +196,19 @@ def test_readme_demo_command_runs_the_digits_sweep(tmp_path: Path):
     assert len(f1s) >= 12 and f1s == sorted(f1s, reverse=True)
     assert f1s[0] > 0.9 and f1s[-1] < 0.6  # a real model on real data: the hparams matter
     assert "leaderboard.md" in result.stdout and "mlflow ui" in result.stdout
+
+
+def test_a_sweep_that_crashes_leaves_no_run_running_and_status_says_why(project: Project):
+    project.write("blocked", "a file where the report folder should go\n")
+    combos = [{"f1": 0.5, "mode": "ok"}, {"f1": 0.6, "mode": "ok"}]
+    result = run_sweep(project, combos, SLEEPY_SPEC.format(name="crashy", sleep_s=0.05, gpus=1), 2,
+                       "--report-dir", "blocked/report")
+    assert result.returncode == 3, result.stdout + result.stderr
+    client = MlflowClient(f"sqlite:///{project.root / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("crashy")
+    runs = client.search_runs([exp.experiment_id])
+    assert runs and not [r for r in runs if r.info.status == "RUNNING"]
+    parent = next(r for r in runs if r.data.tags.get("hpsweep.role") == "sweep")
+    assert parent.info.status == "FAILED" and "hpsweep failed:" in parent.data.tags["hpsweep.reason"]
+    status = project.hpsweep("status", "crashy")
+    assert status.returncode == 0 and "crashed: hpsweep failed:" in status.stdout, status.stdout + status.stderr

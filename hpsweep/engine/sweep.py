@@ -7,11 +7,13 @@ Rerunning the same sweep after any crash is the resume mechanism: FINISHED trial
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from hpsweep import plan
 from hpsweep.config import SweepConfig
@@ -26,6 +28,8 @@ from hpsweep.store import SweepStore
 from hpsweep.store.runs import setting_params
 from hpsweep.store.tags import TAG_DISPATCH, TAG_GIT_COMMIT, TAG_QUOTA, TAG_SPEC_HASH
 from hpsweep.versions import git_commit
+
+log = logging.getLogger("hpsweep")
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,7 @@ def open_sweep(config: SweepConfig, inputs: SweepInputs, store: SweepStore, capa
     to_train, estimates, order = _dispatch(store, experiment_id, inputs, versions, to_train, slots)
 
     provenance = {**versions, TAG_GIT_COMMIT: git_commit(), TAG_QUOTA: str(config.quota)}
+    data_refs = {"train": data_ref(inputs.train).as_dict(), "val": data_ref(inputs.val).as_dict()}
     sweep_id = new_sweep_id(name)
     gpus = inputs.spec.resources.gpus
     parent_run_id = store.start_parent_run(
@@ -75,15 +80,15 @@ def open_sweep(config: SweepConfig, inputs: SweepInputs, store: SweepStore, capa
                 "val": config.val, "quota": config.quota, "gpus_per_trial": gpus, "trials": len(trials),
                 "reused": len(reused), "max_attempts": config.max_attempts, "slots": slots,
                 **setting_params(inputs.spec.settings)})
-    store.log_plan(parent_run_id, plan.plan_rows(trials, reused, to_train, estimates))
+    with closed_on_crash(store, experiment_id, sweep_id, parent_run_id):
+        store.log_plan(parent_run_id, plan.plan_rows(trials, reused, to_train, estimates))
     spec = inputs.spec
     run = SweepRun(
         sweep_id=sweep_id, name=name, experiment_id=experiment_id, parent_run_id=parent_run_id,
         tracking_uri=store.tracking_uri, work_dir=config.work_dir, settings=dict(spec.settings),
         train=str(inputs.train.resolve()), val=str(inputs.val.resolve()), entrypoint=spec.trainer.entrypoint,
         command=spec.trainer.command, time_limit_s=spec.time_limit_s, gpus=gpus,
-        versions={**versions, TAG_GIT_COMMIT: provenance[TAG_GIT_COMMIT]},
-        data_refs={"train": data_ref(inputs.train).as_dict(), "val": data_ref(inputs.val).as_dict()},
+        versions={**versions, TAG_GIT_COMMIT: provenance[TAG_GIT_COMMIT]}, data_refs=data_refs,
         resumable=frozenset(resumable))
     return OpenedSweep(run, trials, reused, to_train, parallel, slots, order, provenance, zombies)
 
@@ -102,6 +107,23 @@ def _dispatch(store: SweepStore, experiment_id: str, inputs: SweepInputs, versio
         return to_train, estimates, f"{plan.FILE_ORDER} (every trial starts at once)"
     ordered, ordered_est, order = plan.dispatch_order(to_train, estimates)
     return ordered, ordered_est, plan.describe_order(order, ordered_est)
+
+
+@contextmanager
+def closed_on_crash(store: SweepStore, experiment_id: str, sweep_id: str, parent_run_id: str) -> Iterator[None]:
+    """Whatever ends the sweep early (an error, Ctrl-C), its parent run and every trial run it left
+    RUNNING are closed FAILED with the reason, so MLflow and `hpsweep status` never show a crashed
+    sweep as running. The error itself goes on up."""
+    try:
+        yield
+    except BaseException as e:
+        reason = "interrupted" if isinstance(e, KeyboardInterrupt) else f"hpsweep failed: {type(e).__name__}: {e}"
+        try:
+            closed = store.close_sweep_runs(experiment_id, sweep_id, parent_run_id, reason)
+            log.warning("closed %d run(s) of sweep %s: %s", len(closed), sweep_id, reason)
+        except Exception:  # noqa: BLE001 - never hide the original error behind the tracking store's
+            log.warning("could not close the runs of sweep %s", sweep_id, exc_info=True)
+        raise
 
 
 def parent_heartbeat(store: SweepStore, opened: OpenedSweep) -> Periodic:
