@@ -244,6 +244,7 @@ def _plan(args: argparse.Namespace) -> int:
     name = config.name or inputs.spec.name or config.spec.stem
     reused: dict[str, TrialRow] = {}
     history = plan.DurationHistory()
+    why = None
     try:
         uri = existing_tracking_uri(config.tracking_uri)
     except SweepNotFound:
@@ -255,12 +256,13 @@ def _plan(args: argparse.Namespace) -> int:
         exp_id = store.experiment_id(name)
         reused = plan.reusable_runs(store, exp_id, trials, versions, config.retrain)
         history = plan.duration_history(store, exp_id, versions["hpsweep.spec_hash"])
+        why = plan.why_not_reused(store, exp_id, inputs.spec, versions, config.retrain)
     to_train = plan.trials_to_train(trials, reused)
     estimates = plan.estimate_durations(to_train, inputs.spec.expected_duration_s, history)
     host = host_gpus() if config.launcher == "local" else ()
     gpus = inputs.spec.resources.gpus
     result = plan.make_plan(trials, reused, estimates, plan.slots_for(config.quota, gpus, host), gpus,
-                            plan.Prices(args.price, args.spot_price))
+                            plan.Prices(args.price, args.spot_price), why)
     result = {"name": name, "quota": config.quota, "launcher": config.launcher, "host_gpus": list(host),
               "planning_s": round(time.monotonic() - started, 3), **result}
     if args.json:

@@ -7,6 +7,7 @@ and the key it concerns, so a user fixes a bad file in one pass.
 from __future__ import annotations
 
 import csv
+import glob
 import importlib
 import io
 import json
@@ -245,6 +246,11 @@ class ModelSpec(BaseModel):
     # and trial keys (changing the guess never retrains anything).
     expected_duration_s: float | None = Field(default=None, gt=0, allow_inf_nan=False, exclude=True,
                                               description="expected wall-clock seconds of one trial")
+    # The files that make up the trainer (paths or globs, files or folders, relative to the working
+    # directory). Excluded from the dump like the hint above: what counts is their content (the code
+    # version), not how they are listed.
+    code: list[str] | None = Field(default=None, min_length=1, exclude=True,
+                                   description="the trainer's files and folders (default: its package/folder)")
 
     @field_validator("expected_duration_s", mode="before")
     @classmethod
@@ -253,6 +259,38 @@ class ModelSpec(BaseModel):
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
             raise ValueError(f"expected a number of seconds (e.g. 3600), got {value!r}")
         return value
+
+    @field_validator("code")
+    @classmethod
+    def _code_exists(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return value
+        if any(not entry.strip() for entry in value):
+            raise ValueError("an entry is empty: give a path or glob relative to the working directory")
+        missing = code_paths(value, Path.cwd())[1]
+        if missing:
+            raise ValueError(f"no file or folder matches {', '.join(repr(m) for m in missing)} (paths are "
+                             f"relative to the working directory, {Path.cwd()})")
+        return value
+
+
+_GLOB = re.compile(r"[*?[]")
+
+
+def code_paths(entries: list[str], cwd: Path) -> tuple[list[Path], list[str]]:
+    """The files/folders that the spec's ``code:`` entries (paths or globs, relative to ``cwd``)
+    name, and the entries that name nothing."""
+    found: list[Path] = []
+    missing: list[str] = []
+    for entry in entries:
+        if _GLOB.search(entry):
+            matches = [cwd / m for m in sorted(glob.glob(entry, root_dir=cwd, recursive=True))]
+        else:
+            matches = [cwd / entry] if (cwd / entry).exists() else []
+        if not matches:
+            missing.append(entry)
+        found += [Path(os.path.abspath(m)) for m in matches]
+    return found, missing
 
 
 def load_spec(path: Path) -> ModelSpec:

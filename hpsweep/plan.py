@@ -3,7 +3,8 @@ GPU-hours, the makespan under the quota and the cost; and the order to start the
 
 Pure functions over plain data, shared by `hpsweep plan` (which starts nothing) and the `sweep`
 flow (which starts the longest trials first when it can predict them). The only reads are
-``reusable_runs`` and ``duration_history``: two bounded MLflow queries through the client given.
+``reusable_runs``, ``duration_history`` and ``why_not_reused``: bounded MLflow queries through the
+store given.
 
 Where a trial's duration estimate comes from, best first:
 
@@ -18,11 +19,12 @@ Where a trial's duration estimate comes from, best first:
 from __future__ import annotations
 
 import heapq
+import json
 import statistics
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Sequence
 
-from hpsweep.inputs import Hparams, SweepInputs, canonical_json
+from hpsweep.inputs import Hparams, ModelSpec, SweepInputs, canonical_json
 from hpsweep.model import PlannedTrial, TrialRow, TrialState
 
 if TYPE_CHECKING:
@@ -60,16 +62,17 @@ class Prices:
 
 def plan_trials(inputs: SweepInputs) -> tuple[list[PlannedTrial], dict[str, str]]:
     """A trial key per combination, plus the versions it was derived from (provenance tags)."""
-    from hpsweep.versions import code_version, data_version, spec_hash, trial_key
+    from hpsweep.versions import TAG_ENV_VERSION, code_version, data_version, env_version, spec_hash, trial_key
 
     versions = {
         "hpsweep.spec_hash": spec_hash(inputs.spec),
         "hpsweep.data_version": f"{data_version(inputs.train)}/{data_version(inputs.val)}",
         "hpsweep.code_version": code_version(inputs.spec),
+        TAG_ENV_VERSION: env_version(inputs.spec),
     }
     trials = [
         PlannedTrial(i, hp, trial_key(hp, versions["hpsweep.spec_hash"], versions["hpsweep.data_version"],
-                                      versions["hpsweep.code_version"]))
+                                      versions["hpsweep.code_version"], versions[TAG_ENV_VERSION]))
         for i, hp in enumerate(inputs.combinations, start=1)
     ]
     return trials, versions
@@ -78,6 +81,89 @@ def plan_trials(inputs: SweepInputs) -> tuple[list[PlannedTrial], dict[str, str]
 def trials_to_train(trials: list[PlannedTrial], reused: dict[str, TrialRow]) -> list[PlannedTrial]:
     """Every trial without a reusable FINISHED run, in file order."""
     return [t for t in trials if t.key not in reused]
+
+
+# ---------------------------------------------------------------- why trials are not reused
+
+# What a version tag covers, in the words of a reuse explanation (in this order).
+CHANGE_LABELS = {"hpsweep.spec_hash": "spec", "hpsweep.data_version": "data", "hpsweep.code_version": "code",
+                 "hpsweep.env_version": "environment"}
+NAMED_FILES = 3  # changed files named in an explanation; the rest are counted
+
+
+def reuse_explanation(previous: dict[str, str] | None, versions: dict[str, str],
+                      changed_files: list[str] | None = None) -> str | None:
+    """Why the previous runs' results do not carry over, e.g. ``code changed (trainer/model_def.py),
+    environment changed``; None when there are no previous runs or nothing changed.
+
+    ``previous``: the version tags of the experiment's newest finished trial run; ``changed_files``:
+    the code files that differ from it (None: not known).
+    """
+    if not previous:
+        return None
+    reasons = []
+    for tag, label in CHANGE_LABELS.items():
+        if tag not in versions or previous.get(tag) == versions[tag]:
+            continue
+        if tag not in previous:
+            reasons.append(f"{label} not recorded on earlier runs")
+        elif tag == "hpsweep.data_version":
+            pairs = zip(("train", "val"), previous[tag].split("/"), versions[tag].split("/"))
+            parts = [name for name, old, new in pairs if old != new]
+            reasons.append(f"data changed ({', '.join(parts)})" if parts else "data changed")
+        elif tag == "hpsweep.code_version" and changed_files:
+            named = ", ".join(changed_files[:NAMED_FILES])
+            more = len(changed_files) - NAMED_FILES
+            reasons.append(f"code changed ({named}{f' and {more} more' if more > 0 else ''})")
+        else:
+            reasons.append(f"{label} changed")
+    return ", ".join(reasons) or None
+
+
+def changed_code_files(previous_manifest: str | None, current: dict[str, str]) -> list[str] | None:
+    """The code files that differ between a run's manifest tag (file → md5[:8], JSON) and ``current``
+    (file → md5): edited, new or removed, sorted; None when the run recorded no manifest."""
+    if not previous_manifest:
+        return None
+    try:
+        before = json.loads(previous_manifest)
+    except ValueError:
+        return None
+    if not isinstance(before, dict):
+        return None
+    now = {path: md5[:8] for path, md5 in current.items()}
+    out = []
+    for path in sorted(before.keys() | now.keys()):
+        if path not in before:
+            out.append(f"{path} (new)")
+        elif path not in now:
+            out.append(f"{path} (removed)")
+        elif before[path] != now[path]:
+            out.append(path)
+    return out
+
+
+def why_not_reused(store: "SweepStore", experiment_id: str | None, spec: ModelSpec, versions: dict[str, str],
+                   retrain: bool) -> str | None:
+    """``reuse_explanation`` against the experiment's newest finished trial run (one search)."""
+    from hpsweep.versions import TAG_CODE_MANIFEST, code_manifest
+
+    if experiment_id is None:
+        return None
+    if retrain:
+        return "--retrain given"
+    previous = store.latest_trial_tags(experiment_id, [*CHANGE_LABELS, TAG_CODE_MANIFEST])
+    if previous is None:
+        return None
+    changed = None
+    if previous.get("hpsweep.code_version") not in (None, versions.get("hpsweep.code_version")):
+        changed = changed_code_files(previous.get(TAG_CODE_MANIFEST), code_manifest(spec))
+    return reuse_explanation(previous, versions, changed)
+
+
+def describe_reuse(to_train: int, reused: int, why: str | None) -> str:
+    """``12 to train: code changed (trainer/model_def.py), 0 reused``: the plan's and the sweep's start line."""
+    return f"{to_train} to train{f': {why}' if why and to_train else ''}, {reused} reused"
 
 
 # ---------------------------------------------------------------- estimates and order
@@ -172,8 +258,9 @@ def plan_rows(trials: list[PlannedTrial], reused: dict[str, TrialRow], to_train:
 
 
 def make_plan(trials: list[PlannedTrial], reused: dict[str, TrialRow], estimates: list[Estimate],
-              slots: int, gpus_per_trial: int, prices: Prices) -> dict[str, Any]:
-    """The plan as plain JSON-able data. ``estimates`` are for ``trials_to_train(trials, reused)``."""
+              slots: int, gpus_per_trial: int, prices: Prices, why: str | None = None) -> dict[str, Any]:
+    """The plan as plain JSON-able data. ``estimates`` are for ``trials_to_train(trials, reused)``;
+    ``why``: ``why_not_reused``'s explanation of the trials not reused."""
     to_train = trials_to_train(trials, reused)
     if len(estimates) != len(to_train):
         raise ValueError(f"{len(estimates)} estimates for {len(to_train)} trials to train")
@@ -186,6 +273,7 @@ def make_plan(trials: list[PlannedTrial], reused: dict[str, TrialRow], estimates
         "trials": len(trials),
         "reused": len(trials) - len(to_train),
         "to_train": len(to_train),
+        "why_not_reused": why if to_train else None,
         "slots": slots,
         "gpus_per_trial": gpus_per_trial,
         "duration_sources": source_counts(estimates),
@@ -222,8 +310,9 @@ def render_plan(plan: dict[str, Any], name: str, quota: int, host: tuple[int, ..
     labels = {"measured": "measured (same hparams, same spec)", "spec": "from the spec's expected_duration_s",
               "median": "median of earlier trials", "unknown": "unknown"}
     lines = [f"plan for sweep {name} (nothing has been started)",
-             f"  trials      {plan['trials']} combinations: {plan['to_train']} to train, {plan['reused']} "
-             "reused (a FINISHED run with the same trial key)"]
+             f"  trials      {plan['trials']} combinations: "
+             f"{describe_reuse(plan['to_train'], plan['reused'], plan.get('why_not_reused'))} "
+             "(a FINISHED run with the same trial key)"]
     if plan["to_train"]:
         lines.append("  durations   " + ", ".join(f"{n} {labels[s]}" for s, n in src.items() if n))
         known = [r["expected_duration_s"] for r in plan["rows"] if r["expected_duration_s"] is not None]

@@ -76,6 +76,10 @@ class InMemoryStore:
                 and r.row.duration_s is not None and (spec_hash is None or r.tags.get("hpsweep.spec_hash") == spec_hash)]
         return [(r.row.hparams, r.row.duration_s) for r in runs[:limit]]
 
+    def latest_trial_tags(self, exp_id: str, names: list[str]) -> dict[str, str] | None:
+        run = next((r for r in reversed(self._trials(exp_id)) if r.state is TrialState.FINISHED), None)
+        return None if run is None else {n: run.tags[n] for n in names if n in run.tags}
+
     def start_parent_run(self, exp_id: str, sweep_id: str, tags: dict[str, str], params: dict) -> str:
         run = MemRun(f"run{next(self._ids)}", exp_id, "sweep", sweep_id, dict(tags), dict(params))
         self.runs[run.run_id] = run

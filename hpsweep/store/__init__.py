@@ -68,6 +68,9 @@ class SweepStore:
     def finished_trial_durations(self, exp_id: str, spec_hash: str | None, limit: int) -> list[tuple[Hparams, float]]:
         return runs.finished_trial_durations(self.client, exp_id, spec_hash, limit)
 
+    def latest_trial_tags(self, exp_id: str, names: list[str]) -> dict[str, str] | None:
+        return runs.latest_trial_tags(self.client, exp_id, names)
+
     def start_parent_run(self, exp_id: str, sweep_id: str, tags: dict[str, str], params: dict) -> str:
         return runs.start_parent_run(self.client, exp_id, sweep_id, tags, params)
 

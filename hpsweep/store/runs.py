@@ -280,6 +280,14 @@ def finished_trial_durations(client: MlflowClient, exp_id: str, spec_hash: str |
             for r in runs if TAG_DURATION in r.data.tags]
 
 
+def latest_trial_tags(client: MlflowClient, exp_id: str, names: list[str]) -> dict[str, str] | None:
+    """Those of tags ``names`` that the experiment's newest FINISHED trial run has (the versions a new
+    sweep compares with, to say why nothing is reused); None when it has no finished trial."""
+    flt = all_of(tag_equals(TAG_ROLE, "trial"), tag_equals(TAG_STATUS, "FINISHED"), "attributes.status = 'FINISHED'")
+    run = next(search(client, [exp_id], flt, order_by=["attributes.start_time DESC"], limit=1), None)
+    return None if run is None else {n: run.data.tags[n] for n in names if n in run.data.tags}
+
+
 def latest_parent_run(client: MlflowClient, experiment_ids: list[str], sweep_id: str | None = None) -> Run | None:
     """The newest parent run of the experiments (of ``sweep_id`` when given)."""
     flt = all_of(tag_equals(TAG_ROLE, "sweep"), tag_equals(TAG_SWEEP_ID, sweep_id) if sweep_id else None)
