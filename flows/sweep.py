@@ -27,6 +27,7 @@ from hpsweep.engine.pool import PoolLauncher, check_pool_limit
 from hpsweep.engine.quota import REPOSSESS_EVERY_S, SLOT_LEASE_S, ensure_quota_limit
 from hpsweep.inputs import load_inputs
 from hpsweep.model import AttemptResult, TrialJob, TrialRow
+from hpsweep.plan import describe_reuse
 from hpsweep.report.leaderboard import render_markdown
 from hpsweep.store import SweepStore, resolve_tracking_uri
 
@@ -78,9 +79,10 @@ def sweep(config: SweepConfig) -> dict[str, Any]:
     if opened.zombies:
         logger.warning("closed %d zombie run(s) left RUNNING by a dead process: %s", len(opened.zombies),
                        opened.zombies)
-    logger.info("sweep %s: %d combinations, %d reused, %d to train, %d at once (quota %d, %d GPU(s) per trial, "
-                "host GPUs %s), %s", opened.run.sweep_id, len(opened.trials), len(opened.reused),
-                len(opened.to_train), opened.parallel, config.quota, gpus, list(host) or "none", opened.order)
+    logger.info("sweep %s: %d combinations, %s, %d at once (quota %d, %d GPU(s) per trial, host GPUs %s), %s",
+                opened.run.sweep_id, len(opened.trials),
+                describe_reuse(len(opened.to_train), len(opened.reused), opened.why_not_reused), opened.parallel,
+                config.quota, gpus, list(host) or "none", opened.order)
     with engine.closed_on_crash(store, opened.run.experiment_id, opened.run.sweep_id, opened.run.parent_run_id):
         launcher = _launcher(config, opened)
         trials = SweepEngine(

@@ -27,7 +27,7 @@ from hpsweep.report import assemble
 from hpsweep.store import SweepStore
 from hpsweep.store.runs import setting_params
 from hpsweep.store.tags import TAG_DISPATCH, TAG_GIT_COMMIT, TAG_QUOTA, TAG_SPEC_HASH
-from hpsweep.versions import git_commit
+from hpsweep.versions import code_manifest_tag, git_commit
 
 log = logging.getLogger("hpsweep")
 
@@ -45,6 +45,7 @@ class OpenedSweep:
     order: str  # how to_train is ordered, in words
     provenance: dict[str, str]  # versions, git commit, quota: the parent run's tags and the report's header
     zombies: list[str]  # runs of dead processes closed on the way
+    why_not_reused: str | None = None  # what changed since the experiment's last trials, when anything did
 
 
 def new_sweep_id(name: str) -> str:
@@ -64,6 +65,7 @@ def open_sweep(config: SweepConfig, inputs: SweepInputs, store: SweepStore, capa
     experiment_id = store.ensure_experiment(name)
     zombies = store.reap_zombies(experiment_id, ZOMBIE_AFTER_S)
     reused = plan.reusable_runs(store, experiment_id, trials, versions, config.retrain)
+    why = plan.why_not_reused(store, experiment_id, inputs.spec, versions, config.retrain)
     to_train = plan.trials_to_train(trials, reused)
     resumable = store.unfinished_trial_keys(experiment_id, {t.key for t in to_train}, versions)
     slots = max(1, min(len(to_train), capacity))
@@ -88,9 +90,11 @@ def open_sweep(config: SweepConfig, inputs: SweepInputs, store: SweepStore, capa
         tracking_uri=store.tracking_uri, work_dir=config.work_dir, settings=dict(spec.settings),
         train=str(inputs.train.resolve()), val=str(inputs.val.resolve()), entrypoint=spec.trainer.entrypoint,
         command=spec.trainer.command, time_limit_s=spec.time_limit_s, gpus=gpus,
-        versions={**versions, TAG_GIT_COMMIT: provenance[TAG_GIT_COMMIT]}, data_refs=data_refs,
+        # The code manifest goes on trial runs only: a later plan names the files that changed.
+        versions={**versions, TAG_GIT_COMMIT: provenance[TAG_GIT_COMMIT], **code_manifest_tag(inputs.spec)},
+        data_refs=data_refs,
         resumable=frozenset(resumable))
-    return OpenedSweep(run, trials, reused, to_train, parallel, slots, order, provenance, zombies)
+    return OpenedSweep(run, trials, reused, to_train, parallel, slots, order, provenance, zombies, why)
 
 
 def _dispatch(store: SweepStore, experiment_id: str, inputs: SweepInputs, versions: dict[str, str],
