@@ -94,6 +94,17 @@ def build_parser() -> argparse.ArgumentParser:
             cmd.add_argument("--json", action="store_true", help="print the status as JSON (for machines)")
     prep = sub.add_parser("prepare", help="write the demo's train/validation split (scikit-learn digits)")
     prep.add_argument("--out", type=Path, default=DEMO_DATA, help="output folder (default: %(default)s)")
+    quota = sub.add_parser("quota", help="show or set the GPU quota every sweep on this Prefect shares",
+                           description="Show the Prefect concurrency limit that holds the GPU quota, its slots in "
+                           "use and which sweeps hold them; with N, set it to N slots (and activate it). The first "
+                           "sweep creates it from its --quota; later sweeps never change it. Without "
+                           "PREFECT_API_URL it lives in Prefect's local database (PREFECT_HOME), as for `run`.")
+    quota.add_argument("size", nargs="?", type=int, default=None, metavar="N", help="set the limit to N slots")
+    quota.add_argument("--force", action="store_true", help="set N even below the slots in use")
+    quota.add_argument("--limit-name", default=None, dest="quota_limit", help="the limit's name (default: "
+                       "params.yaml's sweep.quota_limit, else hpsweep-gpus)")
+    quota.add_argument("--params", type=Path, default=Path("params.yaml"),
+                       help="YAML whose `sweep:` section gives the default name (default: %(default)s)")
     return parser
 
 
@@ -325,6 +336,31 @@ def _report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _quota(args: argparse.Namespace) -> int:
+    from hpsweep.config import DEFAULT_LIMIT_NAME
+    from hpsweep.engine import quota
+
+    try:
+        name = args.quota_limit or read_params(args.params).get("quota_limit") or DEFAULT_LIMIT_NAME
+    except SweepInputError as e:
+        return _input_errors(e)
+    if args.size is None:
+        if args.force:
+            return _not_found(ValueError("--force goes with N (the new size of the limit)"))
+        Console(highlight=False).print(escape(quota.render_quota(quota.show_quota(name))), soft_wrap=True)
+        return EXIT_OK
+    if args.size < 1:
+        return _not_found(ValueError(f"N must be at least 1, got {args.size}"))
+    try:
+        before, after = quota.set_quota(name, args.size, args.force)
+    except quota.QuotaInUse as e:
+        return _not_found(e)
+    was = ("absent" if before is None else f"{before.limit} slots" + ("" if before.active else ", inactive"))
+    Console(highlight=False).print(escape(f"quota limit {name!r}: {after.limit} slots ({after.active_slots} in use); "
+                                          f"was {was}"), soft_wrap=True)
+    return EXIT_OK
+
+
 def _not_found(e: Exception) -> int:
     problems = e.problems if isinstance(e, SweepInputError) else [str(e)]
     for problem in problems:
@@ -341,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
             train, val = prepare(args.out)
             console.print(f"wrote {train} and {val}")
             return EXIT_OK
-        commands = {"plan": _plan, "status": _status, "report": _report}
+        commands = {"plan": _plan, "status": _status, "report": _report, "quota": _quota}
         if args.command in commands:
             return commands[args.command](args)
         if args.command == "demo":
