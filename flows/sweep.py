@@ -13,7 +13,6 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.concurrency.sync import concurrency
 from prefect.runtime import flow_run
 from prefect.utilities.annotations import quote
 
@@ -25,6 +24,7 @@ from hpsweep.engine.gpus import GpuPool, host_gpus, max_parallel_trials
 from hpsweep.engine.launcher import LocalLauncher, TrialLauncher
 from hpsweep.engine.pool import PoolLauncher, check_pool_limit
 from hpsweep.engine.quota import REPOSSESS_EVERY_S, SLOT_LEASE_S, ensure_quota_limit
+from hpsweep.engine.quota import hold_slot as hold_quota_slot
 from hpsweep.inputs import load_inputs
 from hpsweep.model import AttemptResult, TrialJob, TrialRow
 from hpsweep.plan import describe_reuse
@@ -66,11 +66,12 @@ def sweep(config: SweepConfig) -> dict[str, Any]:
     store = SweepStore.at(resolve_tracking_uri(config.tracking_uri))
     gpus = inputs.spec.resources.gpus
     if local:
-        if taken := ensure_quota_limit(config.quota_limit, config.quota):
+        shared = ensure_quota_limit(config.quota_limit, config.quota, gpus)
+        if shared.active and shared.active_slots:
             logger.warning("%d of the %d slots of quota limit %r are taken: trials wait for them. Another sweep "
-                           "holds them, or one that died: its slots come back within %.0f s.", taken, config.quota,
-                           config.quota_limit, SLOT_LEASE_S + REPOSSESS_EVERY_S)
-        capacity = depth = max_parallel_trials(config.quota, gpus, host, len(inputs.combinations))
+                           "holds them, or one that died: its slots come back within %.0f s.", shared.active_slots,
+                           shared.limit, config.quota_limit, SLOT_LEASE_S + REPOSSESS_EVERY_S)
+        capacity = depth = max_parallel_trials(shared.usable(config.quota), gpus, host, len(inputs.combinations))
     else:
         capacity = check_pool_limit(config.pool, config.quota)
         depth = 2 * capacity + 2  # enough flow runs waiting in the pool that a freed slot is taken at once
@@ -88,8 +89,7 @@ def sweep(config: SweepConfig) -> dict[str, Any]:
         trials = SweepEngine(
             opened.run, launcher, RetryPolicy(config.max_attempts, config.retry_delay_s),
             callbacks=[LogCallback(logger), *observers()], gpu_pool=GpuPool(host),
-            hold_slot=(lambda: concurrency(config.quota_limit, occupy=gpus, strict=True,
-                                           lease_duration=SLOT_LEASE_S)) if local else nullcontext,
+            hold_slot=(lambda: hold_quota_slot(config.quota_limit, gpus, flow_run.id)) if local else nullcontext,
             run_attempt=lambda job, gpu_ids: trial_attempt(job, gpu_ids, quote(launcher)))
         with engine.parent_heartbeat(store, opened):
             trials.run(opened.to_train, opened.parallel)

@@ -232,8 +232,11 @@ def _run(args: argparse.Namespace) -> int:
     # code never imports the flows layer that is built on it.
     sweep = load_flow_from_entrypoint(SWEEP_FLOW, use_placeholder_flow=False)
     logging.getLogger("prefect.task_runs").setLevel(logging.WARNING)  # one line per trial comes from us
-    with quota.dead_sweeps_slots_returned(config.launcher == "local"), observing(RichProgress()):
-        result = sweep(config)
+    try:
+        with quota.dead_sweeps_slots_returned(config.launcher == "local"), observing(RichProgress()):
+            result = sweep(config)
+    except SweepInputError as e:  # found only once Prefect is up (e.g. a quota limit too small for a trial)
+        return _input_errors(e)
     _print_summary(result)
     return EXIT_OK if result["counts"]["failed"] == 0 else EXIT_TRIALS_FAILED
 

@@ -21,7 +21,7 @@ class SweepConfig(BaseModel):
     spec: Path = Field(description="model spec YAML")
     train: Path = Field(description="training data (file or folder)")
     val: Path = Field(description="validation data (file or folder)")
-    quota: int = Field(default=1, description="GPUs the organisation may use at once (Prefect concurrency limit)")
+    quota: int = Field(default=1, description="GPUs this sweep may use at once; creates the shared Prefect concurrency limit when absent (never changes it: `hpsweep quota N` does)")
     name: str | None = Field(default=None, pattern=NAME_PATTERN, max_length=200,
                              description="sweep name (MLflow experiment, registered model): letters, digits, "
                                          "'.', '_', '-'; default: the spec's name")
