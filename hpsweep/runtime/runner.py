@@ -178,12 +178,20 @@ def _train_durably(req: TrialRequest, client: MlflowClient) -> dict[str, Any]:
         if system is not None:
             system.stop()  # its last sample goes into the flush below
     metrics.flush()  # a trial is not done until its progress is stored
+    retrying(lambda: _take_back_run(client, req.run_id), "reopening the trial's run", deadline_s=600)
     if paths.model.is_dir() and any(paths.model.iterdir()) and "error" not in outcome \
             and not outcome.get("exit_code"):
         # Uploaded from the trial's own process: on a fleet, the files live only here.
         retrying(lambda: artifacts.upload_dir(client, req.run_id, paths.model, artifacts.MODEL_ARTIFACT_DIR),
                  "uploading the model", deadline_s=3600)
     return outcome
+
+
+def _take_back_run(client: MlflowClient, run_id: str) -> None:
+    """A trainer that ended hpsweep's run itself (``with mlflow.start_run(run_id=MLFLOW_RUN_ID)`` ends
+    it FINISHED or FAILED) hands it back RUNNING: hpsweep closes it, with the trial's outcome."""
+    if client.get_run(run_id).info.status != "RUNNING":
+        client.update_run(run_id, status="RUNNING")
 
 
 def _die_with_parent() -> None:
