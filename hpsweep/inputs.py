@@ -340,17 +340,16 @@ def _pydantic_problems(name: str, error: ValidationError) -> list[Problem]:
     return problems
 
 
-def check_trainer(name: str, trainer: TrainerSpec) -> list[Problem]:
+def check_trainer(name: str, trainer: TrainerSpec, cwd: Path | None = None) -> list[Problem]:
+    """What would stop the trainer from starting: an entry point that does not import, or a command
+    whose program or scripts are not there (``cwd``: where trials run, default the working directory)."""
     if trainer.entrypoint is not None:
         try:
             resolve_entrypoint(trainer.entrypoint)
         except (ImportError, AttributeError, ValueError, TypeError) as e:
             return [Problem(name, str(e), key="trainer.entrypoint")]
         return []
-    exe = trainer.command[0]  # type: ignore[index]
-    if shutil.which(exe) is None:
-        return [Problem(name, f"executable '{exe}' not found (not on PATH, or not executable)", key="trainer.command")]
-    return []
+    return command_problems(name, trainer.command or [], cwd)
 
 
 def resolve_entrypoint(entrypoint: str):
@@ -370,6 +369,72 @@ def resolve_entrypoint(entrypoint: str):
     if not callable(fn):
         raise TypeError(f"'{entrypoint}' is not callable")
     return fn
+
+
+# An argv element naming a script the command runs: it must exist before any trial starts.
+SCRIPT_SUFFIXES = (".py", ".sh")
+# Not a path: shell or Python code (`bash -c '…'`), an option's value, a URL, a glob.
+_NOT_A_PATH = re.compile(r"""[\s;|&$`'"()<>*?\[\]{}=]|://""")
+
+
+def script_arguments(command: list[str]) -> list[tuple[int, str]]:
+    """(index, argument) of each argv element after the program that looks like a path to a script:
+    it ends in .py/.sh or contains a '/', and is neither an option nor code (the value after -c)."""
+    found = []
+    for i, arg in enumerate(command[1:], start=1):
+        if arg.startswith("-") or command[i - 1] == "-c" or _NOT_A_PATH.search(arg):
+            continue
+        if arg.endswith(SCRIPT_SUFFIXES) or "/" in arg:
+            found.append((i, arg))
+    return found
+
+
+def resolve_executable(program: str, cwd: Path | None = None) -> str | None:
+    """The absolute path a command's program runs from: a bare name through PATH, as the trial will
+    find it; a path relative to ``cwd``. None when it is missing or not executable."""
+    base = cwd or Path.cwd()
+    found = shutil.which(program) if "/" not in program else shutil.which(str(base / program))
+    return os.path.abspath(found) if found else None
+
+
+def resolved_interpreter(spec: ModelSpec, cwd: Path | None = None) -> str | None:
+    """The program that runs the spec's trainer: the command's argv[0] resolved now (a bare `python`
+    through PATH), or this Python for an entry point (trials fork from this process). None: not found."""
+    if spec.trainer.command is None:
+        return sys.executable
+    return resolve_executable(spec.trainer.command[0], cwd)
+
+
+def command_problems(name: str, command: list[str], cwd: Path | None = None) -> list[Problem]:
+    """One Problem (key trainer.command) for the program and for each script argument that is not there."""
+    import difflib
+
+    base = cwd or Path.cwd()
+    problems = []
+    program = command[0]
+    if resolve_executable(program, base) is None:
+        if "/" not in program:
+            message = f"executable '{program}' not found (not on PATH, or not executable)"
+        elif (base / program).exists():
+            message = f"executable '{program}' is not executable (chmod +x it, or run it through its interpreter)"
+        else:
+            message = f"executable '{program}' not found in {base}"
+        problems.append(Problem(name, message, key="trainer.command"))
+    for i, arg in script_arguments(command):
+        path = base / arg
+        if path.exists():
+            continue
+        message = f"file '{arg}' (argv[{i}]) not found in {base}"
+        try:
+            siblings = [p.name for p in path.parent.iterdir()] if path.parent.is_dir() else []
+        except OSError:
+            siblings = []
+        close = difflib.get_close_matches(path.name, siblings, n=1)
+        if close:
+            stem = arg.rstrip("/")
+            message += f" (did you mean '{stem[:len(stem) - len(path.name)]}{close[0]}'?)"
+        problems.append(Problem(name, message, key="trainer.command"))
+    return problems
 
 
 # ---------------------------------------------------------------- everything together

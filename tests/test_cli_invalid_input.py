@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -184,3 +185,17 @@ def test_a_sweep_name_outside_the_spec_names_pattern_is_rejected(project: Projec
     combos, spec = put(project, VALID / VALID_COMBOS), put(project, VALID / VALID_SPEC)
     lines = assert_rejected(project, run(project, combos, spec, "--name", name))
     assert len(lines) == 1 and lines[0].startswith("error: --name: String should match pattern"), lines
+
+
+def test_a_typo_in_the_commands_script_is_refused_identically_by_plan_and_run(project: Project):
+    # sm_gleu.py for sm_glue.py: refused before any trial starts, with the likely name.
+    project.write("sm_glue.py", "print('training')\n")
+    spec = project.write("params/cmd.yaml", f"trainer:\n  command: [{sys.executable!r}, sm_gleu.py, --fast]\n")
+    combos = put(project, VALID / VALID_COMBOS)
+    expected = [f"error: params/cmd.yaml: key 'trainer.command': file 'sm_gleu.py' (argv[1]) not found in "
+                f"{project.root} (did you mean 'sm_glue.py'?)"]
+    for command in ("plan", "run"):
+        result = project.hpsweep(command, "--combinations", combos, "--spec", "params/cmd.yaml", "--train",
+                                 "data/train.csv", "--val", "data/val.csv", "--quota", "2", timeout=60)
+        assert assert_rejected(project, result) == expected, command
+    assert spec.exists()

@@ -7,6 +7,7 @@ Row numbers: a YAML file's row N is its N-th combination; a CSV file's row N is 
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ import pytest
 
 from hpsweep.config import SweepConfig, build_config, read_params
 from hpsweep.inputs import (ModelSpec, Problem, SweepInputError, load_combinations, load_inputs, load_spec,
-                            parse_csv_value)
+                            parse_csv_value, resolved_interpreter)
 
 DATA = Path(__file__).resolve().parent / "data"
 VALID = DATA / "valid"
@@ -55,6 +56,13 @@ INVALID_SPECS: dict[str, list[tuple[int | None, str | None, str]]] = {
         (None, "trainer.entrypoint", r"^module 'tests\.trainers' has no attribute 'no_such_function'$")],
     "spec_missing_command.yaml": [
         (None, "trainer.command", r"^executable 'no-such-executable-for-hpsweep-tests' not found")],
+    "spec_missing_script.yaml": [
+        (None, "trainer.command", r"^file 'trainers/sm_gleu\.sh' \(argv\[1\]\) not found in /")],
+    "spec_missing_program_path.yaml": [
+        (None, "trainer.command", r"^executable '\./no-such-trainer-for-hpsweep-tests' not found in /")],
+    "spec_missing_command_and_script.yaml": [
+        (None, "trainer.command", r"^executable 'no-such-executable-for-hpsweep-tests' not found"),
+        (None, "trainer.command", r"^file 'no_such_script_for_hpsweep_tests\.py' \(argv\[1\]\) not found in /")],
     "spec_bad_gpus.yaml": [(None, "resources.gpus", r"greater than or equal to 1")],
     "spec_nonscalar_setting.yaml": [
         (None, "settings.layers", r"^value \[64, 32\] is not a scalar \(int, float, str or bool\)$")],
@@ -138,12 +146,58 @@ def test_minimal_spec_defaults_name_to_file_stem_and_one_gpu():
     assert spec.settings == {} and spec.time_limit_s is None and spec.expected_duration_s is None
 
 
-def test_command_trainer_spec(tmp_path: Path):
+def test_command_trainer_spec(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.chdir(tmp_path)  # trials run in the working directory: the script is found there
+    (tmp_path / "my_train.py").write_text("print('training')\n")
     path = tmp_path / "cmd.yaml"
-    path.write_text(f"trainer:\n  command: [{sys.executable!r}, my_train.py, --fast]\n")
+    # Options, option values, URLs, globs and code after -c are not scripts: none of them must exist.
+    argv = [sys.executable, "my_train.py", "--fast", "--out", "--model=results/m.pkl", "s3://bucket/data",
+            "data/*.csv", "-c", "import x; x.run('a/b')"]
+    path.write_text(f"trainer:\n  command: {argv!r}\n")
     spec = load_spec(path)
-    assert spec.trainer.command == [sys.executable, "my_train.py", "--fast"] and spec.trainer.entrypoint is None
+    assert spec.trainer.command == argv and spec.trainer.entrypoint is None
     assert spec.name == "cmd"
+
+
+def test_a_typo_in_the_commands_script_is_caught_with_the_likely_name(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sm_glue.py").write_text("print('training')\n")
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "tree.yaml").write_text("{}\n")
+    path = tmp_path / "spec.yaml"
+    path.write_text(f"trainer:\n  command: [{sys.executable!r}, sm_gleu.py, --config, conf/tre.yaml]\n")
+    with pytest.raises(SweepInputError) as info:
+        load_spec(path)
+    assert [str(p) for p in info.value.problems] == [
+        f"{path}: key 'trainer.command': file 'sm_gleu.py' (argv[1]) not found in {tmp_path} "
+        "(did you mean 'sm_glue.py'?)",
+        f"{path}: key 'trainer.command': file 'conf/tre.yaml' (argv[3]) not found in {tmp_path} "
+        "(did you mean 'conf/tree.yaml'?)"]
+
+
+def test_the_interpreter_is_resolved_through_path_as_the_trial_will_find_it(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch):
+    # Which `python` a command means depends on PATH: resolved now, so the plan can show it.
+    venv_bin = tmp_path / "venv" / "bin"
+    venv_bin.mkdir(parents=True)
+    (venv_bin / "python").write_text("#!/bin/sh\n")
+    (venv_bin / "python").chmod(0o755)
+    (tmp_path / "train.py").write_text("print('training')\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PATH", f"{venv_bin}{os.pathsep}{os.environ['PATH']}")
+    path = tmp_path / "spec.yaml"
+    path.write_text("trainer:\n  command: [python, train.py]\n")
+    assert resolved_interpreter(load_spec(path)) == str(venv_bin / "python")
+    (venv_bin / "python").chmod(0o644)  # not executable: the trial could not start it
+    path.write_text("trainer:\n  command: [./venv/bin/python, train.py]\n")
+    with pytest.raises(SweepInputError) as info:
+        load_spec(path)
+    assert [str(p) for p in info.value.problems] == [
+        f"{path}: key 'trainer.command': executable './venv/bin/python' is not executable "
+        "(chmod +x it, or run it through its interpreter)"]
+    # An entry point runs in this very Python (trials fork from the sweep's process).
+    assert resolved_interpreter(load_spec(VALID / "spec.yaml")) == sys.executable
 
 
 def test_load_inputs_accepts_the_valid_files(tmp_path: Path):

@@ -11,7 +11,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from hpsweep.engine.gpus import GpuPool, host_gpus, max_parallel_trials
-from hpsweep.engine.outcome import check_f1, judge
+from hpsweep.engine.outcome import MAX_ERROR_CHARS, check_f1, error_line, judge
 from tests.conftest import alive
 from hpsweep.engine.process import ProcessRunner
 from hpsweep.model import TrialJob
@@ -35,6 +35,47 @@ def test_judge_tells_machine_failures_from_trainer_failures():
     timed_out = judge(None, True, 2.0, None, None)
     assert not timed_out.retryable and "time limit of 2 s" in timed_out.reason
     assert judge(0, False, None, {"returned": True}, {"f1": 0.5}).f1 == 0.5
+
+
+SKLEARN_ERROR = ("sklearn.utils._param_validation.InvalidParameterError: The 'min_samples_split' parameter of "
+                 "DecisionTreeClassifier must be an int in the range [2, inf) or a float in the range (0.0, 1.0]. "
+                 "Got 1 instead.")
+CHAINED_TRACEBACK = f"""epoch 1 done
+Traceback (most recent call last):
+  File "train.py", line 3, in <module>
+    fit()
+KeyError: 'depth'
+
+During handling of the above exception, another exception occurred:
+
+Traceback (most recent call last):
+  File "train.py", line 9, in <module>
+    raise InvalidParameterError(msg)
+{SKLEARN_ERROR}
+wandb: Waiting for W&B process to finish... (failed 1).
+"""
+
+
+@pytest.mark.parametrize("stderr, line", [
+    (CHAINED_TRACEBACK, SKLEARN_ERROR),  # the last exception, not what an exit handler printed after it
+    ("loading\nfatal: CUDA out of memory\n\n", "fatal: CUDA out of memory"),
+    ("\x1b[31mError: bad flag --lr\x1b[0m\n\u2570\u2500\u2500\u256f\n", "Error: bad flag --lr"),  # colours, box art
+    ("", None), ("\n \n", None),
+])
+def test_the_error_line_is_the_trainers_own_last_words(stderr, line):
+    assert error_line(stderr) == line
+
+
+def test_a_failed_command_is_judged_with_its_error_line_and_where_the_log_is():
+    outcome = judge(0, False, None, {"exit_code": 1, "stderr_tail": CHAINED_TRACEBACK}, None, log_hint="the log")
+    assert outcome.reason == f"command exited with code 1: {SKLEARN_ERROR} (full log: the log)"
+    assert not outcome.retryable
+    long = judge(0, False, None, {"error": "ValueError: " + "x" * 5000}, None)
+    assert len(long.reason) <= len("trainer raised ") + MAX_ERROR_CHARS and long.reason.endswith("x…")
+    multi = judge(0, False, None, {"error": "ValidationError: 1 error\n  depth\n    must be >= 2"}, None)
+    assert multi.reason == "trainer raised ValidationError: 1 error depth must be >= 2"  # one line, for a table
+    died = judge(1, False, None, None, None, log_tail="Fatal Python error: Segmentation fault\n")
+    assert died.retryable and died.reason.endswith("without reporting: Fatal Python error: Segmentation fault")
 
 
 def test_gpu_discovery_and_packing():

@@ -105,3 +105,11 @@ def shards(hparams: dict[str, Any], data: DataRefs, ctx: TrainContext) -> float:
     ctx.report(1, val_f1=f1)
     (ctx.model_dir / "weights.txt").write_text(json.dumps(hparams))
     return f1
+
+
+def strict_depth(hparams: dict[str, Any], data: DataRefs, ctx: TrainContext) -> float:
+    """Rejects a `max_depth` below 2 as scikit-learn's trees would; else F1 from the `f1` hparam."""
+    print(f"fitting a tree with {hparams}")  # stdout: part of the trial log, not of the reason
+    if int(hparams.get("max_depth", 2)) < 2:
+        raise ValueError("max_depth must be >= 2")
+    return float(hparams.get("f1", 0.5))

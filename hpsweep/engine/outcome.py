@@ -6,10 +6,39 @@ again is the engine's RetryPolicy's decision alone."""
 from __future__ import annotations
 
 import math
+import re
 import signal
 from typing import Any
 
 from hpsweep.model import Outcome
+
+# The trainer's own error text in a reason: enough for a Python exception line, short enough for a table cell.
+MAX_ERROR_CHARS = 300
+
+_TRACEBACK = "Traceback (most recent call last):"
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07")
+
+
+def error_line(text: str | None) -> str | None:
+    """The trainer's own last error, from its stderr: the ``Type: message`` line of the last Python
+    traceback (what follows it may be an exit handler's output), else the last line with a letter or
+    digit in it; at most MAX_ERROR_CHARS long. None when there is nothing to show."""
+    if not text:
+        return None
+    lines = [_ANSI.sub("", line).rstrip() for line in text.splitlines()]
+    starts = [i for i, line in enumerate(lines) if line.strip() == _TRACEBACK]
+    if starts:  # a traceback's frames are indented; its exception line is the first one that is not
+        line = next((line for line in lines[starts[-1] + 1:] if line and not line[0].isspace()), None)
+        if line is not None:
+            return bounded(line)
+    shown = [line for line in lines if any(c.isalnum() for c in line)]
+    return bounded(shown[-1]) if shown else None
+
+
+def bounded(text: str, limit: int = MAX_ERROR_CHARS) -> str:
+    """``text`` on one line (whitespace collapsed), cut to ``limit`` characters with an ellipsis."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[:limit - 1].rstrip() + "…"
 
 
 def judge(
@@ -18,28 +47,44 @@ def judge(
     time_limit_s: float | None,
     outcome: dict[str, Any] | None,
     result: dict[str, Any] | None,
+    *,
+    log_tail: str | None = None,
+    log_hint: str | None = None,
 ) -> Outcome:
-    """Turn what a trial process left behind into an outcome with a reason a person can act on."""
+    """Turn what a trial process left behind into an outcome with a reason a person can act on.
+
+    ``log_tail``: the end of the trial log (the cause when the process died without reporting);
+    ``log_hint``: where the full log is, appended to the reason of a failure the log can explain.
+    """
+    see_log = f" (full log: {log_hint})" if log_hint else ""
     if timed_out:
-        return Outcome(False, None, f"time limit of {time_limit_s:g} s exceeded: killed", killed=True)
+        return Outcome(False, None, f"time limit of {time_limit_s:g} s exceeded: killed{see_log}", killed=True)
     if exitcode is not None and exitcode < 0:
         name = signal.Signals(-exitcode).name
-        return Outcome(False, None, f"trainer process killed by {name} (out of memory or lost host?)",
-                            retryable=True, killed=True)
+        return Outcome(False, None, f"trainer process killed by {name} (out of memory or lost host?){see_log}",
+                       retryable=True, killed=True)
     if outcome is None:
-        return Outcome(False, None, f"trainer process exited with code {exitcode} without reporting",
-                            retryable=True)
+        return Outcome(False, None, f"trainer process exited with code {exitcode} without reporting"
+                                    f"{_cause(error_line(log_tail))}{see_log}", retryable=True)
     if "error" in outcome:
         if outcome.get("retryable"):
             return Outcome(False, None, outcome["error"], retryable=True)
-        return Outcome(False, None, f"trainer raised {outcome['error']}")
+        return Outcome(False, None, f"trainer raised {bounded(str(outcome['error']))}{see_log}")
     if outcome.get("exit_code"):
         code = outcome["exit_code"]
         if code < 0:
-            return Outcome(False, None, f"command killed by {signal.Signals(-code).name}",
-                                retryable=True, killed=True)
-        return Outcome(False, None, f"command exited with code {code}")
-    return check_f1(result)
+            return Outcome(False, None, f"command killed by {signal.Signals(-code).name}{see_log}",
+                           retryable=True, killed=True)
+        cause = _cause(error_line(outcome.get("stderr_tail")))
+        return Outcome(False, None, f"command exited with code {code}{cause}{see_log}")
+    checked = check_f1(result)
+    if see_log and (result is None or "f1" not in result):  # a trainer that wrote no F1 may have said why
+        return Outcome(False, None, f"{checked.reason}{see_log}")
+    return checked
+
+
+def _cause(line: str | None) -> str:
+    return f": {line}" if line else ""
 
 
 def check_f1(result: dict[str, Any] | None) -> Outcome:

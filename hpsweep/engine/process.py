@@ -92,12 +92,15 @@ class ProcessRunner:
         if timed_out:
             _kill_group(proc)
         ended = time.time()
+        reported = _read_json(paths.outcome)
         outcome = judge(
             exitcode=proc.exitcode,
             timed_out=timed_out,
             time_limit_s=time_limit_s,
-            outcome=_read_json(paths.outcome),
+            outcome=reported,
             result=_read_json(paths.result),
+            log_tail=_read_tail(paths.log) if reported is None and not timed_out else None,
+            log_hint=f"artifact {paths.log.name} of run {request.run_id}",  # the launcher logs it there
         )
         proc.close()
         return outcome.timed(started, ended)
@@ -120,6 +123,16 @@ def _kill_group(proc: multiprocessing.process.BaseProcess) -> None:
 def _empty_dir(path) -> None:
     shutil.rmtree(path, ignore_errors=True)
     path.mkdir(parents=True)
+
+
+def _read_tail(path, size: int = 16 * 1024) -> str | None:
+    """The last ``size`` bytes of a text file, or None when it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - size))
+            return f.read().decode("utf-8", errors="replace")
+    except OSError:
+        return None
 
 
 def _read_json(path) -> dict[str, Any] | None:

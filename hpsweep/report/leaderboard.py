@@ -108,7 +108,7 @@ def _hparam_keys(rows: Sequence[TrialRow]) -> list[str]:
     return list(dict.fromkeys(k for r in rows for k in r.hparams))
 
 
-def _one_line(text: str, limit: int = 120) -> str:
+def _one_line(text: str, limit: int = 400) -> str:
     text = " ".join(text.split()).replace("|", "\\|")
     return text if len(text) <= limit else text[: limit - 1] + "…"
 

@@ -17,6 +17,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -170,18 +171,27 @@ def _train_durably(req: TrialRequest, client: MlflowClient) -> dict[str, Any]:
         outcome = _run_entrypoint(req, metrics) if req.job.entrypoint is not None else _run_command(req)
     except BaseException as e:  # SystemExit from a trainer is its own verdict too
         traceback.print_exc()
-        outcome = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+        outcome = {"error": f"{type(e).__name__}: {e}" if str(e) else type(e).__name__,
+                   "traceback": traceback.format_exc()}
     finally:
         sync.stop()
         if system is not None:
             system.stop()  # its last sample goes into the flush below
     metrics.flush()  # a trial is not done until its progress is stored
+    retrying(lambda: _take_back_run(client, req.run_id), "reopening the trial's run", deadline_s=600)
     if paths.model.is_dir() and any(paths.model.iterdir()) and "error" not in outcome \
             and not outcome.get("exit_code"):
         # Uploaded from the trial's own process: on a fleet, the files live only here.
         retrying(lambda: artifacts.upload_dir(client, req.run_id, paths.model, artifacts.MODEL_ARTIFACT_DIR),
                  "uploading the model", deadline_s=3600)
     return outcome
+
+
+def _take_back_run(client: MlflowClient, run_id: str) -> None:
+    """A trainer that ended hpsweep's run itself (``with mlflow.start_run(run_id=MLFLOW_RUN_ID)`` ends
+    it FINISHED or FAILED) hands it back RUNNING: hpsweep closes it, with the trial's outcome."""
+    if client.get_run(run_id).info.status != "RUNNING":
+        client.update_run(run_id, status="RUNNING")
 
 
 def _die_with_parent() -> None:
@@ -214,9 +224,48 @@ def _run_entrypoint(req: TrialRequest, metrics: MetricsLogger) -> dict[str, Any]
 
 
 def _run_command(req: TrialRequest) -> dict[str, Any]:
-    # The command inherits our stdout/stderr, which are the trial log.
-    proc = subprocess.run(req.job.command, env=os.environ.copy(), preexec_fn=_die_with_parent)  # type: ignore[arg-type]
-    return {"exit_code": proc.returncode}
+    """Run the command with our stdout (the trial log) as its stdout; its stderr goes to the trial log
+    too, through a tee that keeps its end: the failure reason quotes the command's own last error."""
+    proc = subprocess.Popen(req.job.command, env=os.environ.copy(), preexec_fn=_die_with_parent,  # type: ignore[arg-type]
+                            stderr=subprocess.PIPE)
+    tee = StderrTee(proc.stderr.fileno(), sys.stderr.fileno())  # type: ignore[union-attr]
+    code = proc.wait()
+    # A child the command left behind may hold stderr open: quote what arrived, do not wait for it.
+    return {"exit_code": code, "stderr_tail": tee.tail(wait_s=2.0)}
+
+
+# How much of a command's stderr the runner keeps for the failure reason (the last bytes).
+STDERR_TAIL_BYTES = 16 * 1024
+
+
+class StderrTee:
+    """Copies everything read from ``source`` to ``sink`` in a background thread, keeping the last
+    ``keep`` bytes. A failing sink (disk full) loses log lines, never blocks the writer."""
+
+    def __init__(self, source: int, sink: int, keep: int = STDERR_TAIL_BYTES):
+        self._source, self._sink, self._keep = source, sink, keep
+        self._tail = bytearray()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._copy, name="stderr-tee", daemon=True)
+        self._thread.start()
+
+    def _copy(self) -> None:
+        while chunk := os.read(self._source, 65536):
+            view = memoryview(chunk)
+            try:
+                while view:
+                    view = view[os.write(self._sink, view):]
+            except OSError:
+                pass
+            with self._lock:
+                self._tail += chunk
+                del self._tail[:-self._keep]
+
+    def tail(self, wait_s: float) -> str:
+        """What was kept, once the source reached its end or after ``wait_s`` seconds."""
+        self._thread.join(wait_s)
+        with self._lock:
+            return bytes(self._tail).decode("utf-8", errors="replace")
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
