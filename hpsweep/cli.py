@@ -26,7 +26,7 @@ from rich.table import Table
 
 from hpsweep.config import SweepConfig, build_config, read_params
 from hpsweep.engine.gpus import host_gpus
-from hpsweep.inputs import Problem, SweepInputError, SweepInputs, load_inputs
+from hpsweep.inputs import Problem, SweepInputError, SweepInputs, load_inputs, resolved_interpreter
 from hpsweep.plan import DEFAULT_PRICE_PER_GPU_HOUR, DEFAULT_SPOT_PRICE_PER_GPU_HOUR
 from hpsweep.engine.callbacks import SweepCallback
 from hpsweep.model import AttemptResult, PlannedTrial, TrialRow
@@ -278,6 +278,7 @@ def _plan(args: argparse.Namespace) -> int:
     result = plan.make_plan(trials, reused, estimates, plan.slots_for(config.quota, gpus, host), gpus,
                             plan.Prices(args.price, args.spot_price), why)
     result = {"name": name, "quota": config.quota, "launcher": config.launcher, "host_gpus": list(host),
+              "trainer_interpreter": resolved_interpreter(inputs.spec),
               "planning_s": round(time.monotonic() - started, 3), **result}
     if args.json:
         print(json.dumps(result, indent=1))

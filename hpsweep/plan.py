@@ -339,6 +339,8 @@ def render_plan(plan: dict[str, Any], name: str, quota: int, host: tuple[int, ..
     if not plan["to_train"]:
         lines.append("  GPU-hours   0: every trial is reused (--retrain trains them again)")
     lines.append(f"  dispatch    {plan['dispatch_order']}")
+    if plan.get("trainer_interpreter"):
+        lines.append(f"  trainer     runs with {plan['trainer_interpreter']}")
     return "\n".join(lines)
 
 

@@ -20,13 +20,13 @@ from hpsweep.config import SweepConfig
 from hpsweep.dvcdata import data_ref
 from hpsweep.engine.callbacks import Callbacks, SweepCallback
 from hpsweep.engine.controller import SweepRun
-from hpsweep.inputs import SweepInputs
+from hpsweep.inputs import SweepInputs, resolved_interpreter
 from hpsweep.model import HEARTBEAT_S, ZOMBIE_AFTER_S, PlannedTrial, TrialRow
 from hpsweep.periodic import Periodic
 from hpsweep.report import assemble
 from hpsweep.store import SweepStore
 from hpsweep.store.runs import setting_params
-from hpsweep.store.tags import TAG_DISPATCH, TAG_GIT_COMMIT, TAG_QUOTA, TAG_SPEC_HASH
+from hpsweep.store.tags import TAG_INTERPRETER, TAG_DISPATCH, TAG_GIT_COMMIT, TAG_QUOTA, TAG_SPEC_HASH
 from hpsweep.versions import code_manifest_tag, git_commit
 
 log = logging.getLogger("hpsweep")
@@ -77,7 +77,8 @@ def open_sweep(config: SweepConfig, inputs: SweepInputs, store: SweepStore, capa
     sweep_id = new_sweep_id(name)
     gpus = inputs.spec.resources.gpus
     parent_run_id = store.start_parent_run(
-        experiment_id, sweep_id, {**provenance, TAG_DISPATCH: order, **(tags or {})},
+        experiment_id, sweep_id, {**provenance, TAG_DISPATCH: order, **(tags or {}),
+                                  TAG_INTERPRETER: resolved_interpreter(inputs.spec) or ""},
         params={"combinations": config.combinations, "spec": config.spec, "train": config.train,
                 "val": config.val, "quota": config.quota, "gpus_per_trial": gpus, "trials": len(trials),
                 "reused": len(reused), "max_attempts": config.max_attempts, "slots": slots,
