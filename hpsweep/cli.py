@@ -49,6 +49,9 @@ def _run_flags(parser: argparse.ArgumentParser) -> None:
                                  f"{'' if fields[name].is_required() else f', else {fields[name].default}'})")
     parser.add_argument("--retrain", action="store_true", default=None,
                         help=f"{fields['retrain'].description} (default: reuse them)")
+    parser.add_argument("--no-register", action="store_false", default=None, dest="register",
+                        help="leave the model registry alone: do not register the best model nor move "
+                             "@champion (default: params.yaml's sweep.register, else register)")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"),
                         help="YAML whose `sweep:` section gives defaults for the flags above (default: %(default)s)")
 
@@ -177,8 +180,12 @@ def _print_summary(result: dict[str, Any]) -> None:
     out.print(f"{c['total']} trials: {c['finished']} trained, {c['reused']} reused (already FINISHED), "
               f"{c['failed']} failed")
     out.print(f"report: {Path(result['report_dir']) / 'leaderboard.md'}")
-    if result.get("champion"):
-        out.print(f"champion: {result['champion']}")
+    if result.get("champion") or result.get("champion_note"):
+        moved = "moved by this sweep" if result.get("champion_moved") else "not moved by this sweep"
+        out.print(f"champion: {result.get('champion') or 'none'}, {moved}", markup=False, highlight=False,
+                  soft_wrap=True)
+    if result.get("champion_note"):
+        out.print(result["champion_note"], markup=False, highlight=False, soft_wrap=True)
     uri = result["tracking_uri"]
     ui = f"mlflow ui --backend-store-uri {uri}" if not uri.startswith("http") else uri
     out.print(f"MLflow UI: {ui}  (experiment {result['experiment_id']}, parent run {result['parent_run_id']})")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -11,6 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from hpsweep.inputs import NAME_PATTERN, Problem, SweepInputError, yaml_error_message
 
 DEFAULT_LIMIT_NAME = "hpsweep-gpus"
+# The `register` field "shadows" ABCMeta.register, a metaclass method no instance sees: nothing to warn about.
+warnings.filterwarnings("ignore", r'Field name "register" in "SweepConfig" shadows', UserWarning)
 
 
 class SweepConfig(BaseModel):
@@ -31,6 +34,9 @@ class SweepConfig(BaseModel):
                                                                "$MLFLOW_TRACKING_URI, else ./mlflow.db")
     retrain: bool = Field(default=False, description="train every combination again, even those with a "
                                                      "FINISHED run for the same trial key")
+    register: bool = Field(default=True, description="point the model registry's @champion alias at the best "
+                                                      "trial when it beats the champion (False: leave the "
+                                                      "registry alone)")
     max_attempts: int = Field(default=3, ge=1, description="attempts per trial when the machine fails it (killed "
                                                          "by a signal, lost host, tracking unreachable); a "
                                                          "trainer's own error is never retried")

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from hpsweep.model import Hparams, Outcome, TrialRow, TrialState, check_transition, run_name
+from hpsweep.store.registry import RegisteredVersion
 
 
 @dataclass
@@ -40,8 +41,9 @@ class InMemoryStore:
         self._ids = itertools.count(1)
         self.experiments: dict[str, str] = {}
         self.runs: dict[str, MemRun] = {}
-        self.champions: dict[str, tuple[str, str]] = {}  # model → (version, run id)
-        self.versions: dict[str, int] = {}
+        self.champions: dict[str, tuple[str, str]] = {}  # model → (version, run id) @champion points at
+        self.versions: dict[str, int] = {}  # model → versions registered
+        self.registered: dict[str, dict[str, tuple[str, dict[str, str]]]] = {}  # model → run id → (version, moved_by)
 
     # ------------------------------------------------------------ what SweepStore offers
 
@@ -110,16 +112,29 @@ class InMemoryStore:
     def has_model(self, run_id: str) -> bool:
         return self.runs[run_id].has_model
 
-    def register_champion(self, model_name: str, run_id: str) -> str:
-        current = self.champions.get(model_name)
-        if current is not None and current[1] == run_id:
-            return current[0]
-        self.versions[model_name] = self.versions.get(model_name, 0) + 1
-        self.champions[model_name] = (str(self.versions[model_name]), run_id)
-        return self.champions[model_name][0]
+    def register_champion(self, model_name: str, run_id: str, sweep_id: str, note: str) -> str:
+        registered = self.registered.setdefault(model_name, {})
+        if run_id not in registered:  # a run is registered once; later moves reuse its version
+            self.versions[model_name] = self.versions.get(model_name, 0) + 1
+            registered[run_id] = (str(self.versions[model_name]), {})
+        version, moved_by = registered[run_id]
+        moved_by[sweep_id] = note
+        self.champions[model_name] = (version, run_id)
+        return version
 
-    def champion(self, model_name: str) -> tuple[str, str] | None:
-        return self.champions.get(model_name)
+    def champion(self, model_name: str) -> RegisteredVersion | None:
+        current = self.champions.get(model_name)
+        return self.version_of(model_name, current[1]) if current is not None else None
+
+    def version_of(self, model_name: str, run_id: str) -> RegisteredVersion | None:
+        if run_id not in self.registered.get(model_name, {}):
+            return None
+        version, moved_by = self.registered[model_name][run_id]
+        run = self.runs.get(run_id)
+        if run is None:
+            return RegisteredVersion(version, run_id, moved_by=dict(moved_by))
+        return RegisteredVersion(version, run_id, run.row.f1 if run.row else None, run.tags.get("hpsweep.data_version"),
+                                 run.sweep_id, dict(moved_by))
 
     def finish_parent_run(self, parent_run_id: str, counts: dict[str, int], best_f1: float | None,
                           files: list[str], ok: bool) -> None:

@@ -283,10 +283,14 @@ def test_the_report_lists_every_combination_reused_and_never_started_included(tm
     assert board(rows)[3] == {"rank": 4, "hparams": {"i": 4}, "f1": None, "status": "FAILED", "run_id": "",
                               "run_name": "i=4", "attempts": 0, "duration_s": None, "reason": NEVER_STARTED_REASON}
     assert header["champion"] == f"models:/demo@champion (version 1, run {old})" and store.champions["demo"] == ("1", old)
+    assert header["champion_moved"] is True and header["champion_note"].startswith("champion registered: the first")
     assert header["tracking_uri"] == "http://***@mlflow:5000" and (header["spec_hash"], header["quota"]) == ("h", 2)
     assert set(paths) >= {"leaderboard.json", "best.json", "learning_curves.png"}
     written = json.loads(paths["leaderboard.json"].read_text())
     assert written["rows"] == board(rows) and written["champion"] == header["champion"]
+    best = json.loads(paths["best.json"].read_text())
+    assert (best["champion"], best["champion_moved"]) == (header["champion"], True)
+    assert f"- champion: `{header['champion']}` (moved by this sweep)" in paths["leaderboard.md"].read_text()
 
     # `hpsweep report`: from plan.json and the runs alone, the same file again; nothing registered.
     store.log_plan(parent, [TrialRow(index=t.index, hparams=t.hparams, key=t.key, state=TrialState.PLANNED)
@@ -298,23 +302,3 @@ def test_the_report_lists_every_combination_reused_and_never_started_included(tm
     again = rebuild_report(store, record, tmp_path / "again")
     assert (tmp_path / "again" / "leaderboard.json").read_bytes() == paths["leaderboard.json"].read_bytes()
     assert again[0] == rows and store.versions["demo"] == 1
-
-
-def test_the_champion_is_registered_only_when_the_best_trial_logged_a_model():
-    from hpsweep.report.assemble import champion
-    from tests.memstore import InMemoryStore
-
-    store = InMemoryStore()
-    exp = store.ensure_experiment("m")
-    best, other = (store.start_trial_run(exp, "m-1", i, {"i": i}, f"k{i}") for i in (1, 2))
-    row = TrialRow(index=1, hparams={"i": 1}, state=TrialState.FINISHED, run_id=best, f1=0.9)
-    assert champion(store, "m", None, register=True) is None
-    assert champion(store, "m", row, register=False) is None  # nothing registered yet: nothing to name
-    store.runs[best].has_model = False
-    assert champion(store, "m", row, register=True) is None and store.champions == {}
-    store.runs[best].has_model = True
-    assert champion(store, "m", row, register=True) == f"models:/m@champion (version 1, run {best})"
-    assert champion(store, "m", row, register=True).startswith("models:/m@champion (version 1,")  # no new version
-    assert champion(store, "m", row, register=False) == f"models:/m@champion (version 1, run {best})"
-    store.register_champion("m", other)
-    assert champion(store, "m", row, register=False) is None  # another run is the champion now

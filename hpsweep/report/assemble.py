@@ -1,5 +1,5 @@
-"""A sweep's report, assembled from the store: shared by the sweep's end (which also registers the
-champion) and `hpsweep report` (which writes the same files again and changes nothing in MLflow).
+"""A sweep's report, assembled from the store: shared by the sweep's end (which also applies the
+champion rule) and `hpsweep report` (which writes the same files again and changes nothing in MLflow).
 
 MLflow is the source of truth: the rows are read back from the trial runs, plus the reused runs
 and a row for every combination that never got a run, so every combination appears once.
@@ -7,14 +7,14 @@ and a row for every combination that never got a run, so every combination appea
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import replace
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hpsweep.model import PlannedTrial, TrialRow, TrialState, run_name
 from hpsweep.report.leaderboard import counts, learning_curves, rank_rows, write_report
-from hpsweep.store.registry import champion_uri
+from hpsweep.store.registry import MLMODEL_FILE, RegisteredVersion, champion_uri
 from hpsweep.store.tags import TAG_DATA_VERSION, TAG_GIT_COMMIT, TAG_QUOTA, TAG_SPEC_HASH
 from hpsweep.store.uri import redact_uri
 
@@ -28,13 +28,14 @@ Report = tuple[list[TrialRow], dict[str, Any], dict[str, Path]]  # ranked rows, 
 
 def sweep_meta(sweep_id: str, name: str, experiment_id: str, parent_run_id: str, tracking_uri: str,
                provenance: Mapping[str, str], quota: int | str | None) -> dict[str, Any]:
-    """The report's header (leaderboard.json's top-level keys; ``champion`` is filled in by ``build_report``).
+    """The report's header (leaderboard.json's top-level keys; ``build_report`` fills in the ``champion*`` keys).
     ``provenance``: the parent run's tags (spec hash, data version, git commit)."""
     return {
         "sweep_id": sweep_id, "name": name, "experiment_id": experiment_id, "parent_run_id": parent_run_id,
         "tracking_uri": redact_uri(tracking_uri), "spec_hash": provenance.get(TAG_SPEC_HASH),
         "data_version": provenance.get(TAG_DATA_VERSION), "git_commit": provenance.get(TAG_GIT_COMMIT),
-        "quota": int(quota) if quota is not None else None, "champion": None,
+        "quota": int(quota) if quota is not None else None,
+        "champion": None, "champion_moved": False, "champion_note": None,
     }
 
 
@@ -54,18 +55,15 @@ def never_started(trials: Sequence[PlannedTrial], rows: Sequence[TrialRow]) -> l
 
 def build_report(store: SweepStore, meta: dict[str, Any], trials: Sequence[PlannedTrial],
                  reused: Mapping[str, TrialRow], report_dir: Path, register: bool) -> Report:
-    """Read a sweep's trials back from the store, rank them, name (or register) the champion, write the report.
+    """Read a sweep's trials back from the store, rank them, settle the champion, write the report.
 
-    ``reused``: trial key → the earlier FINISHED trial standing in for it. ``register``: point the
-    model's ``champion`` alias at the best trial (the sweep's end does); else only name the current
-    champion when it is this sweep's best. Returns the ranked rows, the header written and every file written.
+    ``reused``: trial key → the earlier FINISHED trial standing in for it. ``register``: apply the
+    champion rule (``decide_champion``) and move ``@champion`` when it says so (the sweep's end);
+    False (``--no-register``): no registry call at all. Returns the ranked rows, the header written
+    and every file written.
     """
-    rows = store.sweep_trials(meta["experiment_id"], meta["sweep_id"]) + reused_rows(trials, reused)
-    ranked = rank_rows(rows + never_started(trials, rows))
-    best = next((r for r in ranked if r.has_f1), None)
-    header = {**meta, "champion": champion(store, meta["name"], best, register)}
-    paths = write_report(report_dir, header, ranked, curves=learning_curves(store, ranked))
-    return ranked, header, paths
+    return _report(store, meta, trials, reused, report_dir,
+                   (lambda best: crown(store, meta, best)) if register else (lambda best: dict(REGISTRY_SKIPPED)))
 
 
 def rebuild_report(store: SweepStore, record: SweepRecord, report_dir: Path) -> Report:
@@ -78,24 +76,122 @@ def rebuild_report(store: SweepStore, record: SweepRecord, report_dir: Path) -> 
     reused = {key: found[run_id] for key, run_id in reused_ids.items() if run_id in found}
     meta = sweep_meta(record.sweep_id, record.name, record.experiment_id, record.parent_run_id,
                       store.tracking_uri, record.tags, record.tags.get(TAG_QUOTA))
-    return build_report(store, meta, trials, reused, report_dir, register=False)
+    return _report(store, meta, trials, reused, report_dir, lambda best: recall(store, meta, best))
 
 
-def champion(store: SweepStore, model_name: str, best: TrialRow | None, register: bool) -> str | None:
-    """The champion line of the report, when it is ``best``'s model. ``register``: make it so first
-    (a new model version, only when the run logged a ``model`` artifact)."""
-    if best is None:
+def _report(store: SweepStore, meta: dict[str, Any], trials: Sequence[PlannedTrial],
+            reused: Mapping[str, TrialRow], report_dir: Path,
+            settle: Callable[[TrialRow | None], dict[str, Any]]) -> Report:
+    rows = store.sweep_trials(meta["experiment_id"], meta["sweep_id"]) + reused_rows(trials, reused)
+    ranked = rank_rows(rows + never_started(trials, rows))
+    best = next((r for r in ranked if r.has_f1), None)
+    header = {**meta, **settle(best)}
+    paths = write_report(report_dir, header, ranked, curves=learning_curves(store, ranked))
+    return ranked, header, paths
+
+
+# ---------------------------------------------------------------- the champion
+
+
+@dataclass(frozen=True)
+class ChampionCall:
+    """What the champion rule says about a sweep's best."""
+
+    move: bool  # point @champion at this sweep's best run
+    note: str  # why, in one line: the terminal, the report header and best.json show it
+
+
+REGISTRY_SKIPPED = {"champion": None, "champion_moved": False, "champion_note": "registry skipped (--no-register)"}
+SAVE_HINT = "a trainer saves a loadable one with mlflow.<flavor>.save_model into HPSWEEP_MODEL_DIR"
+
+
+def validation_version(data_version: str | None) -> str | None:
+    """The validation half of ``hpsweep.data_version`` (``"<train md5>/<val md5>"``); None when unknown."""
+    if not data_version or "/" not in data_version:
         return None
-    if register:
-        if not store.has_model(best.run_id):
-            return None
-        version = store.register_champion(model_name, best.run_id)
+    return data_version.rsplit("/", 1)[1] or None
+
+
+def decide_champion(current: RegisteredVersion | None, best: TrialRow | None, data_version: str | None,
+                    loadable: bool) -> ChampionCall:
+    """The champion rule: ``@champion`` moves only to a better model that MLflow can load.
+
+    ``current``: the version ``@champion`` points at (None: there is none); ``best``: this sweep's
+    best row (None: no trial has an F1); ``data_version``: this sweep's ``hpsweep.data_version``;
+    ``loadable``: ``best``'s ``model`` artifact is an MLflow model. F1s are compared only on the same
+    validation data (training data may differ: the F1 means the same); a champion measured on other
+    or unknown validation data is replaced. Ties keep the champion.
+    """
+    unchanged = _unchanged(current)
+    if best is None or best.f1 is None:
+        return ChampionCall(False, f"{unchanged}: no trial has an F1")
+    if current is not None and current.run_id == best.run_id:
+        return ChampionCall(False, f"{unchanged}: this sweep's best (run {best.run_id}) is the champion already")
+    ours, theirs = validation_version(data_version), validation_version(current.data_version if current else None)
+    if current is None:
+        why = f"champion registered: the first one (F1 {best.f1:.4f})"
+    elif theirs is None or ours is None or theirs != ours:
+        measured = "on unknown validation data" if theirs is None or ours is None else \
+            f"on other validation data (val md5 {theirs[:12]}, this sweep's {ours[:12]})"
+        why = (f"champion replaced: version {current.version} ({_held(current)}) was measured {measured}, "
+               f"so its F1 is not comparable")
+    elif current.f1 is None:
+        why = f"champion replaced: version {current.version} has no recorded F1"
+    elif best.f1 > current.f1:
+        why = f"champion moved: F1 {best.f1:.4f} beats {current.f1:.4f} (version {current.version} from sweep " \
+              f"{current.sweep_id or 'unknown'})"
     else:
-        current = store.champion(model_name)
-        if current is None or current[1] != best.run_id:
-            return None
-        version = current[0]
-    return champion_uri(model_name, version, best.run_id)
+        return ChampionCall(False, f"{unchanged}: this sweep's best F1 {best.f1:.4f} does not beat it")
+    if not loadable:
+        return ChampionCall(False, f"{unchanged}: this sweep's best (run {best.run_id}) is not registered: its "
+                                   f"`model` artifact is not an MLflow model (no {MLMODEL_FILE}); {SAVE_HINT}")
+    return ChampionCall(True, why)
+
+
+def crown(store: SweepStore, meta: Mapping[str, Any], best: TrialRow | None) -> dict[str, Any]:
+    """Apply the champion rule to ``best`` and move ``@champion`` when it says so (reusing the run's
+    model version when it has one). Returns the header's champion keys."""
+    name = meta["name"]
+    current = store.champion(name)
+    loadable = best is not None and store.has_model(best.run_id)
+    call = decide_champion(current, best, meta.get("data_version"), loadable)
+    if call.move:
+        version = store.register_champion(name, best.run_id, meta["sweep_id"], call.note)
+        return _champion_keys(name, version, best.run_id, True, call.note)
+    return _champion_keys(name, current.version if current else None, current.run_id if current else None,
+                          False, call.note)
+
+
+def recall(store: SweepStore, meta: Mapping[str, Any], best: TrialRow | None) -> dict[str, Any]:
+    """The header's champion keys of a past sweep, from the registry as it is now (nothing moves):
+    whether the sweep moved ``@champion`` is kept on the model version it moved it to."""
+    name = meta["name"]
+    current = store.champion(name)
+    at = (current.version, current.run_id) if current else (None, None)
+    mine = store.version_of(name, best.run_id) if best is not None and best.run_id else None
+    if mine is not None and meta["sweep_id"] in mine.moved_by:
+        note = mine.moved_by[meta["sweep_id"]]
+        if current is not None and current.version != mine.version:
+            note += f"; the champion is now version {current.version} ({_held(current)})"
+        return _champion_keys(name, *at, True, note)
+    loadable = best is not None and store.has_model(best.run_id)
+    call = decide_champion(current, best, meta.get("data_version"), loadable)
+    note = call.note if not call.move else f"{_unchanged(current)}: this sweep did not register its best (run " \
+                                           f"{best.run_id})"
+    return _champion_keys(name, *at, False, note)
+
+
+def _champion_keys(name: str, version: str | None, run_id: str | None, moved: bool, note: str) -> dict[str, Any]:
+    return {"champion": champion_uri(name, version, run_id) if version is not None else None,
+            "champion_moved": moved, "champion_note": note}
+
+
+def _unchanged(current: RegisteredVersion | None) -> str:
+    return f"champion unchanged ({_held(current)})" if current is not None else "no champion"
+
+
+def _held(v: RegisteredVersion) -> str:
+    return f"F1 {'unknown' if v.f1 is None else f'{v.f1:.4f}'} from sweep {v.sweep_id or 'unknown'}"
 
 
 def sweep_summary(header: dict[str, Any], rows: Sequence[TrialRow], report_dir: Path,

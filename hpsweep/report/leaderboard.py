@@ -83,9 +83,10 @@ def render_markdown(sweep: dict[str, Any], rows: Sequence[TrialRow], plot_name: 
     for label, key in (("MLflow experiment", "experiment_id"), ("parent run", "parent_run_id"),
                        ("tracking URI", "tracking_uri"), ("spec hash", "spec_hash"),
                        ("data version (train / val)", "data_version"), ("git commit", "git_commit"),
-                       ("quota", "quota"), ("champion", "champion")):
+                       ("quota", "quota")):
         if sweep.get(key) is not None:
             lines.append(f"- {label}: `{sweep[key]}`")
+    lines += _champion_lines(sweep)
     lines.append(f"- trials: {c['total']} ({c['finished']} finished, {c['reused']} reused, {c['failed']} failed)")
     figures = ([("F1 per combination", plot_name)] if plot_name else []) + list(images)
     if figures or notes:
@@ -102,6 +103,18 @@ def render_markdown(sweep: dict[str, Any], rows: Sequence[TrialRow], plot_name: 
         status = r["status"] + (f": {_one_line(r['reason'])}" if r.get("reason") else "")
         lines.append(f"| {r['rank']} | {hp} | {f1} | {status} | {r['attempts']} | `{r['run_id'][:8]}` |")
     return "\n".join(lines) + "\n"
+
+
+def _champion_lines(sweep: dict[str, Any]) -> list[str]:
+    """The registered champion, whether this sweep moved it, and why (or why not)."""
+    if sweep.get("champion") is None and "champion_moved" not in sweep:
+        return []
+    name = f"`{sweep['champion']}`" if sweep.get("champion") is not None else "none"
+    moved = "moved by this sweep" if sweep.get("champion_moved") else "not moved by this sweep"
+    lines = [f"- champion: {name} ({moved})"]
+    if sweep.get("champion_note"):
+        lines.append(f"- champion decision: {sweep['champion_note']}")
+    return lines
 
 
 def _hparam_keys(rows: Sequence[TrialRow]) -> list[str]:
@@ -179,11 +192,13 @@ def write_report(report_dir: Path, sweep: dict[str, Any], rows: Sequence[TrialRo
 
 
 def best_summary(sweep: dict[str, Any], rows: Sequence[TrialRow]) -> dict[str, Any]:
-    """The small metrics file `dvc metrics show` / `dvc metrics diff` read: the winner and the counts."""
+    """The small metrics file `dvc metrics show` / `dvc metrics diff` read: the winner, the counts and
+    the registered champion (whether this sweep moved it, and why)."""
     best = next((r for r in rows if r.has_f1), None)
     return {"best_f1": best.f1 if best else None, "best_hparams": best.hparams if best else None,
             "best_run_id": best.run_id if best else None, "sweep_id": sweep.get("sweep_id"),
-            **{f"trials_{k}": v for k, v in counts(rows).items()}}
+            **{f"trials_{k}": v for k, v in counts(rows).items()},
+            **{k: sweep.get(k) for k in ("champion", "champion_moved", "champion_note") if k in sweep}}
 
 
 def _write_text(path: Path, text: str) -> None:

@@ -19,7 +19,8 @@ from mlflow.tracking import MlflowClient
 from hpsweep.model import Hparams, Outcome, TrialRow
 from hpsweep.store import registry, runs
 from hpsweep.store.filters import quote
-from hpsweep.store.registry import champion, champion_uri, has_model, register_champion
+from hpsweep.store.registry import (RegisteredVersion, champion, champion_uri, has_model, register_champion,
+                                    version_of)
 from hpsweep.store.retry import TRACKING_PATIENCE_S, retrying
 from hpsweep.store.runs import (ensure_experiment, finish_trial_run, heartbeat, latest_parent_run, mark_failed,
                                 outcome_of, reap_zombies, reopen_trial_run, set_tags, start_parent_run, start_trial_run,
@@ -100,11 +101,14 @@ class SweepStore:
     def has_model(self, run_id: str) -> bool:
         return registry.has_model(self.client, run_id)
 
-    def register_champion(self, model_name: str, run_id: str) -> str:
-        return registry.register_champion(self.client, model_name, run_id)
+    def register_champion(self, model_name: str, run_id: str, sweep_id: str, note: str) -> str:
+        return registry.register_champion(self.client, model_name, run_id, sweep_id, note)
 
-    def champion(self, model_name: str) -> tuple[str, str] | None:
+    def champion(self, model_name: str) -> RegisteredVersion | None:
         return registry.champion(self.client, model_name)
+
+    def version_of(self, model_name: str, run_id: str) -> RegisteredVersion | None:
+        return registry.version_of(self.client, model_name, run_id)
 
     def finish_parent_run(self, parent_run_id: str, counts: dict[str, int], best_f1: float | None,
                           files: list[str], ok: bool) -> None:

@@ -1,40 +1,99 @@
-"""The model registry: the best trial's model registered under the sweep's name, ``@champion`` on it."""
+"""The model registry: a model per sweep name, ``@champion`` on its best loadable version.
+
+Which run deserves the alias is decided in ``hpsweep.report.assemble.decide_champion`` (pure); this
+module only reads what that rule compares and moves the alias.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from hpsweep.store.tags import CHAMPION_ALIAS
+from hpsweep.store.filters import all_of, quote
+from hpsweep.store.tags import CHAMPION_ALIAS, TAG_DATA_VERSION, TAG_SWEEP_ID
+
+MODEL_ARTIFACT = "model"
+MLMODEL_FILE = f"{MODEL_ARTIFACT}/MLmodel"  # what makes the artifact loadable by mlflow.pyfunc.load_model
+# A model-version tag per sweep that pointed @champion at the version: its value says why.
+MOVED_BY_PREFIX = "hpsweep.moved_by."
+# Answers that mean "no such model / alias / version"; any other error propagates (a blip is never "no champion").
+NOT_FOUND = frozenset({"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"})
+
+
+@dataclass(frozen=True)
+class RegisteredVersion:
+    """A registered model version and what its run measured: what the champion rule compares."""
+
+    version: str
+    run_id: str
+    f1: float | None = None
+    data_version: str | None = None  # the run's hpsweep.data_version: "<train md5>/<val md5>"
+    sweep_id: str | None = None  # the sweep that trained the run
+    moved_by: Mapping[str, str] = field(default_factory=dict)  # sweep id → why it pointed @champion here
 
 
 def has_model(client: MlflowClient, run_id: str) -> bool:
-    return any(f.path == "model" for f in client.list_artifacts(run_id))
+    """The run's ``model`` artifact is an MLflow model (``model/MLmodel``), so the registry can serve it."""
+    return any(f.path == MLMODEL_FILE for f in client.list_artifacts(run_id, MODEL_ARTIFACT))
 
 
-def champion(client: MlflowClient, model_name: str) -> tuple[str, str] | None:
-    """(version, run id) the ``champion`` alias points at; None when there is no such model or alias."""
+def champion(client: MlflowClient, model_name: str) -> RegisteredVersion | None:
+    """The version ``@champion`` points at; None when there is no such model or alias."""
     try:
         current = client.get_model_version_by_alias(model_name, CHAMPION_ALIAS)
-    except MlflowException:
+    except MlflowException as e:
+        if e.error_code not in NOT_FOUND:
+            raise
         return None
-    return str(current.version), current.run_id
+    return _describe(client, current)
 
 
-def register_champion(client: MlflowClient, model_name: str, run_id: str) -> str:
-    """Register the run's `model` artifact as a new version and point the `champion` alias at it."""
+def version_of(client: MlflowClient, model_name: str, run_id: str) -> RegisteredVersion | None:
+    """The (first) version registered from ``run_id``; None when the run was never registered."""
+    try:
+        found = client.search_model_versions(all_of(f"name = {quote(model_name)}", f"run_id = {quote(run_id)}"))
+    except MlflowException as e:
+        if e.error_code not in NOT_FOUND:
+            raise
+        return None
+    return _describe(client, min(found, key=lambda v: int(v.version))) if found else None
+
+
+def register_champion(client: MlflowClient, model_name: str, run_id: str, sweep_id: str, note: str) -> str:
+    """Point ``@champion`` at the run's model version, registering one only when the run has none;
+    the version keeps ``note`` (why ``sweep_id`` moved the alias). Returns the version."""
     try:
         client.create_registered_model(model_name)
     except MlflowException as e:
         if e.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
-    current = champion(client, model_name)
-    if current is not None and current[1] == run_id:  # a rerun that reused the winner: no new version
-        return current[0]
-    version = client.create_model_version(model_name, source=f"runs:/{run_id}/model", run_id=run_id)
-    client.set_registered_model_alias(model_name, CHAMPION_ALIAS, version.version)
-    return str(version.version)
+    existing = version_of(client, model_name, run_id)
+    version = existing.version if existing is not None else str(
+        client.create_model_version(model_name, source=f"runs:/{run_id}/{MODEL_ARTIFACT}", run_id=run_id).version)
+    client.set_model_version_tag(model_name, version, f"{MOVED_BY_PREFIX}{sweep_id}", note[:5000])
+    client.set_registered_model_alias(model_name, CHAMPION_ALIAS, version)
+    return version
 
 
 def champion_uri(model_name: str, version: str, run_id: str) -> str:
     return f"models:/{model_name}@{CHAMPION_ALIAS} (version {version}, run {run_id})"
+
+
+def _describe(client: MlflowClient, mv: ModelVersion) -> RegisteredVersion:
+    """The version with its run's F1, data version and sweep (unknown when the run is gone)."""
+    moved_by = {k[len(MOVED_BY_PREFIX):]: v for k, v in (mv.tags or {}).items() if k.startswith(MOVED_BY_PREFIX)}
+    base = RegisteredVersion(str(mv.version), mv.run_id or "", moved_by=moved_by)
+    if not mv.run_id:
+        return base
+    try:
+        run = client.get_run(mv.run_id)
+    except MlflowException as e:
+        if e.error_code not in NOT_FOUND:
+            raise
+        return base
+    return RegisteredVersion(base.version, base.run_id, run.data.metrics.get("f1"),
+                             run.data.tags.get(TAG_DATA_VERSION), run.data.tags.get(TAG_SWEEP_ID), moved_by)
