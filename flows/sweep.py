@@ -93,7 +93,8 @@ def sweep(config: SweepConfig) -> dict[str, Any]:
             run_attempt=lambda job, gpu_ids: trial_attempt(job, gpu_ids, quote(launcher)))
         with engine.parent_heartbeat(store, opened):
             trials.run(opened.to_train, opened.parallel)
-        return engine.close_sweep(opened, store, config.report_dir, [PrefectArtifacts(), *observers()])
+        return engine.close_sweep(opened, store, config.report_dir, [PrefectArtifacts(), *observers()],
+                                  register=config.register)
 
 
 def _launcher(config: SweepConfig, opened: engine.OpenedSweep) -> TrialLauncher:

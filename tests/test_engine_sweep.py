@@ -53,7 +53,7 @@ def test_a_sweep_trains_every_combination_ranks_them_and_crowns_the_best(project
     assert summary["counts"] == {"total": 4, "finished": 4, "failed": 0, "reused": 0}
     assert [r["f1"] for r in summary["top"]] == [0.9, 0.7, 0.6]
     best_run = summary["top"][0]["run_id"]
-    assert store.champion("mem") == ("1", best_run)
+    assert (store.champion("mem").version, store.champion("mem").run_id) == ("1", best_run)
     parent = store.runs[opened.run.parent_run_id]
     assert parent.status == "FINISHED" and parent.params["best_f1"] == 0.9
     assert [r.dispatch_position for r in store.load_plan(opened.run.parent_run_id)] == [1, 2, 3, 4]
@@ -107,12 +107,13 @@ def test_failed_trials_are_reported_last_with_their_reason_and_fail_the_parent_r
     assert rows[2]["reason"] == LOST_HOST.reason and rows[3]["reason"] == TRAINER_ERROR.reason
 
 
-def test_a_worse_follow_up_sweep_still_registers_its_own_best(project):
-    # Today's rule (issue 13 changes it): each sweep points @champion at its own best.
+def test_a_worse_follow_up_sweep_leaves_the_champion(project):
     store = InMemoryStore()
-    run_sweep(project, store, f1s(store, {1: 0.9}))
+    _, _, first = run_sweep(project, store, f1s(store, {1: 0.9}))
     _, _, summary = run_sweep(project, store, f1s(store, {1: 0.4, 2: 0.3, 3: 0.2, 4: 0.1}), retrain=True)
-    assert store.champion("mem")[1] == summary["top"][0]["run_id"]
+    assert store.champion("mem").run_id == first["top"][0]["run_id"] and store.versions["mem"] == 1
+    assert summary["champion_moved"] is False
+    assert summary["champion_note"].startswith("champion unchanged (F1 0.9000 from sweep mem-")
 
 
 def test_the_parent_run_shows_the_specs_settings_as_params(project):

@@ -175,7 +175,8 @@ def test_sweep_against_mlflow_server_on_postgresql(served_project: Project, mlfl
     children = client.search_runs([exp.experiment_id], "tags.`hpsweep.role` = 'trial'")
     assert sorted(r.data.metrics["f1"] for r in children) == [0.3, 0.6, 0.9]
     assert client.get_model_version_by_alias("pg-sweep", "champion").run_id == board["rows"][0]["run_id"]
-    assert {a.path for a in client.list_artifacts(board["rows"][0]["run_id"], "model")} == {"model/weights.txt"}
+    assert {a.path for a in client.list_artifacts(board["rows"][0]["run_id"], "model")} == {
+        "model/weights.txt", "model/MLmodel"}
 
 
 def test_readme_demo_command_runs_the_digits_sweep(tmp_path: Path):

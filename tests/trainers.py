@@ -40,7 +40,7 @@ def sleepy(hparams: dict[str, Any], data: DataRefs, ctx: TrainContext) -> float:
     for epoch in range(1, epochs + 1):
         time.sleep(sleep_s / epochs)
         ctx.report(epoch, val_f1=float(hparams.get("f1", 0.5)) * epoch / epochs)
-    (ctx.model_dir / "weights.txt").write_text(json.dumps(hparams))
+    save_loadable_model(ctx.model_dir, hparams)
     record({"event": "end", "t": time.time(), "pid": os.getpid(), "hparams": hparams}, where)
     return float(hparams.get("f1", 0.5))
 
@@ -113,3 +113,24 @@ def strict_depth(hparams: dict[str, Any], data: DataRefs, ctx: TrainContext) -> 
     if int(hparams.get("max_depth", 2)) < 2:
         raise ValueError("max_depth must be >= 2")
     return float(hparams.get("f1", 0.5))
+
+
+def save_loadable_model(model_dir: Path, hparams: dict[str, Any]) -> None:
+    """A tiny model `mlflow.pyfunc.load_model` can load (through `_load_pyfunc` below), so the
+    registry takes it: `weights.txt` plus an `MLmodel` naming this module as its loader."""
+    (model_dir / "weights.txt").write_text(json.dumps(hparams))
+    (model_dir / "MLmodel").write_text("flavors:\n  python_function:\n    loader_module: tests.trainers\n"
+                                       "    data: weights.txt\n")
+
+
+class _ConstantModel:
+    def __init__(self, hparams: dict[str, Any]):
+        self.hparams = hparams
+
+    def predict(self, model_input: Any, params: Any = None) -> list[float]:
+        return [float(self.hparams.get("f1", 0.5))] * len(model_input)
+
+
+def _load_pyfunc(path: str) -> _ConstantModel:
+    """MLflow's pyfunc loader hook for `save_loadable_model`'s models."""
+    return _ConstantModel(json.loads(Path(path).read_text()))
