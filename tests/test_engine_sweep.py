@@ -122,6 +122,13 @@ def test_the_parent_run_shows_the_specs_settings_as_params(project):
     assert store.runs[opened.run.parent_run_id].params["settings.epochs"] == 1
 
 
+def test_the_report_header_names_the_settings_the_sweep_ran_with(project):
+    import json
+    run_sweep(project, InMemoryStore())
+    assert json.loads((project / "report" / "leaderboard.json").read_text())["settings"] == {"epochs": 1}
+    assert "- settings: `epochs=1`" in (project / "report" / "leaderboard.md").read_text()
+
+
 def test_a_crash_after_the_parent_run_exists_closes_it_and_every_running_trial(project):
     store = InMemoryStore()
     cfg = config(project)

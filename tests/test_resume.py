@@ -13,7 +13,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import Project
-from tests.test_sweep_e2e import SLEEPY_SPEC, leaderboard, records, run_sweep
+from tests.test_sweep_e2e import SLEEPY_SPEC, leaderboard, quota_limit, records, run_sweep
 
 pytestmark = pytest.mark.slow
 
@@ -99,7 +99,8 @@ def test_a_sweep_killed_on_the_embedded_default_gives_its_quota_back_to_the_reru
     project.write("params/spec.yaml", SLEEPY_SPEC.format(name="killed", sleep_s=1, gpus=1))
     project.write("params/combinations.yaml", "combinations:\n  - {f1: 0.5, sleep_s: 15}\n  - {f1: 0.6, sleep_s: 2}\n")
     args = [sys.executable, "-m", "hpsweep.cli", "run", "--combinations", "params/combinations.yaml",
-            "--spec", "params/spec.yaml", "--train", "data/train.csv", "--val", "data/val.csv", "--quota", "1"]
+            "--spec", "params/spec.yaml", "--train", "data/train.csv", "--val", "data/val.csv", "--quota", "1",
+            "--quota-limit", quota_limit(project)]  # its own limit of 1: no other test's slots to take
     first = subprocess.Popen(args, cwd=project.root, env=project.env, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL, start_new_session=True)
     try:
@@ -115,5 +116,5 @@ def test_a_sweep_killed_on_the_embedded_default_gives_its_quota_back_to_the_reru
     assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-3000:]
     board = leaderboard(project, "killed")
     assert [(r["f1"], r["status"]) for r in board["rows"]] == [(0.6, "FINISHED"), (0.5, "FINISHED")]
-    assert "slots of quota limit 'hpsweep-gpus' are taken" in rerun.stderr  # the wait is explained
+    assert f"slots of quota limit '{quota_limit(project)}' are taken" in rerun.stderr  # the wait is explained
     assert "returned the quota slots of 1 expired lease" in rerun.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -54,8 +55,14 @@ def run_sweep(project: Project, combos: list[dict], spec: str, quota: int, *extr
     project.write("params/combinations.yaml", "\n".join(lines) + "\n")
     project.write("params/spec.yaml", spec)
     return project.hpsweep("run", "--combinations", "params/combinations.yaml", "--spec", "params/spec.yaml",
-                           "--train", "data/train.csv", "--val", "data/val.csv", "--quota", str(quota), *extra,
-                           env=env)
+                           "--train", "data/train.csv", "--val", "data/val.csv", "--quota", str(quota),
+                           "--quota-limit", quota_limit(project), *extra, env=env)
+
+
+def quota_limit(project: Project) -> str:
+    """The project's own Prefect limit: the first sweep creates it from its --quota and later sweeps
+    never change it (issue 13), so tests sharing one Prefect server would cap each other."""
+    return "gpus-" + hashlib.sha1(str(project.root).encode()).hexdigest()[:10]
 
 
 def test_sweep_ranks_every_combination_and_registers_the_champion(served_project: Project):

@@ -7,6 +7,7 @@ Rerunning the same sweep after any crash is the resume mechanism: FINISHED trial
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import uuid
@@ -26,7 +27,8 @@ from hpsweep.periodic import Periodic
 from hpsweep.report import assemble
 from hpsweep.store import SweepStore
 from hpsweep.store.runs import setting_params
-from hpsweep.store.tags import TAG_INTERPRETER, TAG_DISPATCH, TAG_GIT_COMMIT, TAG_QUOTA, TAG_SPEC_HASH
+from hpsweep.store.tags import (TAG_DISPATCH, TAG_GIT_COMMIT, TAG_INTERPRETER, TAG_QUOTA, TAG_SETTINGS,
+                                TAG_SPEC_HASH)
 from hpsweep.versions import code_manifest_tag, git_commit
 
 log = logging.getLogger("hpsweep")
@@ -72,7 +74,8 @@ def open_sweep(config: SweepConfig, inputs: SweepInputs, store: SweepStore, capa
     parallel = max(1, min(len(to_train), queue_depth))
     to_train, estimates, order = _dispatch(store, experiment_id, inputs, versions, to_train, slots)
 
-    provenance = {**versions, TAG_GIT_COMMIT: git_commit(), TAG_QUOTA: str(config.quota)}
+    provenance = {**versions, TAG_GIT_COMMIT: git_commit(), TAG_QUOTA: str(config.quota),
+                  TAG_SETTINGS: json.dumps(dict(inputs.spec.settings), sort_keys=True, default=str)}
     data_refs = {"train": data_ref(inputs.train).as_dict(), "val": data_ref(inputs.val).as_dict()}
     sweep_id = new_sweep_id(name)
     gpus = inputs.spec.resources.gpus

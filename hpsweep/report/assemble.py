@@ -7,6 +7,7 @@ and a row for every combination that never got a run, so every combination appea
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from hpsweep.model import PlannedTrial, TrialRow, TrialState, run_name
 from hpsweep.report.leaderboard import counts, learning_curves, rank_rows, write_report
 from hpsweep.store.registry import MLMODEL_FILE, RegisteredVersion, champion_uri
-from hpsweep.store.tags import TAG_DATA_VERSION, TAG_GIT_COMMIT, TAG_QUOTA, TAG_SPEC_HASH
+from hpsweep.store.tags import TAG_DATA_VERSION, TAG_GIT_COMMIT, TAG_QUOTA, TAG_SETTINGS, TAG_SPEC_HASH
 from hpsweep.store.uri import redact_uri
 
 if TYPE_CHECKING:
@@ -35,8 +36,18 @@ def sweep_meta(sweep_id: str, name: str, experiment_id: str, parent_run_id: str,
         "tracking_uri": redact_uri(tracking_uri), "spec_hash": provenance.get(TAG_SPEC_HASH),
         "data_version": provenance.get(TAG_DATA_VERSION), "git_commit": provenance.get(TAG_GIT_COMMIT),
         "quota": int(quota) if quota is not None else None,
+        "settings": _settings(provenance.get(TAG_SETTINGS)),
         "champion": None, "champion_moved": False, "champion_note": None,
     }
+
+
+def _settings(tag: str | None) -> dict[str, Any]:
+    """The spec's settings the sweep ran with ({} for sweeps from before the tag, or a damaged tag)."""
+    try:
+        value = json.loads(tag) if tag else {}
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def reused_rows(trials: Sequence[PlannedTrial], reused: Mapping[str, TrialRow]) -> list[TrialRow]:

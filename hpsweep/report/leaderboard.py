@@ -86,6 +86,8 @@ def render_markdown(sweep: dict[str, Any], rows: Sequence[TrialRow], plot_name: 
                        ("quota", "quota")):
         if sweep.get(key) is not None:
             lines.append(f"- {label}: `{sweep[key]}`")
+    if sweep.get("settings"):
+        lines.append("- settings: " + ", ".join(f"`{k}={v}`" for k, v in sorted(sweep["settings"].items())))
     lines += _champion_lines(sweep)
     lines.append(f"- trials: {c['total']} ({c['finished']} finished, {c['reused']} reused, {c['failed']} failed)")
     figures = ([("F1 per combination", plot_name)] if plot_name else []) + list(images)

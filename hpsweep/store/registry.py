@@ -43,6 +43,8 @@ def has_model(client: MlflowClient, run_id: str) -> bool:
 
 def champion(client: MlflowClient, model_name: str) -> RegisteredVersion | None:
     """The version ``@champion`` points at; None when there is no such model or alias."""
+    if not model_exists(client, model_name):
+        return None  # asked first: an MLflow server with auth answers 403, not 404, for an absent model
     try:
         current = client.get_model_version_by_alias(model_name, CHAMPION_ALIAS)
     except MlflowException as e:
@@ -50,6 +52,11 @@ def champion(client: MlflowClient, model_name: str) -> RegisteredVersion | None:
             raise
         return None
     return _describe(client, current)
+
+
+def model_exists(client: MlflowClient, model_name: str) -> bool:
+    """A registered model of that name exists (a search: readable by every account that may read it)."""
+    return bool(client.search_registered_models(filter_string=f"name = {quote(model_name)}", max_results=1))
 
 
 def version_of(client: MlflowClient, model_name: str, run_id: str) -> RegisteredVersion | None:
