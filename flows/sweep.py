@@ -25,6 +25,7 @@ from hpsweep.engine.launcher import LocalLauncher, TrialLauncher
 from hpsweep.engine.pool import PoolLauncher, check_pool_limit
 from hpsweep.engine.quota import REPOSSESS_EVERY_S, SLOT_LEASE_S, ensure_quota_limit
 from hpsweep.engine.quota import hold_slot as hold_quota_slot
+from hpsweep.engine.stopping import StopRequest, stop_on_signals
 from hpsweep.inputs import load_inputs
 from hpsweep.model import AttemptResult, TrialJob, TrialRow
 from hpsweep.plan import describe_reuse
@@ -59,6 +60,11 @@ def sweep(config: SweepConfig) -> dict[str, Any]:
     Idempotent: a rerun reuses every trial that has a FINISHED run with the same trial key.
     Returns the leaderboard summary: sweep id, counts, report paths, champion.
     """
+    with stop_on_signals(StopRequest(config.grace_s)) as stop:
+        return _sweep(config, stop)
+
+
+def _sweep(config: SweepConfig, stop: StopRequest) -> dict[str, Any]:
     logger = get_run_logger()
     local = config.launcher == "local"
     host = host_gpus() if local else ()
@@ -89,12 +95,15 @@ def sweep(config: SweepConfig) -> dict[str, Any]:
         trials = SweepEngine(
             opened.run, launcher, RetryPolicy(config.max_attempts, config.retry_delay_s),
             callbacks=[LogCallback(logger), *observers()], gpu_pool=GpuPool(host),
-            hold_slot=(lambda: hold_quota_slot(config.quota_limit, gpus, flow_run.id)) if local else nullcontext,
-            run_attempt=lambda job, gpu_ids: trial_attempt(job, gpu_ids, quote(launcher)))
+            hold_slot=(lambda: hold_quota_slot(config.quota_limit, gpus, flow_run.id, stop.event)) if local
+            else nullcontext,
+            run_attempt=lambda job, gpu_ids: trial_attempt(job, gpu_ids, quote(launcher)), stop=stop)
         with engine.parent_heartbeat(store, opened):
             trials.run(opened.to_train, opened.parallel)
+        if stop.requested:
+            logger.warning("stopped by %s: reporting what finished", stop.signal_name)
         return engine.close_sweep(opened, store, config.report_dir, [PrefectArtifacts(), *observers()],
-                                  register=config.register)
+                                  register=config.register, stopped_by=stop.signal_name or None)
 
 
 def _launcher(config: SweepConfig, opened: engine.OpenedSweep) -> TrialLauncher:

@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -43,7 +44,7 @@ def _run_flags(parser: argparse.ArgumentParser) -> None:
     for name, typ in (("combinations", Path), ("spec", Path), ("train", Path), ("val", Path), ("quota", int),
                       ("name", str), ("report_dir", Path), ("work_dir", Path), ("tracking_uri", str),
                       ("max_attempts", int), ("retry_delay_s", float), ("launcher", str), ("pool", str),
-                      ("trial_deployment", str), ("quota_limit", str)):
+                      ("trial_deployment", str), ("quota_limit", str), ("grace_s", float)):
         parser.add_argument(f"--{name.replace('_', '-')}", type=typ, default=None, dest=name,
                             help=f"{fields[name].description} (default: params.yaml's sweep.{name}"
                                  f"{'' if fields[name].is_required() else f', else {fields[name].default}'})")
@@ -178,7 +179,7 @@ def _print_summary(result: dict[str, Any]) -> None:
     out.print(table)
     c = result["counts"]
     out.print(f"{c['total']} trials: {c['finished']} trained, {c['reused']} reused (already FINISHED), "
-              f"{c['failed']} failed")
+              f"{c['failed']} failed{' or interrupted' if result.get('interrupted') else ''}")
     out.print(f"report: {Path(result['report_dir']) / 'leaderboard.md'}")
     if result.get("champion") or result.get("champion_note"):
         moved = "moved by this sweep" if result.get("champion_moved") else "not moved by this sweep"
@@ -244,7 +245,12 @@ def _run(args: argparse.Namespace) -> int:
             result = sweep(config)
     except SweepInputError as e:  # found only once Prefect is up (e.g. a quota limit too small for a trial)
         return _input_errors(e)
+    except KeyboardInterrupt:  # Ctrl-C before the sweep could take signals over (Prefect starting up)
+        return 128 + signal.SIGINT
     _print_summary(result)
+    if result.get("interrupted"):  # stopped by a signal: the shell's 128 + its number (130, 143)
+        console.print(f"interrupted by {result['interrupted']}: rerun the same command to train the rest")
+        return 128 + signal.Signals[result["interrupted"]].value
     return EXIT_OK if result["counts"]["failed"] == 0 else EXIT_TRIALS_FAILED
 
 

@@ -32,6 +32,7 @@ class TrialState(str, Enum):
     KILLED = "KILLED"  # ended by a signal: time limit, lost host, zombie closed by a later sweep
     REUSED = "REUSED"  # an earlier sweep's FINISHED run with the same trial key stands in
     NEVER_STARTED = "NEVER_STARTED"  # the sweep ended before this trial got a run
+    INTERRUPTED = "INTERRUPTED"  # the sweep was stopped (Ctrl-C, SIGTERM) before this trial finished
 
     @property
     def terminal(self) -> bool:
@@ -43,21 +44,31 @@ class TrialState(str, Enum):
 
     @property
     def report_status(self) -> str:
-        """The leaderboard's three statuses (a public contract): FINISHED, REUSED or FAILED."""
-        return self.value if self.has_f1 else "FAILED"
+        """The leaderboard's statuses (a public contract): FINISHED, REUSED, FAILED, and INTERRUPTED
+        for a trial a stopped sweep did not finish (a rerun trains it)."""
+        return self.value if self.has_f1 or self is TrialState.INTERRUPTED else "FAILED"
 
 
 # The legal moves. FINISHED and REUSED are final: a finished trial is never reopened. FAILED and
 # KILLED go back to RUNNING only for a retry (the same run, the next attempt).
 TRANSITIONS: dict[TrialState, frozenset[TrialState]] = {
-    TrialState.PLANNED: frozenset({TrialState.RUNNING, TrialState.REUSED, TrialState.NEVER_STARTED}),
-    TrialState.RUNNING: frozenset({TrialState.FINISHED, TrialState.FAILED, TrialState.KILLED}),
+    TrialState.PLANNED: frozenset({TrialState.RUNNING, TrialState.REUSED, TrialState.NEVER_STARTED,
+                                   TrialState.INTERRUPTED}),
+    TrialState.RUNNING: frozenset({TrialState.FINISHED, TrialState.FAILED, TrialState.KILLED,
+                                   TrialState.INTERRUPTED}),
     TrialState.FAILED: frozenset({TrialState.RUNNING}),
     TrialState.KILLED: frozenset({TrialState.RUNNING}),
+    TrialState.INTERRUPTED: frozenset({TrialState.RUNNING}),
     TrialState.FINISHED: frozenset(),
     TrialState.REUSED: frozenset(),
     TrialState.NEVER_STARTED: frozenset(),
 }
+
+
+def interrupted_reason(signal_name: str) -> str:
+    """What an interrupted trial's row and run say."""
+    return (f"interrupted: the sweep was stopped ({signal_name}) before this trial finished; a rerun "
+            "trains it, from its last checkpoint if it saved one")
 
 
 class IllegalTransition(RuntimeError):
@@ -119,6 +130,7 @@ class Outcome:
     reason: str | None = None
     retryable: bool = False  # the machine failed it (signal, lost host, tracking down), not the hparams
     killed: bool = False
+    interrupted: bool = False  # the sweep was stopped (Ctrl-C, SIGTERM) before the trial could finish
     started_at: float = 0.0
     ended_at: float = 0.0
 
@@ -126,6 +138,8 @@ class Outcome:
     def state(self) -> TrialState:
         if self.ok:
             return TrialState.FINISHED
+        if self.interrupted:
+            return TrialState.INTERRUPTED
         return TrialState.KILLED if self.killed else TrialState.FAILED
 
     @property
@@ -174,10 +188,17 @@ class TrialRow:
     def has_f1(self) -> bool:
         return self.state.has_f1 and self.f1 is not None
 
+    @property
+    def report_status(self) -> str:
+        """FINISHED or REUSED with an F1, INTERRUPTED, else FAILED."""
+        if self.state.has_f1 and self.f1 is None:
+            return "FAILED"  # a finished run whose F1 is missing
+        return self.state.report_status
+
     def leaderboard(self) -> dict[str, Any]:
         """The row in leaderboard.json (a public contract: keys are added, never renamed)."""
         row: dict[str, Any] = {"rank": self.rank, "hparams": self.hparams, "f1": self.f1 if self.has_f1 else None,
-                               "status": self.state.report_status if self.has_f1 else "FAILED",
+                               "status": self.report_status,
                                "run_id": self.run_id, "run_name": self.run_name, "attempts": self.attempt,
                                "duration_s": self.duration_s}
         if not self.has_f1:

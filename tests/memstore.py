@@ -137,9 +137,9 @@ class InMemoryStore:
                                  run.sweep_id, dict(moved_by))
 
     def finish_parent_run(self, parent_run_id: str, counts: dict[str, int], best_f1: float | None,
-                          files: list[str], ok: bool) -> None:
+                          files: list[str], ok: bool, stopped_by: str | None = None) -> None:
         run = self.runs[parent_run_id]
-        run.status = "FINISHED" if ok else "FAILED"
+        run.status = "KILLED" if stopped_by else "FINISHED" if ok else "FAILED"
         run.params.update({f"trials_{k}": v for k, v in counts.items()}, best_f1=best_f1)
 
     def close_sweep_runs(self, exp_id: str, sweep_id: str, parent_run_id: str, reason: str) -> list[str]:

@@ -50,8 +50,9 @@ def test_a_finished_trial_is_never_reopened_and_a_failed_one_is_for_a_retry():
         store.reopen_trial_run(run_id, 2)
 
 
-def test_the_report_speaks_three_statuses():
-    assert {s.report_status for s in TrialState} == {"FINISHED", "REUSED", "FAILED"}
+def test_the_report_speaks_three_statuses_and_interrupted_for_a_stopped_sweep():
+    # INTERRUPTED (issue 14) extends the contract: a stopped sweep's unfinished rows; nothing else changed.
+    assert {s.report_status for s in TrialState} == {"FINISHED", "REUSED", "FAILED", "INTERRUPTED"}
 
 
 # ---------------------------------------------------------------- the retry policy

@@ -19,6 +19,11 @@ from tests.test_engine import LOST_HOST, TRAINER_ERROR, ScriptedLauncher
 
 @pytest.fixture
 def project(tmp_path: Path):
+    return write_project(tmp_path)
+
+
+def write_project(tmp_path: Path) -> Path:
+    """Four combinations, a one-epoch spec and tiny data files: what the in-memory sweeps run."""
     (tmp_path / "train.csv").write_text("x,y\n1,0\n")
     (tmp_path / "val.csv").write_text("x,y\n1,0\n")
     combos = [{"lr": lr, "depth": d} for lr in (0.1, 0.2) for d in (1, 2)]

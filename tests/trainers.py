@@ -36,7 +36,8 @@ def sleepy(hparams: dict[str, Any], data: DataRefs, ctx: TrainContext) -> float:
     if hparams.get("mode") == "raise":
         raise ValueError(f"bad hparams: {hparams}")
     epochs = int(ctx.settings.get("epochs", 2))
-    sleep_s = float(hparams.get("sleep_s", ctx.settings.get("sleep_s", 0.2)))
+    # HPSWEEP_TEST_SLEEP_S overrides both without changing the trial key (a quick rerun of slow trials).
+    sleep_s = float(os.environ.get("HPSWEEP_TEST_SLEEP_S") or hparams.get("sleep_s", ctx.settings.get("sleep_s", 0.2)))
     for epoch in range(1, epochs + 1):
         time.sleep(sleep_s / epochs)
         ctx.report(epoch, val_f1=float(hparams.get("f1", 0.5)) * epoch / epochs)

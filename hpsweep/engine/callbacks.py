@@ -47,7 +47,8 @@ class LogCallback(SweepCallback):
                           run_name(trial.hparams), attempt, outcome.reason, delay_s)
 
     def on_trial_end(self, trial: PlannedTrial, attempts: int, result: AttemptResult) -> None:
-        self._log.info("trial %s %s: %s", run_name(trial.hparams), "finished" if result.outcome.ok else "FAILED",
+        self._log.info("trial %s %s: %s", run_name(trial.hparams), "finished" if result.outcome.ok else
+                       "INTERRUPTED" if result.outcome.interrupted else "FAILED",
                        describe(result.outcome, attempts))
 
 

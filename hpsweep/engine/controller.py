@@ -24,7 +24,8 @@ from typing import Any, Callable
 from hpsweep.engine.callbacks import Callbacks, SweepCallback
 from hpsweep.engine.gpus import GpuPool
 from hpsweep.engine.launcher import TrialLauncher
-from hpsweep.model import AttemptResult, Outcome, PlannedTrial, TrialJob
+from hpsweep.engine.stopping import SlotWaitAbandoned, StopRequest
+from hpsweep.model import AttemptResult, Outcome, PlannedTrial, TrialJob, interrupted_reason
 
 log = logging.getLogger("hpsweep")
 
@@ -90,19 +91,28 @@ class SweepEngine:
     def __init__(self, sweep: SweepRun, launcher: TrialLauncher, policy: RetryPolicy,
                  callbacks: list[SweepCallback] = (), gpu_pool: GpuPool | None = None,
                  hold_slot: SlotHolder = nullcontext, run_attempt: AttemptRunner | None = None,
-                 sleep: Callable[[float], bool] | None = None):
+                 sleep: Callable[[float], bool] | None = None, stop: StopRequest | None = None):
         """``hold_slot``: a context manager holding one quota slot (a Prefect concurrency limit);
         ``run_attempt``: how an attempt runs (default ``launcher.launch``; the flow wraps it in a task
-        run); ``sleep``: waits between attempts (an Event's wait, so a stop cuts it short)."""
+        run); ``sleep``: waits between attempts (an Event's wait, so a stop cuts it short); ``stop``:
+        a stop request (signals): on it, no trial starts and the launcher ends the running ones."""
         self.sweep, self.policy = sweep, policy
         self._callbacks = Callbacks(list(callbacks))
         self._gpu_pool = gpu_pool or GpuPool(())
         self._hold_slot = hold_slot
+        self._launcher = launcher
         self._run_attempt = run_attempt or launcher.launch
-        self._stopping = threading.Event()
-        self._sleep = sleep or self._stopping.wait
+        self.stopping = threading.Event()  # set once a stop is asked: workers start nothing more
+        self._sleep = sleep or self.stopping.wait
         self.results: dict[int, tuple[int, AttemptResult]] = {}  # trial index → (attempts, last result)
         self._results_lock = threading.Lock()
+        if stop is not None:
+            stop.listen(lambda force: self.stop(stop.grace_s, interrupted_reason(stop.signal_name), force))
+
+    def stop(self, grace_s: float, reason: str, force: bool = False) -> None:
+        """Start no more trials; the launcher ends the running ones (``grace_s`` to checkpoint, or at once)."""
+        self.stopping.set()
+        self._launcher.interrupt(0.0 if force else grace_s, reason)
 
     def run(self, trials: list[PlannedTrial], parallel: int) -> None:
         """Train ``trials`` (in this order), at most ``parallel`` at once."""
@@ -129,11 +139,17 @@ class SweepEngine:
                     log.error("a GPU worker failed: %s: %s", type(e).__name__, e)
 
     def _worker(self, queue: "Queue[PlannedTrial]") -> None:
-        """One quota slot: hold it and its GPUs while trials are queued."""
+        """One quota slot: hold it and its GPUs while trials are queued (and the sweep is not stopping)."""
+        try:
+            self._hold_and_run(queue)
+        except SlotWaitAbandoned:
+            return  # stopped while waiting for a slot: its trials stay queued (reported interrupted)
+
+    def _hold_and_run(self, queue: "Queue[PlannedTrial]") -> None:
         with self._hold_slot():
             gpu_ids = self._gpu_pool.take(self.sweep.gpus)
             try:
-                while True:
+                while not self.stopping.is_set():
                     try:
                         trial = queue.get_nowait()
                     except Empty:
@@ -150,7 +166,7 @@ class SweepEngine:
         while True:
             result = self._attempt(self.sweep.job(trial, attempt, run_id), gpu_ids)
             run_id = result.run_id or run_id
-            if not self.policy.should_retry(result.outcome, attempt):
+            if self.stopping.is_set() or not self.policy.should_retry(result.outcome, attempt):
                 break
             delay = self.policy.delay_s(attempt)
             self._callbacks.emit("on_trial_retry", trial, attempt, result.outcome, delay)

@@ -37,6 +37,10 @@ class TrialLauncher(Protocol):
 
     def launch(self, job: TrialJob, gpu_ids: tuple[int, ...]) -> AttemptResult: ...
 
+    def interrupt(self, grace_s: float, reason: str) -> None:
+        """The sweep is stopping: end the running trials (``grace_s`` to save a checkpoint, 0: at
+        once) and start no more; their outcomes are ``interrupted`` with ``reason``."""
+
 
 def execute_trial(job: TrialJob, gpu_ids: tuple[int, ...], runner: ProcessRunner) -> AttemptResult:
     """Create (or continue) the trial's run, train in a child process, store the outcome.
@@ -152,3 +156,6 @@ class LocalLauncher:
 
     def launch(self, job: TrialJob, gpu_ids: tuple[int, ...]) -> AttemptResult:
         return execute_trial(job, gpu_ids, self._runner)
+
+    def interrupt(self, grace_s: float, reason: str) -> None:
+        self._runner.interrupt(grace_s, reason)

@@ -6,17 +6,24 @@ the pool never starts more GPU containers than the quota allows.
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
+from dataclasses import replace
+from uuid import UUID
 
 from mlflow.tracking import MlflowClient
 from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound
+from prefect.states import Cancelling
 
 from hpsweep import store
 from hpsweep.inputs import Problem, SweepInputError
 from hpsweep.model import AttemptResult, Outcome, TrialJob
 from hpsweep.store.filters import all_of, tag_equals
+
+log = logging.getLogger("hpsweep")
 
 
 def check_pool_limit(pool: str | None, quota: int) -> int:
@@ -54,16 +61,60 @@ class PoolLauncher:
         self.deployment = deployment
         self.poll_interval_s = poll_interval_s
         self.salt = salt
+        self._in_flight: set[UUID] = set()
+        self._stopped_by: str | None = None
+        self._lock = threading.Lock()
 
     def launch(self, job: TrialJob, gpu_ids: tuple[int, ...]) -> AttemptResult:
+        if self._stopped_by is not None:
+            now = time.time()
+            return AttemptResult(job.run_id, Outcome(False, None, f"not started: {self._stopped_by}", killed=True,
+                                                     interrupted=True, started_at=now, ended_at=now))
         flow_run = run_deployment(
             self.deployment, parameters={"job": job.as_dict()}, idempotency_key=idempotency_key(job, self.salt),
-            timeout=None, poll_interval=self.poll_interval_s, as_subflow=True,
-            tags=["hpsweep", f"sweep:{job.sweep_id}"],
+            timeout=0, as_subflow=True, tags=["hpsweep", f"sweep:{job.sweep_id}"],
             # The ECS template's GPU request per trial (a string: ECS takes the count as one).
             job_variables={"gpus": str(job.gpus)},
         )
-        return self._result(job, flow_run)
+        with self._lock:
+            self._in_flight.add(flow_run.id)
+        if self._stopped_by is not None:
+            self._cancel([flow_run.id])
+        try:
+            flow_run = self._wait(flow_run.id)
+        finally:
+            with self._lock:
+                self._in_flight.discard(flow_run.id)
+        result = self._result(job, flow_run)
+        if self._stopped_by is not None and not result.outcome.ok:
+            return AttemptResult(result.run_id, replace(result.outcome, reason=self._stopped_by, retryable=False,
+                                                        killed=True, interrupted=True))
+        return result
+
+    def interrupt(self, grace_s: float, reason: str) -> None:
+        """Cancel every trial flow run in flight: Prefect's worker stops its process (or ECS task)
+        with SIGTERM, then kills it after the worker's own grace; none starts from now on."""
+        with self._lock:
+            self._stopped_by = reason
+            in_flight = list(self._in_flight)
+        self._cancel(in_flight)
+
+    def _cancel(self, flow_run_ids: list[UUID]) -> None:
+        with get_client(sync_client=True) as client:
+            for flow_run_id in flow_run_ids:
+                try:
+                    client.set_flow_run_state(flow_run_id, Cancelling(message=self._stopped_by), force=True)
+                except Exception as e:  # noqa: BLE001 - the others still get theirs
+                    log.warning("could not cancel trial flow run %s: %s", flow_run_id, e)
+
+    def _wait(self, flow_run_id: UUID):
+        """The flow run, once its state is final."""
+        with get_client(sync_client=True) as client:
+            while True:
+                flow_run = client.read_flow_run(flow_run_id)
+                if flow_run.state is not None and flow_run.state.is_final():
+                    return flow_run
+                time.sleep(self.poll_interval_s)
 
     def _result(self, job: TrialJob, flow_run) -> AttemptResult:
         client = MlflowClient(job.tracking_uri)

@@ -63,6 +63,22 @@ class ProcessRunner:
         self._mp = multiprocessing.get_context(start_method)
         self._preload, self._server_started = preload, start_method != "forkserver"
         self._start_lock = threading.Lock()
+        self._live: set[int] = set()  # process (group) ids of the trials running now
+        self._stopped_by: str | None = None  # why the sweep is stopping: no trial starts after it
+
+    def interrupt(self, grace_s: float, reason: str) -> None:
+        """Stop every running trial: SIGTERM to its process group now (it saves what it can), SIGKILL
+        after ``grace_s`` (at once when 0); trials asked to start from now on end at once. Each
+        stopped trial's outcome says ``reason`` and is not retried."""
+        with self._start_lock:
+            self._stopped_by = reason
+            live = list(self._live)
+        for pid in live:
+            _signal_group(pid, signal.SIGKILL if grace_s <= 0 else signal.SIGTERM)
+        if grace_s > 0 and live:
+            timer = threading.Timer(grace_s, lambda: [_signal_group(pid, signal.SIGKILL) for pid in live])
+            timer.daemon = True
+            timer.start()
 
     def run(self, request: TrialRequest, time_limit_s: float | None,
             heartbeat: Callable[[], None] | None = None) -> Outcome:
@@ -70,6 +86,10 @@ class ProcessRunner:
             if not self._server_started:
                 start_fork_server(self._preload)
                 self._server_started = True
+        if self._stopped_by is not None:
+            now = time.time()
+            return Outcome(False, None, f"not started: {self._stopped_by}", killed=True, interrupted=True,
+                           started_at=now, ended_at=now)
         paths = request.paths
         for stale in (paths.result, paths.outcome):
             stale.unlink(missing_ok=True)
@@ -79,7 +99,12 @@ class ProcessRunner:
         paths.checkpoints.mkdir(parents=True, exist_ok=True)
         _empty_dir(paths.model)
         proc = self._mp.Process(target=run_trial_process, args=(request,), name=f"trial-{request.run_id}")
-        proc.start()  # returns once forked: the fork server's one-time preload is not the trial's time
+        with self._start_lock:  # a stop between the check above and here still reaches this trial
+            proc.start()  # returns once forked: the fork server's one-time preload is not the trial's time
+            self._live.add(proc.pid)
+            stopping = self._stopped_by is not None
+        if stopping:
+            _signal_group(proc.pid, signal.SIGTERM)
         started = time.time()
         # Heartbeats beat in their own thread: one stuck on a tracking outage never delays the time limit.
         beats = Periodic(HEARTBEAT_S, heartbeat, f"heartbeat-{request.run_id}").start() if heartbeat else None
@@ -91,6 +116,9 @@ class ProcessRunner:
         timed_out = proc.is_alive()
         if timed_out:
             _kill_group(proc)
+        with self._start_lock:
+            self._live.discard(proc.pid)
+            stopped_by = self._stopped_by
         ended = time.time()
         reported = _read_json(paths.outcome)
         outcome = judge(
@@ -103,6 +131,8 @@ class ProcessRunner:
             log_hint=f"artifact {paths.log.name} of run {request.run_id}",  # the launcher logs it there
         )
         proc.close()
+        if stopped_by is not None and not outcome.ok:  # it ended because the sweep stopped it
+            outcome = Outcome(False, None, stopped_by, killed=True, interrupted=True)
         return outcome.timed(started, ended)
 
 
@@ -118,6 +148,16 @@ def _kill_group(proc: multiprocessing.process.BaseProcess) -> None:
     except ProcessLookupError:
         pass
     proc.join()
+
+
+def _signal_group(pid: int, signum: int) -> None:
+    """Signal the trial's process group, or the trial alone if it has not made its group yet."""
+    for send in (os.killpg, os.kill):
+        try:
+            send(pid, signum)
+            return
+        except (ProcessLookupError, PermissionError):
+            continue
 
 
 def _empty_dir(path) -> None:

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections import defaultdict
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,6 +22,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
+from hpsweep.engine.stopping import SlotWaitAbandoned
 from hpsweep.inputs import Problem, SweepInputError
 from hpsweep.periodic import Periodic
 
@@ -33,6 +35,7 @@ log = logging.getLogger("hpsweep")
 
 # A dead sweep's slots come back after this long (Prefect renews the lease while the sweep lives).
 SLOT_LEASE_S = 60.0  # the shortest lease Prefect accepts
+SLOT_WAIT_STEP_S = 2.0  # a worker waiting for a slot looks this often whether the sweep is stopping
 SWEEP_FLOW_NAME = "sweep"  # the flow whose runs hold the slots (flows/sweep.py)
 
 
@@ -105,14 +108,25 @@ def ensure_quota_limit(name: str, quota: int, gpus_per_trial: int = 1) -> QuotaL
 
 
 @contextmanager
-def hold_slot(name: str, gpus: int, flow_run_id: UUID | str | None = None) -> Iterator[None]:
+def hold_slot(name: str, gpus: int, flow_run_id: UUID | str | None = None,
+              stopping: threading.Event | None = None) -> Iterator[None]:
     """Hold ``gpus`` slots of the limit (waiting for them), under a lease that names the sweep's
-    flow run so that `hpsweep quota` can say which sweep holds them."""
+    flow run so that `hpsweep quota` can say which sweep holds them. While waiting, a set
+    ``stopping`` event gives up the wait (SlotWaitAbandoned) within SLOT_WAIT_STEP_S."""
     from prefect.client.schemas.objects import ConcurrencyLeaseHolder
     from prefect.concurrency.sync import concurrency
 
     holder = ConcurrencyLeaseHolder(type="flow_run", id=flow_run_id) if flow_run_id else None
-    with concurrency(name, occupy=gpus, strict=True, lease_duration=SLOT_LEASE_S, holder=holder):
+    with ExitStack() as held:
+        while True:
+            if stopping is not None and stopping.is_set():
+                raise SlotWaitAbandoned(name)
+            try:
+                held.enter_context(concurrency(name, occupy=gpus, strict=True, lease_duration=SLOT_LEASE_S,
+                                               holder=holder, timeout_seconds=SLOT_WAIT_STEP_S if stopping else None))
+                break
+            except TimeoutError:
+                continue  # still waiting for a slot: look at ``stopping`` again
         yield
 
 
@@ -317,8 +331,8 @@ FILESYSTEM_LEASES = "prefect.server.concurrency.lease_storage.filesystem"
 
 @contextmanager
 def dead_sweeps_slots_returned(local_launcher: bool) -> Iterator[None]:
-    """While a sweep runs on the embedded default (no Prefect API configured: Prefect starts its
-    temporary server for the sweep), keep leases on disk and return expired leases' slots."""
+    """While a sweep runs on the embedded default (no Prefect API configured): start Prefect's
+    temporary server tied to this process, keep leases on disk and return expired leases' slots."""
     from prefect.settings import get_current_settings
 
     if not local_launcher or get_current_settings().api.url:
@@ -327,6 +341,9 @@ def dead_sweeps_slots_returned(local_launcher: bool) -> Iterator[None]:
     # Before the temporary server starts (it inherits the environment): its default lease
     # storage is its own memory, so the leases of a sweep that died would vanish with its server.
     os.environ.setdefault(LEASE_STORAGE_ENV, FILESYSTEM_LEASES)
+    from hpsweep.engine.tempserver import start_temporary_server
+
+    start_temporary_server()  # in its own session, and it dies with this process
     repossessor = SlotRepossessor()
     try:
         yield

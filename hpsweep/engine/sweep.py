@@ -140,7 +140,8 @@ def parent_heartbeat(store: SweepStore, opened: OpenedSweep) -> Periodic:
 
 
 def close_sweep(opened: OpenedSweep, store: SweepStore, report_dir: Path | None,
-                callbacks: list[SweepCallback] = (), register: bool = True) -> dict[str, Any]:
+                callbacks: list[SweepCallback] = (), register: bool = True,
+                stopped_by: str | None = None) -> dict[str, Any]:
     """Read the trials back from MLflow, rank them, register the champion, write the report, log it
     to the parent run and close that; then ``on_report`` callbacks. ``register``: let this sweep's best
     become the champion (if it beats it); False (``--no-register``) leaves the registry alone. Returns the sweep's summary."""
@@ -148,11 +149,13 @@ def close_sweep(opened: OpenedSweep, store: SweepStore, report_dir: Path | None,
     report_dir = report_dir or Path("reports") / run.name
     meta = assemble.sweep_meta(run.sweep_id, run.name, run.experiment_id, run.parent_run_id, run.tracking_uri,
                                opened.provenance, opened.provenance.get(TAG_QUOTA))
+    meta["interrupted"] = stopped_by  # trials it never started are INTERRUPTED, and the parent run KILLED
     rows, header, paths = assemble.build_report(store, meta, opened.trials, opened.reused, report_dir,
                                                 register=register)
     summary = assemble.sweep_summary(header, rows, report_dir, paths)
     best = next((r for r in rows if r.has_f1), None)
     store.finish_parent_run(run.parent_run_id, summary["counts"], best.f1 if best else None,
-                            [str(p) for p in paths.values()], ok=summary["counts"]["failed"] == 0)
+                            [str(p) for p in paths.values()], ok=summary["counts"]["failed"] == 0,
+                            stopped_by=stopped_by)
     Callbacks(list(callbacks)).emit("on_report", header, rows)
     return summary

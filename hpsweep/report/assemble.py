@@ -13,10 +13,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hpsweep.model import PlannedTrial, TrialRow, TrialState, run_name
+from hpsweep.model import PlannedTrial, TrialRow, TrialState, interrupted_reason, run_name
 from hpsweep.report.leaderboard import counts, learning_curves, rank_rows, write_report
 from hpsweep.store.registry import MLMODEL_FILE, RegisteredVersion, champion_uri
-from hpsweep.store.tags import TAG_DATA_VERSION, TAG_GIT_COMMIT, TAG_QUOTA, TAG_SETTINGS, TAG_SPEC_HASH
+from hpsweep.store.tags import (TAG_DATA_VERSION, TAG_GIT_COMMIT, TAG_INTERRUPTED, TAG_QUOTA, TAG_SETTINGS,
+                                TAG_SPEC_HASH)
 from hpsweep.store.uri import redact_uri
 
 if TYPE_CHECKING:
@@ -37,6 +38,7 @@ def sweep_meta(sweep_id: str, name: str, experiment_id: str, parent_run_id: str,
         "data_version": provenance.get(TAG_DATA_VERSION), "git_commit": provenance.get(TAG_GIT_COMMIT),
         "quota": int(quota) if quota is not None else None,
         "settings": _settings(provenance.get(TAG_SETTINGS)),
+        "interrupted": provenance.get(TAG_INTERRUPTED),  # the signal that stopped the sweep, if one did
         "champion": None, "champion_moved": False, "champion_note": None,
     }
 
@@ -56,11 +58,15 @@ def reused_rows(trials: Sequence[PlannedTrial], reused: Mapping[str, TrialRow]) 
             for t in trials if t.key in reused]
 
 
-def never_started(trials: Sequence[PlannedTrial], rows: Sequence[TrialRow]) -> list[TrialRow]:
-    """A row for each combination with no row yet (no run in MLflow), so every combination is reported."""
+def never_started(trials: Sequence[PlannedTrial], rows: Sequence[TrialRow],
+                  stopped_by: str | None = None) -> list[TrialRow]:
+    """A row for each combination with no row yet (no run in MLflow), so every combination is reported:
+    INTERRUPTED when a signal (``stopped_by``) stopped the sweep before it, else NEVER_STARTED."""
     seen = {r.index for r in rows}
-    return [TrialRow(index=t.index, hparams=t.hparams, state=TrialState.NEVER_STARTED, run_name=run_name(t.hparams),
-                     key=t.key, reason=NEVER_STARTED_REASON, attempt=0)
+    state, reason = ((TrialState.INTERRUPTED, interrupted_reason(stopped_by)) if stopped_by
+                     else (TrialState.NEVER_STARTED, NEVER_STARTED_REASON))
+    return [TrialRow(index=t.index, hparams=t.hparams, state=state, run_name=run_name(t.hparams),
+                     key=t.key, reason=reason, attempt=0)
             for t in trials if t.index not in seen]
 
 
@@ -94,7 +100,7 @@ def _report(store: SweepStore, meta: dict[str, Any], trials: Sequence[PlannedTri
             reused: Mapping[str, TrialRow], report_dir: Path,
             settle: Callable[[TrialRow | None], dict[str, Any]]) -> Report:
     rows = store.sweep_trials(meta["experiment_id"], meta["sweep_id"]) + reused_rows(trials, reused)
-    ranked = rank_rows(rows + never_started(trials, rows))
+    ranked = rank_rows(rows + never_started(trials, rows, meta.get("interrupted")))
     best = next((r for r in ranked if r.has_f1), None)
     header = {**meta, **settle(best)}
     paths = write_report(report_dir, header, ranked, curves=learning_curves(store, ranked))

@@ -45,8 +45,8 @@ def rank_rows(rows: Sequence[TrialRow]) -> list[TrialRow]:
 
 
 def report_status(row: TrialRow) -> str:
-    """The row's status in the report: FINISHED or REUSED with an F1, else FAILED."""
-    return row.state.report_status if row.has_f1 else "FAILED"
+    """The row's status in the report: FINISHED or REUSED with an F1, INTERRUPTED, else FAILED."""
+    return row.report_status
 
 
 def counts(rows: Sequence[TrialRow]) -> dict[str, int]:

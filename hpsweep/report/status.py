@@ -24,11 +24,13 @@ if TYPE_CHECKING:
 # hpsweep.store (so MLflow) is imported where needed: `hpsweep plan` with no store never pays for it.
 
 PARENT_STATES = {"FINISHED": "finished", "FAILED": "finished with failures", "KILLED": "killed"}
+# A KILLED parent run with a `hpsweep.interrupted` tag was stopped by a signal: "interrupted (SIGINT)".
 # A FAILED parent run with a `hpsweep.reason` tag is a sweep that crashed: "crashed: <reason>".
 # The words `hpsweep status` shows for each trial state (a RUNNING trial with no recent heartbeat is "stale").
+INTERRUPTED = "interrupted"  # counted only in a sweep stopped by a signal: other sweeps' counts keep their keys
 STATE_WORDS = {TrialState.PLANNED: "queued", TrialState.RUNNING: "running", TrialState.FINISHED: "done",
                TrialState.FAILED: "failed", TrialState.KILLED: "failed", TrialState.REUSED: "reused",
-               TrialState.NEVER_STARTED: "never started"}
+               TrialState.NEVER_STARTED: "never started", TrialState.INTERRUPTED: INTERRUPTED}
 STALE = "stale"
 WORDS = ("running", STALE, "queued", "done", "failed", "reused", "never started")  # the order of the counts
 
@@ -150,7 +152,7 @@ def summarize(record: SweepRecord, plan: list[TrialRow] | None, runs: list[Trial
               now: float, stale_after_s: float, prefect: str | None = None) -> dict[str, Any]:
     """Counts, one line per trial and an ETA. ``plan``: the sweep's plan.json (``store.load_plan``;
     None for an older sweep: its runs alone); ``runs``: its trial runs (``store.sweep_trials``)."""
-    from hpsweep.store import TAG_DISPATCH, TAG_HEARTBEAT, TAG_REASON
+    from hpsweep.store import TAG_DISPATCH, TAG_HEARTBEAT, TAG_INTERRUPTED, TAG_REASON
 
     by_index = {r.index: r for r in runs}
     if plan is None:
@@ -158,10 +160,16 @@ def summarize(record: SweepRecord, plan: list[TrialRow] | None, runs: list[Trial
     over = record.parent_status != "RUNNING"
     trials = [_trial(p, by_index.get(p.index), over, now, stale_after_s)
               for p in sorted(plan, key=lambda p: (p.dispatch_position or 10**9, p.index))]
-    counts = {word: sum(1 for t in trials if t["state"] == word) for word in WORDS}
+    if over and record.tags.get(TAG_INTERRUPTED):  # a stopped sweep's never-started trials were interrupted
+        trials = [{**t, "state": INTERRUPTED} if t["state"] == "never started" else t for t in trials]
+    counts = {word: sum(1 for t in trials if t["state"] == word) for word in WORDS + (INTERRUPTED,)}
+    if not counts[INTERRUPTED]:
+        del counts[INTERRUPTED]
     parent_beat = float(record.tags.get(TAG_HEARTBEAT, record.started_at))
     reason = record.tags.get(TAG_REASON) if over else None  # why it ended: a crash, a reaped zombie
-    if over and record.parent_status == "FAILED" and reason:
+    if over and record.tags.get(TAG_INTERRUPTED):
+        state = f"interrupted ({record.tags[TAG_INTERRUPTED]})"
+    elif over and record.parent_status == "FAILED" and reason:
         state = f"crashed: {_first_line(reason, 300)}"
     elif over:
         state = PARENT_STATES.get(record.parent_status, record.parent_status.lower())

@@ -129,6 +129,9 @@ def trial_env(req: TrialRequest) -> dict[str, str]:
 def run_trial_process(req: TrialRequest) -> None:
     """Process target: set up the trial's world, run the trainer, record the outcome."""
     os.setsid()
+    # A stopping sweep sends the trial's group SIGTERM: an in-process trainer is interrupted (its
+    # checkpoints and metrics are still shipped below); a command trainer gets the signal itself.
+    signal.signal(signal.SIGTERM, _interrupt_trainer if req.job.entrypoint is not None else _ignore_once)
     if req.orchestrator:
         exit_when_dead(req.orchestrator)
     os.chdir(req.job.cwd)
@@ -154,6 +157,20 @@ def run_trial_process(req: TrialRequest) -> None:
     os._exit(0)
 
 
+class TrialStopped(BaseException):
+    """The sweep is stopping (Ctrl-C or SIGTERM to it): not an Exception, so a trainer's own
+    ``except Exception`` cannot swallow it."""
+
+
+def _interrupt_trainer(signum: int, _frame: object) -> None:
+    raise TrialStopped(f"stopped by {signal.Signals(signum).name}: the sweep is stopping")
+
+
+def _ignore_once(signum: int, _frame: object) -> None:
+    """The command trainer in this group got the same signal: wait for it to end (a handler, not
+    SIG_IGN, so the command does not inherit an ignored SIGTERM)."""
+
+
 def _train_durably(req: TrialRequest, client: MlflowClient) -> dict[str, Any]:
     """Restore checkpoints, train with metrics shipped and checkpoints mirrored in the background,
     then wait until metrics and model are stored. The trainer's own exception is its outcome."""
@@ -174,6 +191,7 @@ def _train_durably(req: TrialRequest, client: MlflowClient) -> dict[str, Any]:
         outcome = {"error": f"{type(e).__name__}: {e}" if str(e) else type(e).__name__,
                    "traceback": traceback.format_exc()}
     finally:
+        signal.signal(signal.SIGTERM, _ignore_once)  # from here on the trial only ships what it has
         sync.stop()
         if system is not None:
             system.stop()  # its last sample goes into the flush below

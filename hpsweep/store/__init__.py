@@ -111,8 +111,8 @@ class SweepStore:
         return registry.version_of(self.client, model_name, run_id)
 
     def finish_parent_run(self, parent_run_id: str, counts: dict[str, int], best_f1: float | None,
-                          files: list[str], ok: bool) -> None:
-        runs.finish_parent_run(self.client, parent_run_id, counts, best_f1, files, ok)
+                          files: list[str], ok: bool, stopped_by: str | None = None) -> None:
+        runs.finish_parent_run(self.client, parent_run_id, counts, best_f1, files, ok, stopped_by)
 
     def close_sweep_runs(self, exp_id: str, sweep_id: str, parent_run_id: str, reason: str) -> list[str]:
         return runs.close_sweep_runs(self.client, exp_id, sweep_id, parent_run_id, reason)

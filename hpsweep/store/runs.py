@@ -21,7 +21,7 @@ from hpsweep.identity import identity_is_dead, process_identity
 from hpsweep.model import Hparams, IllegalTransition, Outcome, TrialRow, TrialState, check_transition, run_name
 from hpsweep.store.filters import all_of, run_id_in, tag_equals
 from hpsweep.store.tags import (EXPERIMENT_KIND, TAG_ATTEMPT, TAG_ATTEMPT_LOG, TAG_DURATION, TAG_HEARTBEAT,
-                                TAG_HPARAMS, TAG_INDEX, TAG_OWNER, TAG_REASON, TAG_RETRYABLE, TAG_ROLE,
+                                TAG_HPARAMS, TAG_INDEX, TAG_INTERRUPTED, TAG_OWNER, TAG_REASON, TAG_RETRYABLE, TAG_ROLE,
                                 TAG_SPEC_HASH, TAG_STATUS, TAG_SWEEP_ID, TAG_TRIAL_KEY, SETTINGS_PARAM_PREFIX)
 
 MAX_PARAM_LEN = 6000
@@ -68,7 +68,9 @@ def state_of(run: Run) -> TrialState:
         return TrialState.RUNNING
     if status == "FINISHED" and run.data.tags.get(TAG_STATUS) == "FINISHED" and "f1" in run.data.metrics:
         return TrialState.FINISHED
-    return TrialState.KILLED if status == "KILLED" else TrialState.FAILED
+    if status == "KILLED":
+        return TrialState.INTERRUPTED if run.data.tags.get(TAG_INTERRUPTED) else TrialState.KILLED
+    return TrialState.FAILED
 
 
 def trial_row(run: Run) -> TrialRow:
@@ -92,7 +94,7 @@ def outcome_of(run: Run) -> Outcome:
         return Outcome(True, run.data.metrics["f1"], started_at=start, ended_at=end)
     return Outcome(False, None, tags.get(TAG_REASON) or f"run ended {run.info.status}",
                    retryable=tags.get(TAG_RETRYABLE) == "true", killed=run.info.status == "KILLED",
-                   started_at=start, ended_at=end)
+                   interrupted=bool(tags.get(TAG_INTERRUPTED)), started_at=start, ended_at=end)
 
 
 # ---------------------------------------------------------------- writing: parent and trial runs
@@ -146,9 +148,13 @@ def finish_trial_run(client: MlflowClient, run_id: str, outcome: Outcome, log_pa
         tags.append(RunTag(TAG_REASON, outcome.reason[:MAX_TAG_LEN]))
     if not outcome.ok:
         tags.append(RunTag(TAG_RETRYABLE, str(outcome.retryable).lower()))
+    if outcome.interrupted:
+        tags.append(RunTag(TAG_INTERRUPTED, "true"))
     metrics = [Metric("f1", outcome.f1, int(time.time() * 1000), 0)] if outcome.ok else []
     client.log_batch(run_id, metrics=metrics, tags=tags)
-    client.set_terminated(run_id, outcome.state.value, end_time=int(outcome.ended_at * 1000) or None)
+    # MLflow has no INTERRUPTED: such a run is KILLED, and its hpsweep.interrupted tag says why.
+    status = "KILLED" if outcome.state is TrialState.INTERRUPTED else outcome.state.value
+    client.set_terminated(run_id, status, end_time=int(outcome.ended_at * 1000) or None)
 
 
 def reopen_trial_run(client: MlflowClient, run_id: str, attempt: int) -> None:
@@ -352,12 +358,18 @@ def metric_history(client: MlflowClient, run_id: str, metric: str) -> list[tuple
 
 
 def finish_parent_run(client: MlflowClient, parent_run_id: str, counts: dict[str, int], best_f1: float | None,
-                      files: list[str], ok: bool) -> None:
-    """Log the report files and the counts to the parent run, then close it."""
+                      files: list[str], ok: bool, stopped_by: str | None = None) -> None:
+    """Log the report files and the counts to the parent run, then close it: KILLED (tagged with the
+    signal) when ``stopped_by`` a signal, else FINISHED, or FAILED when ``ok`` is False."""
     for path in files:
         client.log_artifact(parent_run_id, path, "report")
     metrics = [Metric(f"trials_{k}", v, int(time.time() * 1000), 0) for k, v in counts.items()]
     if best_f1 is not None:
         metrics.append(Metric("best_f1", best_f1, int(time.time() * 1000), 0))
-    client.log_batch(parent_run_id, metrics=metrics)
-    client.set_terminated(parent_run_id, "FINISHED" if ok else "FAILED")
+    tags = [RunTag(TAG_INTERRUPTED, stopped_by), RunTag(TAG_REASON, interrupted_note(stopped_by))] if stopped_by else []
+    client.log_batch(parent_run_id, metrics=metrics, tags=tags)
+    client.set_terminated(parent_run_id, "KILLED" if stopped_by else "FINISHED" if ok else "FAILED")
+
+
+def interrupted_note(signal_name: str) -> str:
+    return f"interrupted by {signal_name}: what finished is reported; a rerun trains the rest"

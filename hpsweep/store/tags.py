@@ -23,6 +23,7 @@ TAG_FLOW_RUN_ID = "hpsweep.flow_run_id"  # the Prefect flow run of the sweep
 TAG_GPUS = "hpsweep.gpus"
 TAG_INTERPRETER = "hpsweep.trainer_interpreter"  # on the parent run: the program the trials run, as PATH found it
 TAG_SETTINGS = "hpsweep.settings"  # on the parent run: the spec's settings, canonical JSON (the report header)
+TAG_INTERRUPTED = "hpsweep.interrupted"  # on a trial or parent run stopped by a signal to the sweep: its name
 TAG_ADOPTED_FROM = "hpsweep.adopted_from_sweep"
 CHAMPION_ALIAS = "champion"
 SETTINGS_PARAM_PREFIX = "settings."  # the spec's settings as params of the parent and every trial run
