@@ -16,7 +16,8 @@ from prefect import flow
 from hpsweep.engine.gpus import GpuPool, host_gpus
 from hpsweep.engine.launcher import execute_trial
 from hpsweep.engine.process import ProcessRunner
-from hpsweep.model import TrialJob
+from hpsweep.engine.stopping import DEFAULT_GRACE_S, StopRequest, stop_on_signals
+from hpsweep.model import TrialJob, interrupted_reason
 
 
 @flow(name="train-trial", persist_result=False, log_prints=True)
@@ -31,10 +32,16 @@ def train_trial(job: dict[str, Any]) -> dict[str, Any]:
     host = host_gpus()
     gpus = GpuPool(host)
     gpu_ids = gpus.take(min(trial.gpus, len(host)))
+    # One trial per flow run: fork it straight from this process, which has imported
+    # MLflow already (a fork server would pay those imports a second time).
+    runner = ProcessRunner(start_method="fork")
+    stop = StopRequest(grace_s=float(os.environ.get("HPSWEEP_GRACE_S", DEFAULT_GRACE_S)))
+    # ECS stops the task (or Prefect cancels the flow run) with SIGTERM: the trial gets it too,
+    # and the grace to save a checkpoint, instead of dying with this process.
+    stop.listen(lambda force: runner.interrupt(0.0 if force else stop.grace_s, interrupted_reason(stop.signal_name)))
     try:
-        # One trial per flow run: fork it straight from this process, which has imported
-        # MLflow already (a fork server would pay those imports a second time).
-        result = execute_trial(trial, gpu_ids, ProcessRunner(start_method="fork"))
+        with stop_on_signals(stop):
+            result = execute_trial(trial, gpu_ids, runner)
     finally:
         gpus.give_back(gpu_ids)
     return {"run_id": result.run_id, "ok": result.outcome.ok, "f1": result.outcome.f1,
