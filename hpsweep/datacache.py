@@ -67,6 +67,7 @@ class DataRef:
     md5: str
     size: int | None = None  # bytes (of all its files, for a folder)
     remote: Remote | None = None
+    seal: str | None = None  # hpsweep.dvcdata.data_seal of ``path`` when ``md5`` was taken
 
     @property
     def is_folder(self) -> bool:
@@ -79,7 +80,7 @@ class DataRef:
     def from_dict(cls, data: dict[str, Any]) -> "DataRef":
         remote = data.get("remote")
         return cls(path=data["path"], md5=data["md5"], size=data.get("size"),
-                   remote=Remote(**remote) if remote else None)
+                   remote=Remote(**remote) if remote else None, seal=data.get("seal"))
 
 
 class DataFetchError(RuntimeError):

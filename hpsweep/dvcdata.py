@@ -40,8 +40,7 @@ class _Memo:
         self.changed = False
 
     def md5(self, path: Path) -> str:
-        st = path.stat()
-        stamp = [st.st_size, st.st_mtime_ns, st.st_ino]
+        stamp = file_stamp(path)
         hit = self.entries.get(str(path))
         if hit and hit.get("stamp") == stamp:
             return str(hit["md5"])
@@ -60,6 +59,22 @@ class _Memo:
             os.replace(tmp, self.file)
         except OSError:
             pass
+
+
+def file_stamp(path: Path) -> list[int]:
+    """What a rewrite of a file changes without reading it: size, mtime and inode."""
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ino]
+
+
+def data_seal(path: Path) -> str:
+    """A fingerprint of a file or folder from its metadata only (``file_stamp`` of each file, one
+    ``stat`` each, no reads): while it stays the same, an md5 taken with it still holds."""
+    path = Path(path).resolve()
+    if not path.is_dir():
+        return "-".join(map(str, file_stamp(path)))
+    listing = [[rel, *file_stamp(f)] for rel, f in folder_files(path)]
+    return "dir-" + hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:32]
 
 
 # What DVC never puts in a folder's listing (dvc.ignore's defaults); `.dvcignore` patterns are not read.
@@ -143,16 +158,18 @@ def default_remote(root: Path) -> Remote | None:
 
 
 def data_ref(path: Path) -> DataRef:
-    """How a trial host gets ``path`` (a file or a folder): its DVC hash, and the DVC remote when DVC
-    holds these bytes.
+    """How a trial host gets ``path`` (a file or a folder): its DVC hash, the DVC remote when DVC
+    holds these bytes, and its seal (``data_seal``), with which each trial checks cheaply that the
+    sweep's files still hold those bytes (hpsweep.runtime.datacheck).
 
     The remote is only named when DVC's record matches the workspace; otherwise the remote
     holds other bytes (or none), and a host without the file cannot train on it.
     """
     path = Path(path).resolve()
+    seal = data_seal(path)  # before hashing: a change while hashing makes trials re-hash, never trust
     md5 = content_md5(path)
     remote = None
     root = dvc_root(path.parent)
     if root is not None and recorded_md5(path) == md5:
         remote = default_remote(root)
-    return DataRef(path=str(path), md5=md5, size=content_size(path), remote=remote)
+    return DataRef(path=str(path), md5=md5, size=content_size(path), remote=remote, seal=seal)

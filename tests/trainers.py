@@ -135,3 +135,16 @@ class _ConstantModel:
 def _load_pyfunc(path: str) -> _ConstantModel:
     """MLflow's pyfunc loader hook for `save_loadable_model`'s models."""
     return _ConstantModel(json.loads(Path(path).read_text()))
+
+
+def rewrites_data(hparams: dict[str, Any], data: DataRefs, ctx: TrainContext) -> float:
+    """Rewrites the file named by the `rewrite_path` setting (else $HPSWEEP_TEST_REWRITE) with other
+    bytes, once: the first trial to run edits the data mid-sweep, as a person might. F1 from `f1`."""
+    record({"event": "start", "t": time.time(), "pid": os.getpid(), "hparams": hparams}, ctx.settings.get("record_path"))
+    target = ctx.settings.get("rewrite_path") or os.environ.get("HPSWEEP_TEST_REWRITE")
+    done = Path(f"{target}.rewritten") if target else None
+    if done is not None and not done.exists():
+        done.touch()
+        with open(target, "a") as f:
+            f.write("a row added during the sweep\n")
+    return float(hparams.get("f1", 0.5))

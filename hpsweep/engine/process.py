@@ -18,7 +18,7 @@ import threading
 import time
 from typing import Any, Callable
 
-from hpsweep.engine.outcome import judge
+from hpsweep.engine.outcome import judge, read_result
 from hpsweep.model import HEARTBEAT_S, Outcome
 from hpsweep.periodic import Periodic
 from hpsweep.runtime.runner import TrialRequest, run_trial_process
@@ -126,7 +126,7 @@ class ProcessRunner:
             timed_out=timed_out,
             time_limit_s=time_limit_s,
             outcome=reported,
-            result=_read_json(paths.result),
+            result=read_result(paths.result),  # bounded: a trainer may write anything there
             log_tail=_read_tail(paths.log) if reported is None and not timed_out else None,
             log_hint=f"artifact {paths.log.name} of run {request.run_id}",  # the launcher logs it there
         )

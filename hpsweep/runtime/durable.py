@@ -38,6 +38,8 @@ from hpsweep.periodic import Periodic
 from hpsweep.store import artifacts
 from hpsweep.store.artifacts import CHECKPOINT_ARTIFACT_DIR
 from hpsweep.store.retry import retrying
+from hpsweep.store.runs import checkpoint_runs
+from hpsweep.store.tags import TAG_DATA_VERSION
 
 log = logging.getLogger("hpsweep.trial")
 SYSTEM_PREFIX = "system/"  # MLflow's: the run page's System metrics section shows these keys
@@ -288,16 +290,18 @@ def trial_gpu_monitor(gpu_ids: tuple[int, ...]):
         return None
 
 
-def restore_checkpoints(client: MlflowClient, experiment_id: str, trial_key: str, dest: Path) -> str | None:
+def restore_checkpoints(client: MlflowClient, experiment_id: str, trial_key: str, dest: Path,
+                        data_version: str | None = None) -> str | None:
     """Fill an empty ``dest`` from the newest unfinished run of this trial that uploaded checkpoints.
 
     A FINISHED run's checkpoints are its final state: resuming from them would skip the
-    training a new attempt is for (``--retrain``). Returns the run id it restored from, or
+    training a new attempt is for (``--retrain``). With ``data_version``, a run tagged with another
+    one (it read data that changed under it) is skipped. Returns the run id it restored from, or
     None (nothing found, or ``dest`` already has files).
     """
     if dest.is_dir() and any(p.is_file() for p in dest.iterdir()):
         return None
-    source = artifacts.checkpoint_source(client, experiment_id, trial_key)
+    source = _checkpoint_source(client, experiment_id, trial_key, data_version)
     if source is None:
         return None
     dest.mkdir(parents=True, exist_ok=True)
@@ -308,6 +312,21 @@ def restore_checkpoints(client: MlflowClient, experiment_id: str, trial_key: str
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return source
+
+
+def _checkpoint_source(client: MlflowClient, experiment_id: str, trial_key: str, data_version: str | None) -> str | None:
+    """``artifacts.checkpoint_source``, less the runs whose data version tag is not ``data_version``."""
+    if data_version is None:
+        return artifacts.checkpoint_source(client, experiment_id, trial_key)
+    for run in checkpoint_runs(client, experiment_id, trial_key):
+        if run.data.tags.get(TAG_DATA_VERSION, data_version) != data_version:
+            continue
+        try:
+            if artifacts.has_files(client, run.info.run_id, CHECKPOINT_ARTIFACT_DIR):
+                return run.info.run_id
+        except Exception:  # noqa: BLE001 - its artifact store is gone or unreadable: try an older one
+            continue
+    return None
 
 
 def exit_when_dead(identity: str, interval_s: float = 1.0) -> Periodic:

@@ -23,9 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hpsweep.engine.outcome import result_json
+from hpsweep.runtime.datacheck import changed_reason, data_changes, version_read
 from hpsweep.runtime.durable import CheckpointSync, MetricsLogger, SystemMetrics, exit_when_dead, restore_checkpoints
 from hpsweep.store import artifacts
 from hpsweep.store.retry import retrying
+from hpsweep.store.tags import TAG_DATA_VERSION
 from hpsweep.model import TrialJob
 from trainer import contract
 
@@ -173,10 +176,19 @@ def _ignore_once(signum: int, _frame: object) -> None:
 
 def _train_durably(req: TrialRequest, client: MlflowClient) -> dict[str, Any]:
     """Restore checkpoints, train with metrics shipped and checkpoints mirrored in the background,
-    then wait until metrics and model are stored. The trainer's own exception is its outcome."""
+    then wait until metrics and model are stored. The trainer's own exception is its outcome.
+
+    The data is checked against the recorded version before the trainer starts and after it ends
+    (hpsweep.runtime.datacheck): a trial never trains on, nor is tagged with, bytes it was not keyed by."""
     paths = req.paths
+    read = {"train": req.train, "val": req.val}
+    changed = data_changes(req.job, read)
+    if changed:  # nothing started: the run keeps the version it was planned with, and fails
+        return {"refused": changed_reason(changed)}
     if req.job.resume and req.job.experiment_id and req.job.trial_key:
-        source = retrying(lambda: restore_checkpoints(client, req.job.experiment_id, req.job.trial_key, paths.checkpoints),
+        data_version = req.job.versions.get(TAG_DATA_VERSION)
+        source = retrying(lambda: restore_checkpoints(client, req.job.experiment_id, req.job.trial_key, paths.checkpoints,
+                                                      data_version=data_version),
                           "restoring checkpoints", deadline_s=600)
         if source:
             logging.info("restored checkpoints of run %s from the artifact store", source)
@@ -195,10 +207,16 @@ def _train_durably(req: TrialRequest, client: MlflowClient) -> dict[str, Any]:
         sync.stop()
         if system is not None:
             system.stop()  # its last sample goes into the flush below
+    changed = data_changes(req.job, read)
+    if changed:  # it read while the data changed: what it learned belongs to no recorded version
+        outcome = {"refused": changed_reason(changed)}
     metrics.flush()  # a trial is not done until its progress is stored
     retrying(lambda: _take_back_run(client, req.run_id), "reopening the trial's run", deadline_s=600)
+    if changed:  # its run (and checkpoints) carry the version it read, so no rerun resumes from them
+        retrying(lambda: client.set_tag(req.run_id, TAG_DATA_VERSION, version_read(req.job, changed)),
+                 "tagging the data the trial read", deadline_s=600)
     if paths.model.is_dir() and any(paths.model.iterdir()) and "error" not in outcome \
-            and not outcome.get("exit_code"):
+            and "refused" not in outcome and not outcome.get("exit_code"):
         # Uploaded from the trial's own process: on a fleet, the files live only here.
         retrying(lambda: artifacts.upload_dir(client, req.run_id, paths.model, artifacts.MODEL_ARTIFACT_DIR),
                  "uploading the model", deadline_s=3600)
@@ -237,7 +255,7 @@ def _run_entrypoint(req: TrialRequest, metrics: MetricsLogger) -> dict[str, Any]
     )
     data = contract.DataRefs(Path(req.train), Path(req.val))
     f1 = train(dict(req.job.hparams), data, ctx)
-    _write_json(paths.result, {"f1": f1 if isinstance(f1, (int, float)) else repr(f1)})
+    _write_text(paths.result, result_json(f1))
     return {"returned": True}
 
 
@@ -287,7 +305,11 @@ class StderrTee:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
+    _write_text(path, json.dumps(data))
+
+
+def _write_text(path: Path, text: str) -> None:
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data))
+    tmp.write_text(text)
     os.replace(tmp, path)
 
