@@ -100,6 +100,8 @@ def load_yaml(name: str, text: str, place: Place = key_place, max_depth: int = M
             return yaml.load(text, Loader=BoundedLoader)  # BoundedLoader is a SafeLoader
     except yaml.YAMLError as e:
         raise SweepInputError([Problem(name, yaml_error_message(e))]) from e
+    except RecursionError as e:  # a backstop: the scan bounds depth where the two parsers agree
+        raise SweepInputError([Problem(name, "not valid YAML: nested too deep to read")]) from e
     raise SweepInputError([Problem(name, hit.message, *place(hit.path))])
 
 
