@@ -6,12 +6,12 @@ import warnings
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from hpsweep.inputs import NAME_PATTERN, Problem, SweepInputError, yaml_error_message
+from hpsweep.inputs import Problem, SweepInputError, SweepName, load_yaml, read_input_text
 
 DEFAULT_LIMIT_NAME = "hpsweep-gpus"
+PARAMS_MAX_DEPTH = 32
 # The `register` field "shadows" ABCMeta.register, a metaclass method no instance sees: nothing to warn about.
 warnings.filterwarnings("ignore", r'Field name "register" in "SweepConfig" shadows', UserWarning)
 
@@ -25,9 +25,9 @@ class SweepConfig(BaseModel):
     train: Path = Field(description="training data (file or folder)")
     val: Path = Field(description="validation data (file or folder)")
     quota: int = Field(default=1, description="GPUs this sweep may use at once; creates the shared Prefect concurrency limit when absent (never changes it: `hpsweep quota N` does)")
-    name: str | None = Field(default=None, pattern=NAME_PATTERN, max_length=200,
-                             description="sweep name (MLflow experiment, registered model): letters, digits, "
-                                         "'.', '_', '-'; default: the spec's name")
+    name: SweepName | None = Field(default=None, description="sweep name (MLflow experiment, registered model, "
+                                   "report folder): letters, digits, '.', '_', '-', at most 200; default: the "
+                                   "spec's name")
     report_dir: Path | None = Field(default=None, description="where the leaderboard goes; default reports/<name>")
     work_dir: Path = Field(default=Path(".hpsweep"), description="trial folders: checkpoints, logs, results")
     tracking_uri: str | None = Field(default=None, description="MLflow tracking URI; default "
@@ -58,12 +58,8 @@ def read_params(path: Path) -> dict[str, Any]:
     """The `sweep:` section of params.yaml (what `dvc repro` passes); {} when there is no file."""
     if not path.is_file():
         return {}
-    try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (OSError, UnicodeDecodeError) as e:
-        raise SweepInputError([Problem(str(path), f"cannot read the file: {e}")]) from e
-    except yaml.YAMLError as e:
-        raise SweepInputError([Problem(str(path), yaml_error_message(e))]) from e
+    # DVC's params.yaml also holds other stages' settings, nested deeper than a sweep's own files.
+    doc = load_yaml(str(path), read_input_text(path), max_depth=PARAMS_MAX_DEPTH) or {}
     section = doc.get("sweep", {}) if isinstance(doc, dict) else None
     if not isinstance(section, dict):
         raise SweepInputError([Problem(str(path), "expected a mapping", key="sweep")])
@@ -92,6 +88,7 @@ def build_config(flags: dict[str, Any], params_file: Path) -> SweepConfig:
 def _config_problem(err: Any, given: dict[str, Any], params_file: Path) -> Problem:
     """Name where the bad value came from: the flag if one was given, else params.yaml's key."""
     field = str(err["loc"][0]) if err["loc"] else ""
+    message = err["msg"].removeprefix("Value error, ")
     if field in given:
-        return Problem(f"--{field.replace('_', '-')}", err["msg"])
-    return Problem(str(params_file), err["msg"], key=".".join(["sweep", *map(str, err["loc"])]))
+        return Problem(f"--{field.replace('_', '-')}", message)
+    return Problem(str(params_file), message, key=".".join(["sweep", *map(str, err["loc"])]))

@@ -6,6 +6,7 @@ and the key it concerns, so a user fixes a bad file in one pass.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import glob
 import importlib
@@ -19,12 +20,18 @@ import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Annotated, Any, Callable, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema,
+                      field_validator, model_validator)
+
+from hpsweep.limits import (MAX_INPUT_FILE_BYTES, MAX_VALUE_CHARS, MAX_YAML_DEPTH, MLFLOW_MAX_KEY_CHARS,
+                            MLFLOW_MAX_TAG_VALUE_CHARS, BoundedLoader, mlflow_key_problem, shortened, shown,
+                            value_too_long, yaml_limit_hit)
 
 Scalar = Union[bool, int, float, str]
+MAX_MESSAGE_CHARS = 1000
 Hparams = dict[str, Scalar]
 
 
@@ -36,12 +43,13 @@ class Problem:
     key: str | None = None
 
     def __str__(self) -> str:
+        # Messages quote values through `shown`; the cut is a backstop, no message floods the terminal.
         where = self.file
         if self.row is not None:
             where += f": row {self.row}"
         if self.key is not None:
-            where += f": key '{self.key}'"
-        return f"{where}: {self.message}"
+            where += f": key '{shortened(self.key)}'"
+        return f"{where}: {shortened(self.message, MAX_MESSAGE_CHARS)}"
 
 
 class SweepInputError(Exception):
@@ -57,7 +65,44 @@ def yaml_error_message(e: yaml.YAMLError) -> str:
     mark = getattr(e, "problem_mark", None)
     what = getattr(e, "problem", None) or str(e).splitlines()[0]
     where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
-    return f"not valid YAML: {what}{where}"
+    return f"not valid YAML: {shortened(what)}{where}"
+
+
+def read_input_text(path: Path, encoding: str = "utf-8") -> str:
+    """An input file's text, refused past MAX_INPUT_FILE_BYTES (read no further: `/dev/zero` ends too)."""
+    name = str(path)
+    try:
+        with path.open("rb") as f:
+            data = f.read(MAX_INPUT_FILE_BYTES + 1)
+        if len(data) > MAX_INPUT_FILE_BYTES:
+            raise SweepInputError([Problem(name, f"the file is larger than {MAX_INPUT_FILE_BYTES // 2**20} MiB, "
+                                                 "the limit for a combinations, spec or params file")])
+        return data.decode(encoding)
+    except (OSError, UnicodeDecodeError) as e:
+        raise SweepInputError([Problem(name, f"cannot read the file: {shortened(str(e))}")]) from e
+
+
+Place = Callable[[tuple[Any, ...]], tuple[Union[int, None], Union[str, None]]]
+
+
+def key_place(path: tuple[Any, ...]) -> tuple[int | None, str | None]:
+    """A spot in a YAML document as a Problem's (row, key): its keys joined with dots."""
+    return None, ".".join(str(p) for p in path) or None
+
+
+def load_yaml(name: str, text: str, place: Place = key_place, max_depth: int = MAX_YAML_DEPTH) -> Any:
+    """``yaml.safe_load(text)`` once the document is known to stay within bounds (depth, size after
+    aliases); else SweepInputError naming the spot past one (``place``: its row and key), or the
+    YAML error."""
+    try:
+        hit = yaml_limit_hit(text, max_depth)
+        if hit is None:
+            return yaml.load(text, Loader=BoundedLoader)  # BoundedLoader is a SafeLoader
+    except yaml.YAMLError as e:
+        raise SweepInputError([Problem(name, yaml_error_message(e))]) from e
+    except RecursionError as e:  # a backstop: the scan bounds depth where the two parsers agree
+        raise SweepInputError([Problem(name, "not valid YAML: nested too deep to read")]) from e
+    raise SweepInputError([Problem(name, hit.message, *place(hit.path))])
 
 
 # ---------------------------------------------------------------- combinations
@@ -71,15 +116,12 @@ def load_combinations(path: Path) -> list[Hparams]:
         raise SweepInputError(
             [Problem(name, f"unknown file type '{path.suffix}': use .yaml, .yml or .csv")]
         )
-    try:
-        text = path.read_text(encoding="utf-8-sig")  # -sig: a spreadsheet's BOM is not part of the first key
-    except (OSError, UnicodeDecodeError) as e:
-        raise SweepInputError([Problem(name, f"cannot read the file: {e}")]) from e
+    text = read_input_text(path, encoding="utf-8-sig")  # -sig: a spreadsheet's BOM is not part of the first key
     if not text.strip():
         raise SweepInputError([Problem(name, "the file is empty")])
     if suffix == ".csv":
-        header, rows = _csv_rows(name, text)
-        problems = _check_rows(name, rows, expected=header)
+        header, rows, header_line = _csv_rows(name, text)
+        problems = _check_rows(name, rows, expected=header, key_row=header_line)
     else:
         problems, rows = _yaml_rows(name, text)
         problems += _check_rows(name, rows)
@@ -89,10 +131,7 @@ def load_combinations(path: Path) -> list[Hparams]:
 
 
 def _yaml_rows(name: str, text: str) -> tuple[list[Problem], list[tuple[int, dict[str, Any]]]]:
-    try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise SweepInputError([Problem(name, yaml_error_message(e))]) from e
+    doc = load_yaml(name, text, _combination_place)
     if not isinstance(doc, dict) or "combinations" not in doc:
         raise SweepInputError([Problem(name, "expected a mapping with a 'combinations:' list")])
     problems = [Problem(name, "unknown top-level key (only 'combinations' is allowed)", key=str(k))
@@ -113,12 +152,22 @@ def _yaml_rows(name: str, text: str) -> tuple[list[Problem], list[tuple[int, dic
     return problems, rows
 
 
+def _combination_place(path: tuple[Any, ...]) -> tuple[int | None, str | None]:
+    """A spot in a combinations YAML as (row, key): ``combinations[i].key`` is row i + 1."""
+    if len(path) >= 2 and path[0] == "combinations" and isinstance(path[1], int):
+        return path[1] + 1, (str(path[2]) if len(path) > 2 else None)
+    return key_place(path)
+
+
 _INT = re.compile(r"[+-]?\d+")
 
 
 def parse_csv_value(text: str) -> Scalar:
-    """Type a CSV cell the way a person reading it would: int, float, bool, else str."""
+    """Type a CSV cell the way a person reading it would: int, float, bool, else str. A cell past
+    MAX_VALUE_CHARS stays text, to be refused as too long (int() stops at 4,300 digits)."""
     s = text.strip()
+    if len(s) > MAX_VALUE_CHARS:
+        return s
     if _INT.fullmatch(s):
         return int(s)
     if s.lower() in ("true", "false"):
@@ -129,17 +178,17 @@ def parse_csv_value(text: str) -> Scalar:
         return s
 
 
-def _csv_rows(name: str, text: str) -> tuple[list[str], list[tuple[int, dict[str, Any]]]]:
+def _csv_rows(name: str, text: str) -> tuple[list[str], list[tuple[int, dict[str, Any]]], int]:
     # Rows are numbered as file lines (the header is line 1 unless blank lines come first); a
     # StringIO with newline="" keeps a quoted cell's line breaks and the line count right.
     reader = csv.reader(io.StringIO(text, newline=""))
     try:
         return _read_csv(name, reader)
     except csv.Error as e:
-        raise SweepInputError([Problem(name, f"not valid CSV: {e}", row=reader.line_num)]) from e
+        raise SweepInputError([Problem(name, f"not valid CSV: {shortened(str(e))}", row=reader.line_num)]) from e
 
 
-def _read_csv(name: str, reader) -> tuple[list[str], list[tuple[int, dict[str, Any]]]]:
+def _read_csv(name: str, reader) -> tuple[list[str], list[tuple[int, dict[str, Any]]], int]:
     for cells in reader:
         if any(c.strip() for c in cells):  # blank lines before the header are skipped
             break
@@ -167,17 +216,23 @@ def _read_csv(name: str, reader) -> tuple[list[str], list[tuple[int, dict[str, A
         rows.append((start, row))
     if not rows:
         raise SweepInputError([Problem(name, "no combinations: the file has a header but no rows")])
-    return header, rows
+    return header, rows, header_line
 
 
-def _check_rows(name: str, rows: list[tuple[int, dict[str, Any]]], expected: list[str] | None = None
-                ) -> list[Problem]:
-    """Same keys on every row: a CSV's header, else the keys most rows have (the first row's on a tie)."""
+def _check_rows(name: str, rows: list[tuple[int, dict[str, Any]]], expected: list[str] | None = None,
+                key_row: int | None = None) -> list[Problem]:
+    """Same keys on every row: a CSV's header, else the keys most rows have (the first row's on a tie).
+    Keys are MLflow param keys, checked once (on ``key_row``, else the first row that has the key)."""
     problems: list[Problem] = []
     if expected is None:
         counts = Counter(frozenset(values) for _, values in rows)
         most = max(counts.values())
         expected = next(list(values) for _, values in rows if counts[frozenset(values)] == most)
+    for key in expected:
+        message = hparam_key_problem(key)
+        if message:
+            row = key_row if key_row is not None else next(r for r, values in rows if key in values)
+            problems.append(Problem(name, message, row=row, key=key))
     seen: dict[str, int] = {}
     for row_no, values in rows:
         for key in expected:
@@ -187,21 +242,42 @@ def _check_rows(name: str, rows: list[tuple[int, dict[str, Any]]], expected: lis
             if key not in expected:
                 problems.append(Problem(name, f"unexpected key (expected only: {', '.join(expected)})",
                                         row=row_no, key=key))
-        for key, value in values.items():
-            if value is None:
-                continue
-            if not isinstance(value, (bool, int, float, str)):
-                problems.append(
-                    Problem(name, f"value {value!r} is not a scalar (int, float, str or bool)", row=row_no, key=key)
-                )
-            elif isinstance(value, float) and not math.isfinite(value):
-                problems.append(Problem(name, f"value {value} is not a finite number", row=row_no, key=key))
+        bad_values = [Problem(name, message, row=row_no, key=key) for key, value in values.items()
+                      if value is not None and (message := value_problem(value))]
+        problems += bad_values
+        tagged = 0 if bad_values else len(json.dumps(values))  # as hpsweep.store tags it (hpsweep.hparams)
+        if tagged > MLFLOW_MAX_TAG_VALUE_CHARS:
+            problems.append(Problem(name, f"the combination is {tagged:,} characters as JSON: MLflow's limit for "
+                                          f"the tag that holds it is {MLFLOW_MAX_TAG_VALUE_CHARS:,}", row=row_no))
         canonical = canonical_json(values)
         if canonical in seen:
             problems.append(Problem(name, f"duplicate of row {seen[canonical]}", row=row_no))
         else:
             seen[canonical] = row_no
     return problems
+
+
+# The spec's settings are MLflow params `settings.<name>` (hpsweep.store.tags.SETTINGS_PARAM_PREFIX).
+SETTINGS_PARAM_PREFIX = "settings."
+
+
+def hparam_key_problem(key: str) -> str | None:
+    """Why ``key`` cannot be an hparam (an MLflow param key of every trial run); None: it can."""
+    if key.startswith(SETTINGS_PARAM_PREFIX):
+        return f"keys starting with '{SETTINGS_PARAM_PREFIX}' are the spec's settings in MLflow: rename it"
+    return mlflow_key_problem(key)
+
+
+def value_problem(value: Any) -> str | None:
+    """Why ``value`` cannot be an hparam or a setting; None: it can."""
+    if not isinstance(value, (bool, int, float, str)):
+        return f"value {shown(value)} is not a scalar (int, float, str or bool)"
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"value {value} is not a finite number"
+    if isinstance(value, int) and value.bit_length() > 4 * MAX_VALUE_CHARS:  # surely too long: skip str()
+        return value_too_long(value, int(value.bit_length() * math.log10(2)) + 1)
+    length = len(str(value))
+    return value_too_long(value, length) if length > MAX_VALUE_CHARS else None
 
 
 def canonical_json(values: dict[str, Any]) -> str:
@@ -212,8 +288,33 @@ def canonical_json(values: dict[str, Any]) -> str:
 # ---------------------------------------------------------------- model spec
 
 
-# A sweep's and a spec's name: an MLflow experiment and registered model, part of MLflow filters and paths.
+# A sweep's and a spec's name: an MLflow experiment and registered model, part of MLflow filters, of
+# Prefect artifact keys and of the report folder reports/<name>: one plain path component, never '..'.
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+NAME_MAX_CHARS = 200
+
+
+def sweep_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot name a sweep; None: it can."""
+    if len(name) > NAME_MAX_CHARS:
+        return f"a name of {len(name):,} characters: the limit is {NAME_MAX_CHARS}"
+    if not re.fullmatch(NAME_PATTERN, name, re.ASCII):
+        return (f"{shown(name)} is not a sweep name: it names the MLflow experiment and the report folder "
+                "reports/<name>, so it must start with a letter or digit and hold only letters, digits, "
+                "'.', '_' and '-'")
+    return None
+
+
+def _valid_sweep_name(name: str) -> str:
+    problem = sweep_name_problem(name)
+    if problem:
+        raise ValueError(problem)
+    return name
+
+
+# The schema keeps the rule visible to Prefect's UI (a deployment's parameters) and to JSON Schema readers.
+SweepName = Annotated[str, AfterValidator(_valid_sweep_name),
+                      WithJsonSchema({"type": "string", "pattern": NAME_PATTERN, "maxLength": NAME_MAX_CHARS})]
 
 
 class TrainerSpec(BaseModel):
@@ -228,20 +329,24 @@ class TrainerSpec(BaseModel):
         return self
 
 
+# Far above any host: a bound keeps a 4,000-digit `gpus:` out of every message that prints it.
+MAX_GPUS_PER_TRIAL = 4096
+
+
 class Resources(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
-    gpus: int = Field(default=1, ge=1, description="GPUs (quota slots) one trial occupies")
+    gpus: int = Field(default=1, ge=1, le=MAX_GPUS_PER_TRIAL, description="GPUs (quota slots) one trial occupies")
 
 
 class ModelSpec(BaseModel):
     """The model spec file (a public contract: keys may be added, never renamed)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
-    name: str | None = Field(default=None, pattern=NAME_PATTERN)
+    name: SweepName | None = None
     trainer: TrainerSpec
     settings: dict[str, Scalar] = Field(default_factory=dict)
     resources: Resources = Field(default_factory=Resources)
-    time_limit_s: float | None = Field(default=None, gt=0)
+    time_limit_s: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     # A planning hint, not part of what a trial computes: excluded from the dump, so from the spec hash
     # and trial keys (changing the guess never retrains anything).
     expected_duration_s: float | None = Field(default=None, gt=0, allow_inf_nan=False, exclude=True,
@@ -257,7 +362,7 @@ class ModelSpec(BaseModel):
     def _a_number(cls, value: Any) -> Any:
         # pydantic would read `true` as 1.0 and "90" as 90.0: a duration is written as a number.
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            raise ValueError(f"expected a number of seconds (e.g. 3600), got {value!r}")
+            raise ValueError(f"expected a number of seconds (e.g. 3600), got {shown(value)}")
         return value
 
     @field_validator("code")
@@ -269,7 +374,7 @@ class ModelSpec(BaseModel):
             raise ValueError("an entry is empty: give a path or glob relative to the working directory")
         missing = code_paths(value, Path.cwd())[1]
         if missing:
-            raise ValueError(f"no file or folder matches {', '.join(repr(m) for m in missing)} (paths are "
+            raise ValueError(f"no file or folder matches {', '.join(shown(m) for m in missing)} (paths are "
                              f"relative to the working directory, {Path.cwd()})")
         return value
 
@@ -295,12 +400,7 @@ def code_paths(entries: list[str], cwd: Path) -> tuple[list[Path], list[str]]:
 
 def load_spec(path: Path) -> ModelSpec:
     name = str(path)
-    try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as e:
-        raise SweepInputError([Problem(name, f"cannot read the file: {e}")]) from e
-    except yaml.YAMLError as e:
-        raise SweepInputError([Problem(name, yaml_error_message(e))]) from e
+    doc = load_yaml(name, read_input_text(path))
     if not isinstance(doc, dict):
         raise SweepInputError([Problem(name, "expected a mapping with at least a 'trainer:' key")])
     try:
@@ -311,12 +411,37 @@ def load_spec(path: Path) -> ModelSpec:
             # The trainer itself is well-formed: still report an entry point / command that won't work.
             problems += check_trainer(name, TrainerSpec.model_validate(doc["trainer"]))
         raise SweepInputError(problems) from e
+    problems = settings_problems(name, spec.settings)
     if spec.name is None:
-        spec = spec.model_copy(update={"name": path.stem})
-    problems = check_trainer(name, spec.trainer)
+        if sweep_name_problem(path.stem) is None:
+            spec = spec.model_copy(update={"name": path.stem})
+        else:
+            problems.append(Problem(name, f"no name given, and the file's name {shown(path.stem)} is not a valid sweep "
+                                          "name (letters, digits, '.', '_', '-'): add a name", key="name"))
+    problems += check_trainer(name, spec.trainer)
     if problems:
         raise SweepInputError(problems)
     return spec
+
+
+def settings_problems(name: str, settings: dict[str, Any]) -> list[Problem]:
+    """The spec's settings within MLflow's limits: each is a param ``settings.<key>`` of every run, and
+    all of them one tag (hpsweep.settings, JSON) on the sweep's run."""
+    problems = []
+    for key, value in settings.items():
+        message = mlflow_key_problem(SETTINGS_PARAM_PREFIX + key)
+        if message and len(SETTINGS_PARAM_PREFIX + key) > MLFLOW_MAX_KEY_CHARS:
+            message = (f"a key of {len(key):,} characters: as the MLflow param '{SETTINGS_PARAM_PREFIX}<key>' "
+                       f"it may have {MLFLOW_MAX_KEY_CHARS - len(SETTINGS_PARAM_PREFIX)}")
+        message = message or value_problem(value)
+        if message:
+            problems.append(Problem(name, message, key=f"settings.{key}"))
+    if not problems:
+        tagged = len(json.dumps(settings, sort_keys=True, default=str))  # as the sweep tags it
+        if tagged > MLFLOW_MAX_TAG_VALUE_CHARS:
+            problems.append(Problem(name, f"the settings are {tagged:,} characters as JSON: MLflow's limit for the "
+                                          f"tag that holds them is {MLFLOW_MAX_TAG_VALUE_CHARS:,}", key="settings"))
+    return problems
 
 
 _SCALAR_MEMBERS = {"bool", "int", "float", "str"}  # pydantic tags each Union[bool, int, float, str] attempt
@@ -333,7 +458,7 @@ def _pydantic_problems(name: str, error: ValidationError) -> list[Problem]:
             msg = "required key is missing"
         if loc[:1] == ("settings",) and len(loc) == 3 and loc[2] in _SCALAR_MEMBERS:
             # One problem per setting, not one per member of the Scalar union it failed.
-            loc, msg = loc[:2], f"value {err['input']!r} is not a scalar (int, float, str or bool)"
+            loc, msg = loc[:2], f"value {shown(err['input'])} is not a scalar (int, float, str or bool)"
         problem = Problem(name, msg, key=".".join(str(p) for p in loc) or None)
         if problem not in problems:
             problems.append(problem)
@@ -356,18 +481,19 @@ def resolve_entrypoint(entrypoint: str):
     """Import ``package.module:function`` (the working directory is importable, like `python -m`)."""
     module_name, sep, attr = entrypoint.partition(":")
     if not sep or not module_name or not attr:
-        raise ValueError(f"entry point '{entrypoint}' must look like 'package.module:function'")
+        raise ValueError(f"entry point '{shortened(entrypoint)}' must look like 'package.module:function'")
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except Exception as e:  # an import error inside the user's module is still "cannot import"
-        raise ImportError(f"cannot import module '{module_name}': {type(e).__name__}: {e}") from e
+        raise ImportError(f"cannot import module '{shortened(module_name)}': {type(e).__name__}: "
+                          f"{shortened(str(e))}") from e
     fn = getattr(module, attr, None)
     if fn is None:
-        raise AttributeError(f"module '{module_name}' has no attribute '{attr}'")
+        raise AttributeError(f"module '{shortened(module_name)}' has no attribute '{shortened(attr)}'")
     if not callable(fn):
-        raise TypeError(f"'{entrypoint}' is not callable")
+        raise TypeError(f"'{shortened(entrypoint)}' is not callable")
     return fn
 
 
@@ -412,19 +538,20 @@ def command_problems(name: str, command: list[str], cwd: Path | None = None) -> 
     base = cwd or Path.cwd()
     problems = []
     program = command[0]
+    shown_program = shortened(program)
     if resolve_executable(program, base) is None:
         if "/" not in program:
-            message = f"executable '{program}' not found (not on PATH, or not executable)"
+            message = f"executable '{shown_program}' not found (not on PATH, or not executable)"
         elif (base / program).exists():
-            message = f"executable '{program}' is not executable (chmod +x it, or run it through its interpreter)"
+            message = f"executable '{shown_program}' is not executable (chmod +x it, or run it through its interpreter)"
         else:
-            message = f"executable '{program}' not found in {base}"
+            message = f"executable '{shown_program}' not found in {base}"
         problems.append(Problem(name, message, key="trainer.command"))
     for i, arg in script_arguments(command):
         path = base / arg
         if path.exists():
             continue
-        message = f"file '{arg}' (argv[{i}]) not found in {base}"
+        message = f"file '{shortened(arg)}' (argv[{i}]) not found in {base}"
         try:
             siblings = [p.name for p in path.parent.iterdir()] if path.parent.is_dir() else []
         except OSError:
@@ -435,6 +562,68 @@ def command_problems(name: str, command: list[str], cwd: Path | None = None) -> 
             message += f" (did you mean '{stem[:len(stem) - len(path.name)]}{close[0]}'?)"
         problems.append(Problem(name, message, key="trainer.command"))
     return problems
+
+
+# ---------------------------------------------------------------- data
+
+DATA_FILE_SUFFIXES = (".csv", ".tsv")
+# Enough of a data file to see its header and first row; a file of tens of GB is not read further.
+DATA_SAMPLE_BYTES = 64 * 1024
+
+
+def data_problems(flag: str, path: Path) -> list[Problem]:
+    """What makes ``path`` no data for ``flag``: missing, a folder with no file holding bytes, or a file
+    that is not a CSV with a header row and at least one row (every trial would fail on it)."""
+    if not path.exists():
+        return [Problem(str(path), f"{flag} data not found (expected a file or folder)")]
+    if path.is_dir():
+        # Folder datasets hold shards of any format: only their presence is checked.
+        return [] if _holds_a_file_with_data(path) else [
+            Problem(str(path), f"{flag} data is a folder with no file in it that holds any data")]
+    message = _csv_file_problem(path)
+    return [Problem(str(path), f"{flag} data {message}")] if message else []
+
+
+def _holds_a_file_with_data(folder: Path) -> bool:
+    for root, _, files in os.walk(folder):  # stops at the first one
+        for file in files:
+            try:
+                if os.stat(os.path.join(root, file)).st_size > 0:
+                    return True
+            except OSError:
+                continue
+    return False
+
+
+def _csv_file_problem(path: Path) -> str | None:
+    """Why ``path`` is not a CSV file with a header and a row, judged from its first DATA_SAMPLE_BYTES."""
+    if path.suffix.lower() not in DATA_FILE_SUFFIXES:
+        return (f"must be a CSV file ({' or '.join(DATA_FILE_SUFFIXES)}) with a header row, or a folder; "
+                f"this file is {shown(path.suffix) if path.suffix else 'without a suffix'}")
+    try:
+        with path.open("rb") as f:
+            sample = f.read(DATA_SAMPLE_BYTES)
+            whole = len(sample) < DATA_SAMPLE_BYTES or not f.read(1)
+    except OSError as e:
+        return f"cannot be read: {shortened(str(e))}"
+    if not sample:
+        return "file is empty (0 bytes)"
+    try:
+        # The cut may fall inside a character: only a whole file must decode to its end.
+        text = codecs.getincrementaldecoder("utf-8-sig")().decode(sample, final=whole)
+    except UnicodeDecodeError:
+        text = None
+    if text is None or "\0" in text:
+        return "file is not text: a CSV file is UTF-8 text with a header row"
+    lines = text.split("\n") if whole else text.split("\n")[:-1]  # the sample's last line may be cut short
+    filled = [line for line in lines if line.strip()][:2]
+    if not whole and len(filled) < 2:
+        return None  # a header wider than the sample: not worth reading further to judge
+    if not filled:
+        return "file has only blank lines: a CSV file starts with a header row"
+    if len(filled) < 2:
+        return "file has a header row but no rows"
+    return None
 
 
 # ---------------------------------------------------------------- everything together
@@ -467,8 +656,7 @@ def load_inputs(combinations: Path, spec: Path, train: Path, val: Path, quota: i
     except SweepInputError as e:
         problems += e.problems
     for flag, path in (("--train", train), ("--val", val)):
-        if not path.exists():
-            problems.append(Problem(str(path), f"{flag} data not found (expected a file or folder)"))
+        problems += data_problems(flag, path)
     if quota < 1:
         problems.append(Problem("--quota", f"must be at least 1, got {quota}"))
     elif loaded_spec is not None and loaded_spec.resources.gpus > quota:

@@ -99,8 +99,9 @@ def test_missing_data_path_is_named(project: Project, flag: str):
 
 
 def test_data_folders_are_accepted_as_paths(project: Project):
-    # A folder is valid data: with --train a folder, only the bad spec is reported.
+    # A folder (of shards in any format) is valid data: with --train a folder, only the bad spec is reported.
     (project.root / "data" / "train_dir").mkdir()
+    (project.root / "data" / "train_dir" / "part-0.parquet").write_bytes(b"PAR1")
     combos, spec = put(project, VALID / VALID_COMBOS), put(project, INVALID / "spec_bad_gpus.yaml")
     lines = assert_rejected(project, run(project, combos, spec, train="data/train_dir"))
     assert len(lines) == 1 and "resources.gpus" in lines[0]
@@ -163,7 +164,10 @@ def test_run_help_documents_every_flag(project: Project):
 def test_brackets_in_keys_and_paths_are_printed_as_typed(project: Project):
     combos = project.write("params/[old]/c.csv", "lr,[/x]\n0.1,1\n0.2\n")
     result = run(project, "params/[old]/c.csv", put(project, VALID / VALID_SPEC))
-    assert assert_rejected(project, result) == ["error: params/[old]/c.csv: row 3: key '[/x]': missing value"]
+    assert assert_rejected(project, result) == [  # brackets: Rich markup, were it not escaped
+        "error: params/[old]/c.csv: row 1: key '[/x]': MLflow param keys may only hold letters, digits, '_', '-', "
+        "'.', ' ', ':' and '/'",
+        "error: params/[old]/c.csv: row 3: key '[/x]': missing value"]
     assert combos.exists()
 
 
@@ -180,11 +184,27 @@ def test_trial_needing_more_gpus_than_the_host_has(project: Project):
         "no trial could ever start"]
 
 
-@pytest.mark.parametrize("name", ["it's", "a b", ".hidden", "x/../../etc", "é"])
+@pytest.mark.parametrize("name", ["../../x", "/abs/path", "..", "it's", "a" * 300, "é", "a b", ".hidden",
+                                  "x/../../etc"])
 def test_a_sweep_name_outside_the_spec_names_pattern_is_rejected(project: Project, name: str):
+    # Each trained everything and then failed (exit 3), or wrote the report outside reports/.
     combos, spec = put(project, VALID / VALID_COMBOS), put(project, VALID / VALID_SPEC)
+    before = sorted(project.root.parent.iterdir())
     lines = assert_rejected(project, run(project, combos, spec, "--name", name))
-    assert len(lines) == 1 and lines[0].startswith("error: --name: String should match pattern"), lines
+    message = ("a name of 300 characters: the limit is 200" if len(name) > 200 else
+               f"{name!r} is not a sweep name: it names the MLflow experiment and the report folder reports/<name>")
+    assert len(lines) == 1 and lines[0].startswith(f"error: --name: {message}"), lines
+    assert sorted(project.root.parent.iterdir()) == before  # nothing written beside the project either
+
+
+def test_a_spec_name_obeys_the_same_rule(project: Project):
+    combos = put(project, VALID / VALID_COMBOS)
+    spec = project.write("params/spec.yaml", "name: ../../x\ntrainer: {entrypoint: 'tests.trainers:sleepy'}\n")
+    assert assert_rejected(project, run(project, combos, "params/spec.yaml")) == [
+        "error: params/spec.yaml: key 'name': '../../x' is not a sweep name: it names the MLflow experiment and the "
+        "report folder reports/<name>, so it must start with a letter or digit and hold only letters, digits, '.', "
+        "'_' and '-'"]
+    assert spec.exists()
 
 
 def test_a_typo_in_the_commands_script_is_refused_identically_by_plan_and_run(project: Project):
@@ -199,3 +219,59 @@ def test_a_typo_in_the_commands_script_is_refused_identically_by_plan_and_run(pr
                                  "data/train.csv", "--val", "data/val.csv", "--quota", "2", timeout=60)
         assert assert_rejected(project, result) == expected, command
     assert spec.exists()
+
+
+# ---------------------------------------------------------------- limits: what passed validation and failed later
+
+LIMITS_COMBOS = ("combinations:\n"
+                 "  - {lr: 0.1, ../x: 1, %s: 1, note: a}\n"
+                 "  - {lr: .inf, ../x: 2, %s: 2, note: %s}\n" % ("k" * 300, "k" * 300, "v" * 9000))
+
+
+def test_limits_are_refused_identically_by_plan_and_run(project: Project):
+    # A 300-character key, a path-like key, a 9,000-character value (PostgreSQL's varchar(8000)), inf,
+    # an empty validation file and /etc/passwd as training data: each failed only after GPU time.
+    combos = project.write("params/c.yaml", LIMITS_COMBOS).relative_to(project.root)
+    spec = put(project, VALID / VALID_SPEC)
+    (project.root / "data" / "val.csv").write_bytes(b"")
+    expected = [
+        f"error: {combos}: row 1: key '../x': MLflow refuses path-like param keys: this one is '.' or starts with "
+        "'..' or '/'",
+        f"error: {combos}: row 1: key '{'k' * 200}… (300 characters)': a key of 300 characters: MLflow's limit for a "
+        "param key is 250",
+        f"error: {combos}: row 2: key 'lr': value inf is not a finite number",
+        f"error: {combos}: row 2: key 'note': value '{'v' * 200}…' is 9,000 characters long: the limit is 1,000",
+        "error: /etc/passwd: --train data must be a CSV file (.csv or .tsv) with a header row, or a folder; this "
+        "file is without a suffix",
+        "error: data/val.csv: --val data file is empty (0 bytes)",
+    ]
+    for command in ("plan", "run"):
+        result = project.hpsweep(command, "--combinations", str(combos), "--spec", spec, "--train", "/etc/passwd",
+                                 "--val", "data/val.csv", "--quota", "2", timeout=60)
+        assert assert_rejected(project, result) == expected, command
+
+
+def test_an_alias_bomb_is_refused_in_a_moment_with_one_short_line(project: Project):
+    # 322 bytes gave exit 2 after 105 s, with 226 MB of stderr.
+    from tests.test_input_limits import BOMB
+
+    project.write("params/c.yaml", BOMB)
+    result = run(project, "params/c.yaml", put(project, VALID / VALID_SPEC))
+    (line,) = assert_rejected(project, result)
+    assert line.endswith("more than 2,000,000 values once aliases are expanded") and len(result.stderr) < 300
+
+
+def test_a_list_nested_ten_thousand_deep_is_refused_without_a_traceback(project: Project):
+    project.write("params/c.yaml", "combinations:\n  - {lr: " + "[" * 10_000 + "]" * 10_000 + "}\n")
+    result = run(project, "params/c.yaml", put(project, VALID / VALID_SPEC))
+    assert assert_rejected(project, result) == [
+        "error: params/c.yaml: row 1: key 'lr': nested deeper than 8 levels"]
+
+
+@pytest.mark.parametrize("data", ["label,p0\n", "\n"])
+def test_a_validation_file_without_rows_is_refused(project: Project, data: str):
+    # An empty validation file passed validation and failed every trial.
+    (project.root / "data" / "val.csv").write_text(data)
+    result = run(project, put(project, VALID / VALID_COMBOS), put(project, VALID / VALID_SPEC))
+    (line,) = assert_rejected(project, result)
+    assert line.startswith("error: data/val.csv: --val data file has ")

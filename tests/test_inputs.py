@@ -201,8 +201,9 @@ def test_the_interpreter_is_resolved_through_path_as_the_trial_will_find_it(tmp_
 
 
 def test_load_inputs_accepts_the_valid_files(tmp_path: Path):
-    (tmp_path / "train.csv").write_text("x\n")
-    (tmp_path / "val").mkdir()  # data may be a folder too
+    (tmp_path / "train.csv").write_text("x\n1\n")
+    (tmp_path / "val").mkdir()  # data may be a folder too, of shards in any format
+    (tmp_path / "val" / "part-0.parquet").write_bytes(b"PAR1")
     inputs = load_inputs(VALID / "combos.csv", VALID / "spec.yaml", tmp_path / "train.csv", tmp_path / "val", 2)
     assert len(inputs.combinations) == 3
     assert inputs.spec.name == "digits-mlp"
@@ -233,7 +234,7 @@ def test_expected_duration_is_not_part_of_the_spec_hash(tmp_path: Path):
 
 
 def test_trial_needing_more_gpus_than_the_host_has_is_refused(tmp_path: Path):
-    (tmp_path / "train.csv").write_text("x\n")
+    (tmp_path / "train.csv").write_text("x\n1\n")
     spec = tmp_path / "spec.yaml"
     spec.write_text("trainer: {entrypoint: 'tests.trainers:sleepy'}\nresources: {gpus: 5}\n")
     with pytest.raises(SweepInputError) as info:
@@ -389,7 +390,7 @@ def test_load_inputs_reports_every_problem_at_once(tmp_path: Path):
 
 def test_quota_smaller_than_a_trial(tmp_path: Path):
     data = tmp_path / "d.csv"
-    data.write_text("x\n")
+    data.write_text("x\n1\n")
     load_inputs(VALID / "combos.yaml", INVALID / "spec_needs_4_gpus.yaml", data, data, 4)  # fits exactly
     with pytest.raises(SweepInputError) as info:
         load_inputs(VALID / "combos.yaml", INVALID / "spec_needs_4_gpus.yaml", data, data, 2)
