@@ -566,14 +566,16 @@ def command_problems(name: str, command: list[str], cwd: Path | None = None) -> 
 
 # ---------------------------------------------------------------- data
 
-DATA_FILE_SUFFIXES = (".csv", ".tsv")
+DATA_FILE_SUFFIXES = (".csv", ".tsv")  # checked for a header row and a row; other formats only for bytes
 # Enough of a data file to see its header and first row; a file of tens of GB is not read further.
 DATA_SAMPLE_BYTES = 64 * 1024
 
 
 def data_problems(flag: str, path: Path) -> list[Problem]:
-    """What makes ``path`` no data for ``flag``: missing, a folder with no file holding bytes, or a file
-    that is not a CSV with a header row and at least one row (every trial would fail on it)."""
+    """What makes ``path`` no data for ``flag``: missing, a folder with no file holding bytes, an empty
+    file, a file whose name says no format (``/etc/passwd``), or a CSV/TSV file without a header row
+    and at least one row (every trial would fail on it). Parquet, NumPy and other formats the
+    trainer reads are only checked for bytes: hpsweep cannot judge them."""
     if not path.exists():
         return [Problem(str(path), f"{flag} data not found (expected a file or folder)")]
     if path.is_dir():
@@ -582,6 +584,13 @@ def data_problems(flag: str, path: Path) -> list[Problem]:
             Problem(str(path), f"{flag} data is a folder with no file in it that holds any data")]
     message = _csv_file_problem(path)
     return [Problem(str(path), f"{flag} data {message}")] if message else []
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 def _holds_a_file_with_data(folder: Path) -> bool:
@@ -597,9 +606,11 @@ def _holds_a_file_with_data(folder: Path) -> bool:
 
 def _csv_file_problem(path: Path) -> str | None:
     """Why ``path`` is not a CSV file with a header and a row, judged from its first DATA_SAMPLE_BYTES."""
+    if not path.suffix:
+        return ("file has no suffix, so no format (.csv, .parquet, ...): name the data file by its format, "
+                "or pass a folder")
     if path.suffix.lower() not in DATA_FILE_SUFFIXES:
-        return (f"must be a CSV file ({' or '.join(DATA_FILE_SUFFIXES)}) with a header row, or a folder; "
-                f"this file is {shown(path.suffix) if path.suffix else 'without a suffix'}")
+        return None if _size(path) else "file is empty (0 bytes)"
     try:
         with path.open("rb") as f:
             sample = f.read(DATA_SAMPLE_BYTES)

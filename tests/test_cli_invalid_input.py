@@ -241,8 +241,8 @@ def test_limits_are_refused_identically_by_plan_and_run(project: Project):
         "param key is 250",
         f"error: {combos}: row 2: key 'lr': value inf is not a finite number",
         f"error: {combos}: row 2: key 'note': value '{'v' * 200}…' is 9,000 characters long: the limit is 1,000",
-        "error: /etc/passwd: --train data must be a CSV file (.csv or .tsv) with a header row, or a folder; this "
-        "file is without a suffix",
+        "error: /etc/passwd: --train data file has no suffix, so no format (.csv, .parquet, ...): name"
+        " the data file by its format, or pass a folder",
         "error: data/val.csv: --val data file is empty (0 bytes)",
     ]
     for command in ("plan", "run"):

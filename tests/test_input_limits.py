@@ -310,10 +310,8 @@ NOT_TEXT = "--val data file is not text: a CSV file is UTF-8 text with a header 
     ("val.csv", "\n\n", "--val data file has only blank lines: a CSV file starts with a header row"),
     ("val.csv", b"\x89PNG\r\n\x1a\n\x00\x00", NOT_TEXT),
     ("val.csv", b"label\n\xff\xfe\n", NOT_TEXT),
-    ("passwd", "root:x:0:0:root:/root:/bin/bash\n",
-     "--val data must be a CSV file (.csv or .tsv) with a header row, or a folder; this file is without a suffix"),
-    ("val.parquet", b"PAR1",
-     "--val data must be a CSV file (.csv or .tsv) with a header row, or a folder; this file is '.parquet'"),
+    ("passwd", "root:x:0:0:root:/root:/bin/bash\n", "--val data file has no suffix, so no format (.csv, .parquet, ...): name the data file by its format, or pass a folder"),
+    ("val.parquet", b"", "--val data file is empty (0 bytes)"),
 ])
 def test_data_that_is_no_data_is_refused(tmp_path: Path, name: str, data: bytes | str, message: str):
     path = write(tmp_path / name, data)
@@ -321,7 +319,13 @@ def test_data_that_is_no_data_is_refused(tmp_path: Path, name: str, data: bytes 
 
 
 def test_etc_passwd_is_not_data():
-    assert data_problems("--train", Path("/etc/passwd"))[0].message.startswith("--train data must be a CSV file")
+    assert data_problems("--train", Path("/etc/passwd"))[0].message.startswith("--train data file has no suffix")
+
+
+def test_formats_hpsweep_cannot_read_are_only_checked_for_bytes(tmp_path: Path):
+    # A trainer may read Parquet, NumPy or compressed CSV: those stay data, as before.
+    for name in ("train.parquet", "train.npz", "train.csv.gz"):
+        assert data_problems("--train", write(tmp_path / name, b"PAR1")) == []
 
 
 @pytest.mark.parametrize("name, data", [
