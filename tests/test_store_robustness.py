@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from mlflow.exceptions import MlflowException, RestException
-from mlflow.protos.databricks_pb2 import BAD_REQUEST, INVALID_PARAMETER_VALUE, REQUEST_LIMIT_EXCEEDED
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, REQUEST_LIMIT_EXCEEDED
 from mlflow.tracking import MlflowClient
 
 from hpsweep import store
@@ -182,8 +182,9 @@ def trial_job(url: str, exp: str, parent: str, hparams: dict, tmp_path: Path) ->
     for name in ("train.csv", "val.csv"):
         (tmp_path / name).write_text("x,y\n1,0\n")
     return TrialJob(sweep_id="sw-refused", experiment_id=exp, parent_run_id=parent, tracking_uri=url, index=1,
-                    hparams=hparams, trial_key=f"key-{time.time_ns()}", attempt=1, settings={}, train=str(tmp_path / "train.csv"),
-                    val=str(tmp_path / "val.csv"), entrypoint="tests.trainers:sleepy", work_dir=str(tmp_path / "work"))
+                    hparams=hparams, trial_key=f"key-{time.time_ns()}", attempt=1, settings={},
+                    train=str(tmp_path / "train.csv"), val=str(tmp_path / "val.csv"),
+                    entrypoint="tests.trainers:sleepy", work_dir=str(tmp_path / "work"))
 
 
 def test_a_trial_whose_param_the_store_refuses_fails_for_good_in_its_one_run(tmp_path: Path):
