@@ -223,7 +223,11 @@ def _run(args: argparse.Namespace) -> int:
         from hpsweep.engine.process import start_fork_server
 
         entry_module = (inputs.spec.trainer.entrypoint or "").partition(":")[0]
-        start_fork_server([entry_module] if entry_module else [], store.resolve_tracking_uri(config.tracking_uri))
+        try:
+            tracking_uri = store.resolve_tracking_uri(config.tracking_uri)
+        except SweepInputError as e:  # an empty or damaged SQLite store
+            return _input_errors(e)
+        start_fork_server([entry_module] if entry_module else [], tracking_uri)
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s",
                         handlers=[RichHandler(console=console, show_path=False)])
@@ -276,6 +280,8 @@ def _plan(args: argparse.Namespace) -> int:
         uri = existing_tracking_uri(config.tracking_uri)
     except SweepNotFound:
         uri = None  # no store yet: nothing to reuse or learn from (and none is created)
+    except SweepInputError as e:  # an empty or damaged SQLite store
+        return _input_errors(e)
     if uri is not None:
         from hpsweep.store import SweepStore
 

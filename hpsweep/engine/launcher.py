@@ -46,12 +46,17 @@ def execute_trial(job: TrialJob, gpu_ids: tuple[int, ...], runner: ProcessRunner
     """Create (or continue) the trial's run, train in a child process, store the outcome.
 
     hpsweep's own bookkeeping failing (the tracking server down past its patience) is a machine
-    failure: a retryable outcome, never an exception.
+    failure: a retryable outcome, never an exception. The tracking store refusing a write (a 4xx:
+    a param key too long, a value too big for its column) fails the trial for good, with its message.
     """
+    store.cap_client_backoff()  # a pool worker's process: before its first request; the trainer inherits it
     client = MlflowClient(job.tracking_uri)
     run_id = job.run_id
     try:
-        run_id, data = _open_run(client, job, gpu_ids)
+        data = local_data(job)  # the common case: the sweep's own files (a stat(), no I/O)
+        if run_id is None:
+            run_id = _create_run(client, job, gpu_ids, data)
+        data = _prepare_run(client, job, run_id, data)
         request = _request(job, run_id, data, gpu_ids)
         outcome = runner.run(request, job.time_limit_s, heartbeat=lambda: store.heartbeat(client, run_id))
         store.retrying(lambda: store.finish_trial_run(client, run_id, outcome, request.paths.log),
@@ -60,23 +65,30 @@ def execute_trial(job: TrialJob, gpu_ids: tuple[int, ...], runner: ProcessRunner
             shutil.rmtree(request.paths.checkpoints, ignore_errors=True)
     except Exception as e:  # noqa: BLE001 - any bookkeeping error is the machine's, not the trainer's
         now = time.time()
-        outcome = Outcome(False, None, f"hpsweep could not run the trial: {type(e).__name__}: {e}",
-                          retryable=True, started_at=now, ended_at=now)
+        refused = store.refused_by_store(e)
+        why = "the tracking store refused a write for the trial" if refused else "hpsweep could not run the trial"
+        outcome = Outcome(False, None, f"{why}: {type(e).__name__}: {e}", retryable=not refused,
+                          started_at=now, ended_at=now)
         if run_id is not None:
-            _try(lambda: store.mark_failed(client, run_id, outcome.reason))
+            _try(lambda: store.mark_failed(client, run_id, outcome.reason, retryable=outcome.retryable))
     return AttemptResult(run_id, outcome)
 
 
-def _open_run(client: MlflowClient, job: TrialJob, gpu_ids: tuple[int, ...]) -> tuple[str, "TrialData"]:
-    """The attempt's run (created with all its tags in one write on the first attempt) and its data,
-    tagged with where this attempt's data came from (staging may fetch: after the run exists, so it shows)."""
-    data = local_data(job)  # the common case: the sweep's own files (a stat(), no I/O)
-    run_id = job.run_id
-    if run_id is None:
-        tags = {**job.versions, store.TAG_GPUS: ",".join(map(str, gpu_ids)) or "cpu", **(data.tags() if data else {})}
-        run_id = store.retrying(lambda: store.start_trial_run(
-            client, job.experiment_id, job.parent_run_id, job.sweep_id, job.index, job.hparams, job.trial_key,
-            job.attempt, tags=tags, settings=job.settings), "creating the trial's run")
+def _create_run(client: MlflowClient, job: TrialJob, gpu_ids: tuple[int, ...], data: "TrialData | None") -> str:
+    """The first attempt's run, created with all its tags in one write, tagged with where its data
+    came from when already known. Retried creations find the run an earlier try made (one run per trial)."""
+    tags = {**job.versions, store.TAG_GPUS: ",".join(map(str, gpu_ids)) or "cpu", **(data.tags() if data else {})}
+    return store.retrying(lambda: store.open_trial_run(
+        client, job.experiment_id, job.parent_run_id, job.sweep_id, job.index, job.hparams, job.trial_key,
+        job.attempt, tags=tags), "creating the trial's run")
+
+
+def _prepare_run(client: MlflowClient, job: TrialJob, run_id: str, data: "TrialData | None") -> "TrialData":
+    """The run ready for this attempt (params logged on the first, reopened on a retry) and the
+    attempt's data, tagged with where it came from (staging may fetch: after the run exists, so it shows)."""
+    if job.run_id is None:
+        store.retrying(lambda: store.log_trial_params(client, run_id, job.hparams, job.settings),
+                       "logging the trial's params")
     else:  # a retry continues the same run, perhaps on another host
         store.retrying(lambda: store.reopen_trial_run(client, run_id, job.attempt), "reopening the trial's run")
         if data is not None:
@@ -84,7 +96,7 @@ def _open_run(client: MlflowClient, job: TrialJob, gpu_ids: tuple[int, ...]) -> 
     if data is None:
         data = trial_data(job)
         store.retrying(lambda: store.set_tags(client, run_id, data.tags()), "tagging the run")
-    return run_id, data
+    return data
 
 
 def _request(job: TrialJob, run_id: str, data: "TrialData", gpu_ids: tuple[int, ...]) -> TrialRequest:

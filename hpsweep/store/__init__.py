@@ -21,10 +21,11 @@ from hpsweep.store import registry, runs
 from hpsweep.store.filters import quote
 from hpsweep.store.registry import (RegisteredVersion, champion, champion_uri, has_model, register_champion,
                                     version_of)
-from hpsweep.store.retry import TRACKING_PATIENCE_S, retrying
-from hpsweep.store.runs import (ensure_experiment, finish_trial_run, heartbeat, latest_parent_run, mark_failed,
-                                outcome_of, reap_zombies, reopen_trial_run, set_tags, start_parent_run, start_trial_run,
-                                state_of, sweep_trials, trial_row, trials_by_run_id)
+from hpsweep.store.retry import TRACKING_PATIENCE_S, cap_client_backoff, refused_by_store, retrying
+from hpsweep.store.runs import (create_trial_run, ensure_experiment, find_trial_run, finish_trial_run, heartbeat,
+                                latest_parent_run, log_trial_params, mark_failed, open_trial_run, outcome_of,
+                                reap_zombies, reopen_trial_run, set_tags, start_parent_run, start_trial_run, state_of,
+                                sweep_trials, trial_row, trials_by_run_id)
 from hpsweep.store.tags import *  # noqa: F401,F403  (the tag names)
 from hpsweep.store.uri import redact_uri, resolve_tracking_uri
 

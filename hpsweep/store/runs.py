@@ -117,16 +117,48 @@ def setting_params(settings: dict[str, Any]) -> dict[str, Any]:
 def start_trial_run(client: MlflowClient, exp_id: str, parent_run_id: str, sweep_id: str, index: int,
                     hparams: Hparams, trial_key: str, attempt: int, tags: dict[str, str],
                     settings: dict[str, Any] | None = None) -> str:
-    """A new trial run, RUNNING, created with all its tags in one write; its params are the hparams
-    and the spec's settings (``settings.<name>``)."""
+    """A new trial run (``create_trial_run``) with its params (``log_trial_params``)."""
+    run_id = create_trial_run(client, exp_id, parent_run_id, sweep_id, index, hparams, trial_key, attempt, tags)
+    log_trial_params(client, run_id, hparams, settings)
+    return run_id
+
+
+def create_trial_run(client: MlflowClient, exp_id: str, parent_run_id: str, sweep_id: str, index: int,
+                     hparams: Hparams, trial_key: str, attempt: int, tags: dict[str, str]) -> str:
+    """A new trial run, RUNNING, created with all its tags in one write."""
     run = client.create_run(exp_id, run_name=run_name(hparams), tags={
         "mlflow.parentRunId": parent_run_id, TAG_SWEEP_ID: sweep_id, TAG_ROLE: "trial", TAG_TRIAL_KEY: trial_key,
         TAG_HPARAMS: json.dumps(hparams), TAG_INDEX: str(index), TAG_ATTEMPT: str(attempt),
         TAG_STATUS: TrialState.RUNNING.value, TAG_OWNER: process_identity(), TAG_HEARTBEAT: f"{time.time():.0f}",
         **tags})
-    params = {**hparams, **setting_params(settings or {})}
-    client.log_batch(run.info.run_id, params=[Param(k, str(v)[:MAX_PARAM_LEN]) for k, v in params.items()])
     return run.info.run_id
+
+
+def open_trial_run(client: MlflowClient, exp_id: str, parent_run_id: str, sweep_id: str, index: int,
+                   hparams: Hparams, trial_key: str, attempt: int, tags: dict[str, str]) -> str:
+    """The attempt's trial run (``create_trial_run``), made once. Idempotent, so safe to retry: a run
+    an earlier call created (its answer lost to a timeout after the server made it) is found by
+    (sweep id, trial key, attempt) and returned, never created a second time."""
+    existing = find_trial_run(client, exp_id, sweep_id, trial_key, attempt)
+    if existing is not None:
+        return existing
+    return create_trial_run(client, exp_id, parent_run_id, sweep_id, index, hparams, trial_key, attempt, tags)
+
+
+def find_trial_run(client: MlflowClient, exp_id: str, sweep_id: str, trial_key: str, attempt: int) -> str | None:
+    """The run of this sweep's attempt ``attempt`` at trial ``trial_key``, if one exists."""
+    flt = all_of(tag_equals(TAG_SWEEP_ID, sweep_id), tag_equals(TAG_ROLE, "trial"),
+                 tag_equals(TAG_TRIAL_KEY, trial_key), tag_equals(TAG_ATTEMPT, str(attempt)))
+    run = next(search(client, [exp_id], flt, limit=1), None)
+    return run.info.run_id if run is not None else None
+
+
+def log_trial_params(client: MlflowClient, run_id: str, hparams: Hparams,
+                     settings: dict[str, Any] | None = None) -> None:
+    """The hparams and the spec's settings (``settings.<name>``) as the run's params. Idempotent
+    (MLflow accepts a param logged again with the same value)."""
+    params = {**hparams, **setting_params(settings or {})}
+    client.log_batch(run_id, params=[Param(k, str(v)[:MAX_PARAM_LEN]) for k, v in params.items()])
 
 
 def _move(client: MlflowClient, run_id: str, new: TrialState) -> Run:
@@ -170,11 +202,16 @@ def reopen_trial_run(client: MlflowClient, run_id: str, attempt: int) -> None:
     client.update_run(run_id, status="RUNNING")
 
 
-def mark_failed(client: MlflowClient, run_id: str, reason: str | None, killed: bool = False) -> None:
-    """RUNNING → FAILED (or KILLED) with a reason, for a trial whose outcome could not be stored."""
+def mark_failed(client: MlflowClient, run_id: str, reason: str | None, killed: bool = False,
+                retryable: bool | None = None) -> None:
+    """RUNNING → FAILED (or KILLED) with a reason, for a trial whose outcome could not be stored;
+    with ``retryable`` recorded when given (a pool reads the outcome back from the run)."""
     state = TrialState.KILLED if killed else TrialState.FAILED
     _move(client, run_id, state)
-    client.log_batch(run_id, tags=[RunTag(TAG_STATUS, "FAILED"), RunTag(TAG_REASON, reason or "unknown")])
+    tags = [RunTag(TAG_STATUS, "FAILED"), RunTag(TAG_REASON, (reason or "unknown")[:MAX_TAG_LEN])]
+    if retryable is not None:
+        tags.append(RunTag(TAG_RETRYABLE, str(retryable).lower()))
+    client.log_batch(run_id, tags=tags)
     client.set_terminated(run_id, state.value)
 
 

@@ -2,21 +2,34 @@
 
 from __future__ import annotations
 
-import hashlib
+import json
+import logging
 import os
+import socket
 import sqlite3
-import tempfile
+from contextlib import closing, contextmanager
 from pathlib import Path
+from typing import Iterator
 
-from filelock import FileLock
+import psutil
+from filelock import FileLock, Timeout
 
+from hpsweep.identity import identity_is_dead, process_identity
+from hpsweep.inputs import Problem, SweepInputError
 from hpsweep.store import private
+from hpsweep.store.retry import cap_client_backoff
+
+log = logging.getLogger("hpsweep.store")
+# How long a process waits for the store's lock before it says who holds it.
+LOCK_NOTICE_S = 2.0
 
 
 def resolve_tracking_uri(explicit: str | None = None) -> str:
     """The user's MLflow tracking URI, else MLflow's own default: ./mlflow.db next to ./mlruns,
     so a plain `mlflow ui` in the same folder shows the sweep. A SQLite store is ready to use
-    when this returns (WAL on, MLflow's tables created)."""
+    when this returns (WAL on, MLflow's tables created); one that exists but is empty, damaged or
+    not MLflow's raises SweepInputError, untouched. MLflow's HTTP back-off is bounded from here on."""
+    cap_client_backoff()
     uri = explicit or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
     if uri.startswith("sqlite:///"):
         _prepare_sqlite_store(uri)
@@ -32,18 +45,107 @@ def redact_uri(uri: str) -> str:
 
 
 def _prepare_sqlite_store(uri: str) -> None:
-    """Turn on WAL and let MLflow create its tables, one process at a time.
+    """Check the file, turn on WAL and let MLflow create its tables, one process at a time.
 
     WAL lets trainers log metrics while the sweep writes tags (readers and one writer together).
     The lock: MLflow creates a new database's tables with no lock between processes, and two
-    processes migrating at once die on "duplicate column name". The lock file lives in the temp
-    folder, never beside the database: closing any descriptor of the database file would drop
-    the SQLite locks this process holds on it.
+    processes migrating at once die on "duplicate column name".
     """
     db = Path(uri.removeprefix("sqlite:///")).resolve()
     db.parent.mkdir(parents=True, exist_ok=True)
-    key = hashlib.md5(str(db).encode(), usedforsecurity=False).hexdigest()[:16]
-    with FileLock(Path(tempfile.gettempdir()) / f"hpsweep-store-{key}.lock"):
-        with sqlite3.connect(db, timeout=30) as conn:
+    with store_lock(db):
+        _refuse_unusable(db)
+        with closing(sqlite3.connect(db, timeout=30)) as conn:
             conn.execute("PRAGMA journal_mode=WAL")
         private.cached_tracking_store(uri)
+
+
+def _refuse_unusable(db: Path) -> None:
+    """A missing file, or a SQLite database with no tables yet (what a creation interrupted before
+    MLflow's tables leaves), is a new store. Anything else that is not MLflow's is refused untouched:
+    MLflow would silently create its tables over it (an emptied store's history lost without a word)."""
+    if not db.exists():
+        return
+    if db.stat().st_size == 0:
+        raise _unusable(db, "is empty (0 bytes: its history is gone)")
+    try:  # reads the header and the schema; writes nothing
+        with closing(sqlite3.connect(db, timeout=30)) as conn:
+            tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.OperationalError:
+        raise  # locked or unreadable: not damage
+    except sqlite3.DatabaseError as e:
+        raise _unusable(db, f"is damaged ({e})") from e
+    if tables and "experiments" not in tables:
+        raise _unusable(db, "is damaged (a SQLite database without MLflow's tables)")
+
+
+def _unusable(db: Path, what: str) -> SweepInputError:
+    return SweepInputError([Problem(str(db), f"the tracking store {what}: restore it or move it away")])
+
+
+# ---------------------------------------------------------------- the store's lock
+
+
+def lock_path(db: Path) -> Path:
+    """The store's lock: one hidden file beside the database, `.mlflow.db.hpsweep-lock`.
+
+    Beside the database, not in the temp folder: one file per store that lives and goes with it
+    (the temp folder collected one file per store ever opened), and processes of every user and
+    every temp folder that open the same store meet on it. Never deleted: removing a flock'd file
+    after release races with a process that has it open and waits (it would lock a removed inode
+    while a third process creates a new file). A different file from the database: closing any
+    descriptor of the database file itself would drop the SQLite locks this process holds on it.
+    Hidden, so a trainer's code hash never sees it change.
+    """
+    return db.with_name(f".{db.name}.hpsweep-lock")
+
+
+@contextmanager
+def store_lock(db: Path) -> Iterator[None]:
+    """Hold the store's lock; after LOCK_NOTICE_S of waiting, say who holds it. The holder's
+    identity (host, pid, command) is written into the lock file for the next waiter to read."""
+    path = lock_path(db)
+    lock, records_holder = _file_lock(path)
+    try:
+        lock.acquire(timeout=LOCK_NOTICE_S)
+    except Timeout:
+        log.warning("waiting for the tracking store %s: %s holds its lock %s (it is creating or "
+                    "upgrading the store; hpsweep goes on once it lets go)", db, _holder(path), path)
+        lock.acquire()
+    try:
+        if not records_holder:
+            path.write_bytes(_holder_record())
+        yield
+    finally:
+        lock.release()
+
+
+def _file_lock(path: Path) -> tuple[FileLock, bool]:
+    """The lock, writing its holder through the lock's own descriptor where filelock can (4.x);
+    older versions: False, and the caller writes it once it holds the lock."""
+    try:
+        return FileLock(path, on_acquired=_write_holder), True
+    except TypeError:
+        return FileLock(path), False
+
+
+def _write_holder(fd: int) -> None:
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, _holder_record(), 0)
+
+
+def _holder_record() -> bytes:
+    command = " ".join(psutil.Process().cmdline())[:300]
+    return json.dumps({"identity": process_identity(), "pid": os.getpid(), "host": socket.gethostname(),
+                       "command": command}).encode()
+
+
+def _holder(path: Path) -> str:
+    """Who holds the lock, as its record says; 'another process' when it has not said (yet)."""
+    try:
+        record = json.loads(path.read_text())
+        if identity_is_dead(record["identity"]):
+            return "another process"
+        return f"process {record['pid']} on {record['host']} ({record['command']})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another process"
