@@ -136,9 +136,15 @@ class InMemoryStore:
         return RegisteredVersion(version, run_id, run.row.f1 if run.row else None, run.tags.get("hpsweep.data_version"),
                                  run.sweep_id, dict(moved_by))
 
+    def log_report_text(self, parent_run_id: str, name: str, text: str) -> None:
+        self.runs[parent_run_id].artifacts[f"report/{name}"] = text
+
     def finish_parent_run(self, parent_run_id: str, counts: dict[str, int], best_f1: float | None,
                           files: list[str], ok: bool, stopped_by: str | None = None) -> None:
         run = self.runs[parent_run_id]
+        for path in files:
+            run.artifacts[f"report/{Path(path).name}"] = Path(path).read_text(errors="replace") \
+                if Path(path).suffix != ".png" else "<png>"
         run.status = "KILLED" if stopped_by else "FINISHED" if ok else "FAILED"
         run.params.update({f"trials_{k}": v for k, v in counts.items()}, best_f1=best_f1)
 

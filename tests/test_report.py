@@ -75,7 +75,7 @@ def test_report_files_agree(tmp_path):
     assert csv[0] == "rank,lr,act,f1,status,reason,attempts,duration_s,run_id"
     assert csv[1].startswith("1,0.01,tanh,0.75,FINISHED")
     md = paths["leaderboard.md"].read_text()
-    assert md.index("0.7500") < md.index("0.2500") < md.index("outside [0, 1]")
+    assert md.index("0.7500") < md.index("0.2500") < md.index(r"outside \[0, 1\]")  # [ ] escaped: never a link
     assert set(paths) == {"leaderboard.md", "leaderboard.csv", "leaderboard.json", "best.json",
                           "f1_by_combination.png", "f1_by_hparam.png"}  # no curves given: no learning-curve plot
     best = json.loads(paths["best.json"].read_text())  # DVC's metrics file: the winner and the counts

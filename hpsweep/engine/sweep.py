@@ -144,18 +144,41 @@ def close_sweep(opened: OpenedSweep, store: SweepStore, report_dir: Path | None,
                 stopped_by: str | None = None) -> dict[str, Any]:
     """Read the trials back from MLflow, rank them, register the champion, write the report, log it
     to the parent run and close that; then ``on_report`` callbacks. ``register``: let this sweep's best
-    become the champion (if it beats it); False (``--no-register``) leaves the registry alone. Returns the sweep's summary."""
+    become the champion (if it beats it); False (``--no-register``) leaves the registry alone. Returns the sweep's summary.
+
+    The trials' results are never lost to the report: ``leaderboard.json`` goes to the parent run
+    before any local file, the local files are best-effort (a warning for each left out, the exit
+    code still the trials'), and whatever fails here (the registry, the tracking store) closes the
+    parent run FAILED with the reason before it goes on up.
+    """
     run = opened.run
     report_dir = report_dir or Path("reports") / run.name
-    meta = assemble.sweep_meta(run.sweep_id, run.name, run.experiment_id, run.parent_run_id, run.tracking_uri,
-                               opened.provenance, opened.provenance.get(TAG_QUOTA))
-    meta["interrupted"] = stopped_by  # trials it never started are INTERRUPTED, and the parent run KILLED
-    rows, header, paths = assemble.build_report(store, meta, opened.trials, opened.reused, report_dir,
-                                                register=register)
-    summary = assemble.sweep_summary(header, rows, report_dir, paths)
-    best = next((r for r in rows if r.has_f1), None)
-    store.finish_parent_run(run.parent_run_id, summary["counts"], best.f1 if best else None,
-                            [str(p) for p in paths.values()], ok=summary["counts"]["failed"] == 0,
-                            stopped_by=stopped_by)
+    with closed_on_crash(store, run.experiment_id, run.sweep_id, run.parent_run_id):
+        meta = assemble.sweep_meta(run.sweep_id, run.name, run.experiment_id, run.parent_run_id, run.tracking_uri,
+                                   opened.provenance, opened.provenance.get(TAG_QUOTA))
+        meta["interrupted"] = stopped_by  # trials it never started are INTERRUPTED, and the parent run KILLED
+        rows, header, paths = assemble.build_report(store, meta, opened.trials, opened.reused, report_dir,
+                                                    register=register, publish=_publisher(store, run.parent_run_id))
+        summary = assemble.sweep_summary(header, rows, report_dir, paths)
+        best = next((r for r in rows if r.has_f1), None)
+        # Every file written, leaderboard.json again: a publish that failed gets a second chance here.
+        store.finish_parent_run(run.parent_run_id, summary["counts"], best.f1 if best else None,
+                                [str(p) for p in paths.values()], ok=summary["counts"]["failed"] == 0,
+                                stopped_by=stopped_by)
+    if assemble.LEADERBOARD_JSON not in paths:
+        log.warning("the report of sweep %s is not in %s (see above); its leaderboard.json is on parent run %s in "
+                    "MLflow (report/leaderboard.json), and `hpsweep report %s --report-dir DIR` writes it all again",
+                    run.sweep_id, report_dir, run.parent_run_id, run.sweep_id)
     Callbacks(list(callbacks)).emit("on_report", header, rows)
     return summary
+
+
+def _publisher(store: SweepStore, parent_run_id: str) -> assemble.Publish:
+    """Logs a report file to the parent run; a failure is a warning: the local copy is logged again at the close."""
+    def publish(name: str, text: str) -> None:
+        try:
+            store.log_report_text(parent_run_id, name, text)
+        except Exception as e:  # noqa: BLE001 - the local report comes first; the close retries the upload
+            log.warning("could not log %s to parent run %s yet (%s: %s); it is logged with the other report files",
+                        name, parent_run_id, type(e).__name__, str(e)[:200])
+    return publish

@@ -8,13 +8,16 @@ and a row for every combination that never got a run, so every combination appea
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hpsweep.model import PlannedTrial, TrialRow, TrialState, interrupted_reason, run_name
-from hpsweep.report.leaderboard import counts, learning_curves, rank_rows, write_report
+from hpsweep.report.cells import short_text
+from hpsweep.report.leaderboard import (LEADERBOARD_JSON, counts, leaderboard_json, learning_curves, rank_rows,
+                                        write_report)
 from hpsweep.store.registry import MLMODEL_FILE, RegisteredVersion, champion_uri
 from hpsweep.store.tags import (TAG_DATA_VERSION, TAG_GIT_COMMIT, TAG_INTERRUPTED, TAG_QUOTA, TAG_SETTINGS,
                                 TAG_SPEC_HASH)
@@ -26,6 +29,13 @@ if TYPE_CHECKING:
 
 NEVER_STARTED_REASON = "never started (see the sweep's log)"
 Report = tuple[list[TrialRow], dict[str, Any], dict[str, Path]]  # ranked rows, header written, files written
+Publish = Callable[[str, str], None]  # (file name, text) → kept with the sweep in MLflow
+
+log = logging.getLogger("hpsweep")
+
+
+class ReportNotWritten(OSError):
+    """`hpsweep report` could not write the leaderboard where it was asked to."""
 
 
 def sweep_meta(sweep_id: str, name: str, experiment_id: str, parent_run_id: str, tracking_uri: str,
@@ -71,21 +81,27 @@ def never_started(trials: Sequence[PlannedTrial], rows: Sequence[TrialRow],
 
 
 def build_report(store: SweepStore, meta: dict[str, Any], trials: Sequence[PlannedTrial],
-                 reused: Mapping[str, TrialRow], report_dir: Path, register: bool) -> Report:
+                 reused: Mapping[str, TrialRow], report_dir: Path, register: bool,
+                 publish: Publish | None = None) -> Report:
     """Read a sweep's trials back from the store, rank them, settle the champion, write the report.
 
     ``reused``: trial key → the earlier FINISHED trial standing in for it. ``register``: apply the
     champion rule (``decide_champion``) and move ``@champion`` when it says so (the sweep's end);
-    False (``--no-register``): no registry call at all. Returns the ranked rows, the header written
-    and every file written.
+    False (``--no-register``): no registry call at all. ``publish(name, text)``: where
+    ``leaderboard.json`` goes before any local file is written (the sweep's parent run in MLflow),
+    so a report folder that cannot be written, or a plot that fails, never loses it. Returns the
+    ranked rows, the header written and every file written locally (best-effort: see ``write_report``).
     """
     return _report(store, meta, trials, reused, report_dir,
-                   (lambda best: crown(store, meta, best)) if register else (lambda best: dict(REGISTRY_SKIPPED)))
+                   (lambda best: crown(store, meta, best)) if register else (lambda best: dict(REGISTRY_SKIPPED)),
+                   publish)
 
 
 def rebuild_report(store: SweepStore, record: SweepRecord, report_dir: Path) -> Report:
     """`hpsweep report`: a past (or running) sweep's report written again from its plan.json and runs;
-    an older sweep without a plan is reported from its runs alone. Registers nothing."""
+    an older sweep without a plan is reported from its runs alone. Registers nothing. Writing the files
+    is this command's whole job: a ``leaderboard.json`` that cannot be written raises ``ReportNotWritten``
+    (a plot or the markdown left out is a warning, as at a sweep's end)."""
     plan = store.load_plan(record.parent_run_id) or []
     trials = [PlannedTrial(p.index, p.hparams, p.key or "") for p in plan]
     reused_ids = {p.key: p.reused_run_id for p in plan if p.key and p.reused_run_id}
@@ -93,18 +109,33 @@ def rebuild_report(store: SweepStore, record: SweepRecord, report_dir: Path) -> 
     reused = {key: found[run_id] for key, run_id in reused_ids.items() if run_id in found}
     meta = sweep_meta(record.sweep_id, record.name, record.experiment_id, record.parent_run_id,
                       store.tracking_uri, record.tags, record.tags.get(TAG_QUOTA))
-    return _report(store, meta, trials, reused, report_dir, lambda best: recall(store, meta, best))
+    report = _report(store, meta, trials, reused, report_dir, lambda best: recall(store, meta, best))
+    if LEADERBOARD_JSON not in report[2]:
+        raise ReportNotWritten(f"{report_dir / LEADERBOARD_JSON} could not be written (the warning above says why)")
+    return report
 
 
 def _report(store: SweepStore, meta: dict[str, Any], trials: Sequence[PlannedTrial],
             reused: Mapping[str, TrialRow], report_dir: Path,
-            settle: Callable[[TrialRow | None], dict[str, Any]]) -> Report:
+            settle: Callable[[TrialRow | None], dict[str, Any]], publish: Publish | None = None) -> Report:
     rows = store.sweep_trials(meta["experiment_id"], meta["sweep_id"]) + reused_rows(trials, reused)
     ranked = rank_rows(rows + never_started(trials, rows, meta.get("interrupted")))
     best = next((r for r in ranked if r.has_f1), None)
     header = {**meta, **settle(best)}
-    paths = write_report(report_dir, header, ranked, curves=learning_curves(store, ranked))
+    if publish is not None:
+        publish(LEADERBOARD_JSON, leaderboard_json(header, ranked))
+    paths = write_report(report_dir, header, ranked, curves=_curves(store, ranked))
     return ranked, header, paths
+
+
+def _curves(store: SweepStore, ranked: Sequence[TrialRow]) -> dict[str, list[tuple[int, float]]] | None:
+    """The top trials' learning curves; None (the report goes without them) when the store cannot say."""
+    try:
+        return learning_curves(store, ranked)
+    except Exception as e:  # noqa: BLE001 - a plot is not worth the report
+        log.warning("report: skipped learning_curves.png: reading the metric histories failed: %s",
+                    short_text(" ".join(f"{type(e).__name__}: {e}".split())))
+        return None
 
 
 # ---------------------------------------------------------------- the champion

@@ -10,8 +10,10 @@ is ``TrialRow.leaderboard()``, sorted by F1 descending, rows without an F1 last 
 from __future__ import annotations
 
 import json
+import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import suppress
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -20,14 +22,20 @@ import pandas as pd
 
 from hpsweep.model import TrialRow
 from hpsweep.report import plots
+from hpsweep.report.cells import csv_cell, md, short_text
 
 F1_BY_COMBINATION = "f1_by_combination.png"
 F1_BY_HPARAM = "f1_by_hparam.png"
 LEARNING_CURVES = "learning_curves.png"
 PLOT_FILES = (F1_BY_COMBINATION, F1_BY_HPARAM, LEARNING_CURVES)
+LEADERBOARD_JSON, LEADERBOARD_CSV, LEADERBOARD_MD, BEST_JSON = ("leaderboard.json", "leaderboard.csv",
+                                                               "leaderboard.md", "best.json")
 CURVE_METRIC = "val_f1"
+REASON_CHARS = 400  # a failure reason keeps more than a value: its end often names the cause
 
 Curves = dict[str, list[tuple[int, float]]]
+
+log = logging.getLogger("hpsweep")
 
 
 class MetricHistories(Protocol):
@@ -62,48 +70,56 @@ def leaderboard_json(sweep: dict[str, Any], rows: Sequence[TrialRow]) -> str:
 
 
 def leaderboard_frame(rows: Sequence[TrialRow]) -> pd.DataFrame:
+    """The leaderboard as leaderboard.csv holds it: one column per hparam key, every text cell
+    shortened and neutralised for spreadsheets (``cells.csv_cell``); numbers stay numbers."""
     keys = _hparam_keys(rows)
     board = [r.leaderboard() for r in rows]
     records = [
-        {"rank": r["rank"], **{k: r["hparams"].get(k) for k in keys}, "f1": r["f1"], "status": r["status"],
-         "reason": r.get("reason", ""), "attempts": r["attempts"], "duration_s": r["duration_s"],
-         "run_id": r["run_id"]}
+        [r["rank"], *(csv_cell(r["hparams"].get(k)) for k in keys), r["f1"], r["status"],
+         csv_cell(r.get("reason", ""), REASON_CHARS), r["attempts"], r["duration_s"], csv_cell(r["run_id"])]
         for r in board
     ]
-    return pd.DataFrame.from_records(records, columns=["rank", *keys, "f1", "status", "reason", "attempts",
-                                                        "duration_s", "run_id"])
+    # Positional records: two keys that shorten to the same column name keep their own columns.
+    columns = ["rank", *(csv_cell(k) for k in keys), "f1", "status", "reason", "attempts", "duration_s", "run_id"]
+    return pd.DataFrame.from_records(records, columns=columns)
 
 
 def render_markdown(sweep: dict[str, Any], rows: Sequence[TrialRow], plot_name: str | None = None, *,
                     images: Sequence[tuple[str, str]] = (), notes: Sequence[str] = ()) -> str:
     """The leaderboard as markdown: sweep header, plots (``plot_name`` and ``images``: (caption,
-    relative link) pairs, shown before the table so a long table never hides them), then every trial."""
+    relative link) pairs, shown before the table so a long table never hides them), then every trial.
+
+    Every value from the sweep (names, hparam keys and values, reasons, settings) goes through
+    ``cells.md``: shortened, one line, no HTML or markdown it did not mean. ``notes`` are written as given.
+    """
     c = counts(rows)
-    lines = [f"# Sweep `{sweep['name']}` — {sweep['sweep_id']}", ""]
+    lines = [f"# Sweep {md(sweep['name'], code=True)} — {md(sweep['sweep_id'])}", ""]
     for label, key in (("MLflow experiment", "experiment_id"), ("parent run", "parent_run_id"),
                        ("tracking URI", "tracking_uri"), ("spec hash", "spec_hash"),
                        ("data version (train / val)", "data_version"), ("git commit", "git_commit"),
                        ("quota", "quota")):
         if sweep.get(key) is not None:
-            lines.append(f"- {label}: `{sweep[key]}`")
+            lines.append(f"- {label}: {md(sweep[key], code=True)}")
     if sweep.get("settings"):
-        lines.append("- settings: " + ", ".join(f"`{k}={v}`" for k, v in sorted(sweep["settings"].items())))
+        lines.append("- settings: " + ", ".join(md(f"{k}={short_text(v)}", code=True)
+                                               for k, v in sorted(sweep["settings"].items())))
     lines += _champion_lines(sweep)
     lines.append(f"- trials: {c['total']} ({c['finished']} finished, {c['reused']} reused, {c['failed']} failed)")
     figures = ([("F1 per combination", plot_name)] if plot_name else []) + list(images)
     if figures or notes:
         lines += ["", "## Plots", ""]
-        lines += [f"![{caption}]({link})\n" for caption, link in figures]
+        lines += [f"![{md(caption)}]({link})\n" for caption, link in figures]
         lines += [f"{note}\n" for note in notes]
         lines += ["## Trials"]
     keys = _hparam_keys(rows)
-    lines += ["", "| rank | " + " | ".join(keys) + " | F1 | status | attempts | run |",
+    lines += ["", "| rank | " + " | ".join(md(k) for k in keys) + " | F1 | status | attempts | run |",
               "|---:|" + "---|" * len(keys) + "---:|---|---:|---|"]
     for r in (row.leaderboard() for row in rows):
-        hp = " | ".join(str(r["hparams"].get(k, "")) for k in keys)
+        hp = " | ".join(md(r["hparams"].get(k, "")) for k in keys)
         f1 = f"{r['f1']:.4f}" if r["f1"] is not None else "—"
-        status = r["status"] + (f": {_one_line(r['reason'])}" if r.get("reason") else "")
-        lines.append(f"| {r['rank']} | {hp} | {f1} | {status} | {r['attempts']} | `{r['run_id'][:8]}` |")
+        status = r["status"] + (f": {md(r['reason'], REASON_CHARS)}" if r.get("reason") else "")
+        run = md((r["run_id"] or "")[:8], code=True) if r["run_id"] else ""
+        lines.append(f"| {r['rank']} | {hp} | {f1} | {status} | {r['attempts']} | {run} |")
     return "\n".join(lines) + "\n"
 
 
@@ -111,11 +127,11 @@ def _champion_lines(sweep: dict[str, Any]) -> list[str]:
     """The registered champion, whether this sweep moved it, and why (or why not)."""
     if sweep.get("champion") is None and "champion_moved" not in sweep:
         return []
-    name = f"`{sweep['champion']}`" if sweep.get("champion") is not None else "none"
+    name = md(sweep["champion"], code=True) if sweep.get("champion") is not None else "none"
     moved = "moved by this sweep" if sweep.get("champion_moved") else "not moved by this sweep"
     lines = [f"- champion: {name} ({moved})"]
     if sweep.get("champion_note"):
-        lines.append(f"- champion decision: {sweep['champion_note']}")
+        lines.append(f"- champion decision: {md(sweep['champion_note'], REASON_CHARS)}")
     return lines
 
 
@@ -123,24 +139,19 @@ def _hparam_keys(rows: Sequence[TrialRow]) -> list[str]:
     return list(dict.fromkeys(k for r in rows for k in r.hparams))
 
 
-def _one_line(text: str, limit: int = 400) -> str:
-    text = " ".join(text.split()).replace("|", "\\|")
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
 def plot_f1(rows: Sequence[TrialRow], path: Path) -> None:
     """Horizontal bars of the best ``plots.BAR_MAX`` trials; failed trials are listed in the report, not plotted."""
-    plots.save(plots.f1_by_combination_figure(rows), path)
+    plots.draw(lambda: plots.f1_by_combination_figure(rows), path)
 
 
 def plot_f1_by_hparam(rows: Sequence[TrialRow], path: Path) -> None:
     """One panel per hparam key: F1 against that hparam's values."""
-    plots.save(plots.f1_by_hparam_figure(rows), path)
+    plots.draw(lambda: plots.f1_by_hparam_figure(rows), path)
 
 
 def plot_learning_curves(rows: Sequence[TrialRow], curves: Curves, path: Path, metric: str = CURVE_METRIC) -> None:
     """One line per run in ``curves``, labelled with its rank and F1."""
-    plots.save(plots.learning_curves_figure(rows, curves, metric), path)
+    plots.draw(lambda: plots.learning_curves_figure(rows, curves, metric), path)
 
 
 def learning_curves(store: MetricHistories, rows: Sequence[TrialRow], top: int = 5,
@@ -158,39 +169,67 @@ def learning_curves(store: MetricHistories, rows: Sequence[TrialRow], top: int =
 
 def write_report(report_dir: Path, sweep: dict[str, Any], rows: Sequence[TrialRow],
                  curves: Curves | None = None, curve_metric: str = CURVE_METRIC) -> dict[str, Path]:
-    """Write the leaderboard (md, csv, json), best.json and the plots, each file atomically; return every file written.
+    """Write the leaderboard (json, csv, md), best.json and the plots, each file atomically; return every file written.
 
-    Always: ``leaderboard.{md,csv,json}``, ``best.json`` and ``f1_by_combination.png``;
-    ``f1_by_hparam.png`` when the trials have hparams; ``learning_curves.png`` when ``curves``
-    (from ``learning_curves``) hold at least one point. A plot not drawn this time is removed from
-    ``report_dir`` so the folder never shows a stale one. The markdown links every plot by its relative name.
+    ``leaderboard.json`` first (the contract, and what MLflow keeps), then ``best.json`` and the csv,
+    the plots, and the markdown last so it links only the plots that were drawn: ``f1_by_combination.png``,
+    ``f1_by_hparam.png`` when the trials have hparams, ``learning_curves.png`` when ``curves`` (from
+    ``learning_curves``) hold at least one point. A plot not drawn this time is removed from ``report_dir``
+    so the folder never shows a stale one. Best-effort all through: a file that cannot be written (a
+    full or read-only folder) or a plot that cannot be drawn is left out with one warning line saying
+    what and why, and the rest is still written; nothing here raises for it.
     """
-    report_dir.mkdir(parents=True, exist_ok=True)
-    figures: dict[str, Path] = {}
-    plot_f1(rows, report_dir / F1_BY_COMBINATION)
-    figures[F1_BY_COMBINATION] = report_dir / F1_BY_COMBINATION
-    if _hparam_keys(rows):
-        plot_f1_by_hparam(rows, report_dir / F1_BY_HPARAM)
-        figures[F1_BY_HPARAM] = report_dir / F1_BY_HPARAM
+    skipped: list[tuple[str, str]] = []  # (file, why)
+    try:
+        report_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        log.warning("report: nothing written: the folder %s cannot be made: %s", report_dir, _why(e))
+        return {}
+    written: dict[str, Path] = {}
+
+    def attempt(name: str, write: Callable[[Path], Any]) -> None:
+        try:
+            write(report_dir / name)
+        except Exception as e:  # noqa: BLE001 - one file (a plot, a full disk) never costs the others
+            skipped.append((name, _why(e)))
+        else:
+            written[name] = report_dir / name
+
+    attempt(LEADERBOARD_JSON, lambda p: _write_text(p, leaderboard_json(sweep, rows)))
+    attempt(BEST_JSON, lambda p: _write_text(p, json.dumps(best_summary(sweep, rows), indent=2, default=str) + "\n"))
+    attempt(LEADERBOARD_CSV, lambda p: _write_text(p, leaderboard_frame(rows).to_csv(index=False)))
     notes = []
+    attempt(F1_BY_COMBINATION, lambda p: plot_f1(rows, p))
+    if _hparam_keys(rows):
+        attempt(F1_BY_HPARAM, lambda p: plot_f1_by_hparam(rows, p))
     if curves and any(curves.values()):
-        plot_learning_curves(rows, curves, report_dir / LEARNING_CURVES, curve_metric)
-        figures[LEARNING_CURVES] = report_dir / LEARNING_CURVES
+        attempt(LEARNING_CURVES, lambda p: plot_learning_curves(rows, curves, p, curve_metric))
     elif curves is not None:
-        notes.append(f"No learning curves: the top trials logged no per-step `{curve_metric}`.")
+        notes.append(f"No learning curves: the top trials logged no per-step {md(curve_metric, code=True)}.")
     for name in PLOT_FILES:
-        if name not in figures:
-            (report_dir / name).unlink(missing_ok=True)
+        if name not in written:
+            with suppress(OSError):  # a read-only folder keeps its old plot; the markdown no longer links it
+                (report_dir / name).unlink(missing_ok=True)
     captions = {F1_BY_COMBINATION: "F1 per combination", F1_BY_HPARAM: "F1 against each hparam",
-                LEARNING_CURVES: f"Learning curves ({curve_metric}) of the top trials"}
-    images = [(captions[name], name) for name in figures]
-    paths = {name: report_dir / name
-             for name in ("leaderboard.md", "leaderboard.csv", "leaderboard.json", "best.json")}
-    _write_text(paths["leaderboard.md"], render_markdown(sweep, rows, images=images, notes=notes))
-    _write_text(paths["leaderboard.csv"], leaderboard_frame(rows).to_csv(index=False))
-    _write_text(paths["leaderboard.json"], leaderboard_json(sweep, rows))
-    _write_text(paths["best.json"], json.dumps(best_summary(sweep, rows), indent=2) + "\n")
-    return {**paths, **figures}
+                LEARNING_CURVES: f"Learning curves ({short_text(curve_metric)}) of the top trials"}
+    images = [(captions[name], name) for name in PLOT_FILES if name in written]
+    attempt(LEADERBOARD_MD, lambda p: _write_text(p, render_markdown(sweep, rows, images=images, notes=notes)))
+    _warn_skipped(report_dir, skipped)
+    order = (LEADERBOARD_MD, LEADERBOARD_CSV, LEADERBOARD_JSON, BEST_JSON, *PLOT_FILES)
+    return {name: written[name] for name in order if name in written}
+
+
+def _why(error: BaseException) -> str:
+    return short_text(" ".join(f"{type(error).__name__}: {error}".split()))
+
+
+def _warn_skipped(report_dir: Path, skipped: Sequence[tuple[str, str]]) -> None:
+    """One line per cause (a read-only folder fails every file the same way), naming the files it cost."""
+    by_why: dict[str, list[str]] = {}
+    for name, why in skipped:
+        by_why.setdefault(why, []).append(name)
+    for why, names in by_why.items():
+        log.warning("report: skipped %s in %s: %s", ", ".join(names), report_dir, why)
 
 
 def best_summary(sweep: dict[str, Any], rows: Sequence[TrialRow]) -> dict[str, Any]:
@@ -205,5 +244,10 @@ def best_summary(sweep: dict[str, Any], rows: Sequence[TrialRow]) -> dict[str, A
 
 def _write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        with suppress(OSError):  # a full disk leaves no half-written .tmp behind
+            tmp.unlink(missing_ok=True)
+        raise

@@ -1,9 +1,11 @@
 """The report's figures, drawn with matplotlib's Agg backend (no display, safe in workers and CI).
 
 Each ``*_figure`` function is pure: ranked ``TrialRow``s (from ``hpsweep.report.leaderboard.rank_rows``)
-in, a ``Figure`` out; ``save`` writes one atomically and closes it. Every figure stays readable and
-fast for tens of thousands of trials: at most ``BAR_MAX`` bars, at most ``CATEGORY_MAX``
-categories per panel, and scatter clouds whose opacity falls with their size.
+in, a ``Figure`` out; ``save`` writes one atomically and closes it, ``draw`` also closes a figure whose
+drawing failed. Every figure stays readable and fast for tens of thousands of trials: at most
+``BAR_MAX`` bars, at most ``CATEGORY_MAX`` categories per panel, and scatter clouds whose opacity
+falls with their size. Any value draws: labels are shortened (``LABEL_CHARS``), and numbers an axis
+cannot hold (beyond ``AXIS_LIMIT``, huge integers, inf, NaN) make their panel categorical.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import math
 import os
 import random
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,14 +27,19 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from hpsweep.model import TrialRow  # noqa: E402
+from hpsweep.report.cells import VALUE_CHARS, short_text  # noqa: E402
 
-__all__ = ["BAR_MAX", "CATEGORY_MAX", "f1_by_combination_figure", "f1_by_hparam_figure", "is_log_scale",
-           "learning_curves_figure", "save"]
+__all__ = ["AXIS_LIMIT", "BAR_MAX", "CATEGORY_MAX", "LABEL_CHARS", "draw", "f1_by_combination_figure",
+           "f1_by_hparam_figure", "is_log_scale", "learning_curves_figure", "save"]
 
 BAR_MAX = 60  # bars in the F1-per-combination plot: the best ones (the md/csv/json list every trial)
 CATEGORY_MAX = 30  # categories per F1-vs-hparam panel: those with the best F1
 LOG_SPAN = 100.0  # a positive numeric hparam whose max/min reaches this gets a log axis (lr, alpha, ...)
 PANEL_COLUMNS = 3
+LABEL_CHARS = 60  # a tick label, legend entry or panel title is cut here (with an ellipsis)
+# Beyond this magnitude matplotlib's margins and tick locators overflow (1e308 gave `arange: cannot
+# compute length`): such values are drawn as categories instead; below its inverse, no log axis.
+AXIS_LIMIT = 1e100
 BEST, OTHER = "#2a7", "#58a"
 
 Curves = Mapping[str, Sequence[tuple[int, float]]]
@@ -88,7 +95,7 @@ def f1_by_hparam_figure(rows: Sequence[TrialRow]) -> Figure:
             _numeric_panel(ax, [float(x) for x, _ in points], [y for _, y in points])
         else:
             _categorical_panel(ax, points)
-        ax.set_title(key, fontsize=10)
+        ax.set_title(short_text(key, LABEL_CHARS), fontsize=10)
         ax.set_ylim(0, 1.02)
         ax.grid(axis="y", alpha=0.3)
         if not points:
@@ -109,7 +116,7 @@ def learning_curves_figure(rows: Sequence[TrialRow], curves: Curves, metric: str
     ranked = sorted(curves, key=lambda run_id: getattr(by_id.get(run_id), "rank", None) or math.inf)
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for run_id in ranked:
-        points = curves[run_id]
+        points = [(step, value) for step, value in curves[run_id] if _is_number(step) and _is_number(value)]
         if not points:
             continue
         row = by_id.get(run_id)
@@ -130,8 +137,9 @@ def learning_curves_figure(rows: Sequence[TrialRow], curves: Curves, metric: str
 
 
 def is_log_scale(values: Sequence[float]) -> bool:
-    """Positive values spanning ``LOG_SPAN`` or more (learning rates, weight decays) read best on a log axis."""
-    return bool(values) and min(values) > 0 and max(values) / min(values) >= LOG_SPAN
+    """Positive values spanning ``LOG_SPAN`` or more (learning rates, weight decays) read best on a log axis
+    (not below ``1 / AXIS_LIMIT``, where a log axis's margins underflow: those stay linear)."""
+    return bool(values) and min(values) >= 1 / AXIS_LIMIT and max(values) / min(values) >= LOG_SPAN
 
 
 def save(fig: Figure, path: Path, dpi: int = 110) -> Path:
@@ -139,10 +147,24 @@ def save(fig: Figure, path: Path, dpi: int = 110) -> Path:
     tmp = path.with_name(path.name + ".tmp.png")
     try:
         fig.savefig(tmp, dpi=dpi, format="png")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     finally:
         plt.close(fig)
-    os.replace(tmp, path)
     return path
+
+
+def draw(make: Callable[[], Figure], path: Path, dpi: int = 110) -> Path:
+    """``save(make(), path)``; when ``make`` fails half-way, the figures it opened are closed too."""
+    before = set(plt.get_fignums())
+    try:
+        return save(make(), path, dpi)
+    except BaseException:
+        for number in set(plt.get_fignums()) - before:
+            plt.close(number)
+        raise
 
 
 def _numeric_panel(ax: Any, xs: list[float], ys: list[float]) -> None:
@@ -172,8 +194,8 @@ def _numeric_panel(ax: Any, xs: list[float], ys: list[float]) -> None:
 
 def _categorical_panel(ax: Any, points: list[tuple[Any, float]]) -> None:
     groups: dict[str, list[float]] = {}
-    for x, y in points:
-        groups.setdefault(str(x), []).append(y)
+    for x, y in points:  # values alike in their first VALUE_CHARS characters share a box
+        groups.setdefault(short_text(x, VALUE_CHARS), []).append(y)
     names = sorted(groups, key=lambda n: max(groups[n]), reverse=True)[:CATEGORY_MAX]
     if len(groups) > len(names):
         ax.set_xlabel(f"best {len(names)} of {len(groups)} values", fontsize=8)
@@ -189,12 +211,18 @@ def _categorical_panel(ax: Any, points: list[tuple[Any, float]]) -> None:
         ys = groups[name]
         ax.scatter([i + rng.uniform(-0.2, 0.2) for _ in ys], ys, s=_marker_size(n_points), alpha=_alpha(n_points),
                    color=OTHER, linewidths=0, zorder=3)
-    ax.set_xticks(range(len(names)), names, rotation=30 if len(names) > 4 else 0, ha="right" if len(names) > 4
-                  else "center", fontsize=7)
+    ax.set_xticks(range(len(names)), [short_text(n, LABEL_CHARS) for n in names],
+                  rotation=30 if len(names) > 4 else 0, ha="right" if len(names) > 4 else "center", fontsize=7)
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    """A number a linear axis can hold: not a bool, finite, at most ``AXIS_LIMIT`` in size."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return False
+    try:
+        return abs(float(value)) <= AXIS_LIMIT  # False for NaN and inf too
+    except OverflowError:  # an int beyond any float
+        return False
 
 
 def _natural_key(name: str) -> tuple[int, float | str]:
@@ -213,8 +241,8 @@ def _marker_size(n: int) -> float:
 
 
 def _label(row: TrialRow) -> str:
-    text = row.run_name or ", ".join(f"{k}={v}" for k, v in row.hparams.items())
-    return text if len(text) <= 60 else text[:59] + "…"
+    text = row.run_name or ", ".join(f"{short_text(k)}={short_text(v)}" for k, v in row.hparams.items())
+    return short_text(text, LABEL_CHARS)
 
 
 def _f1_text(row: TrialRow) -> str:

@@ -111,6 +111,11 @@ class SweepStore:
     def version_of(self, model_name: str, run_id: str) -> RegisteredVersion | None:
         return registry.version_of(self.client, model_name, run_id)
 
+    def log_report_text(self, parent_run_id: str, name: str, text: str) -> None:
+        """One report file from memory into the parent run's ``report/`` folder, where
+        ``finish_parent_run`` puts the files written locally (the same name is replaced)."""
+        self.client.log_text(parent_run_id, text, f"report/{name}")
+
     def finish_parent_run(self, parent_run_id: str, counts: dict[str, int], best_f1: float | None,
                           files: list[str], ok: bool, stopped_by: str | None = None) -> None:
         runs.finish_parent_run(self.client, parent_run_id, counts, best_f1, files, ok, stopped_by)
