@@ -33,6 +33,8 @@ from hpsweep.engine.callbacks import SweepCallback
 from hpsweep.model import AttemptResult, PlannedTrial, TrialRow
 
 EXIT_OK, EXIT_TRIALS_FAILED, EXIT_INVALID_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
+# `plan`, `status` and `report` wait this long for a tracking store that does not answer (a sweep: 15 min).
+COMMAND_PATIENCE_S = 60.0
 SWEEP_FLOW = "flows.sweep:sweep"  # the flow `hpsweep run` runs (prefect.yaml deploys the same one)
 DEMO_DATA = Path("data")
 
@@ -285,7 +287,7 @@ def _plan(args: argparse.Namespace) -> int:
     if uri is not None:
         from hpsweep.store import SweepStore
 
-        store = SweepStore.at(uri)
+        store = SweepStore.at(uri, patience_s=COMMAND_PATIENCE_S)
         exp_id = store.experiment_id(name)
         reused = plan.reusable_runs(store, exp_id, trials, versions, config.retrain)
         history = plan.duration_history(store, exp_id, versions["hpsweep.spec_hash"])
@@ -317,7 +319,8 @@ def _open_sweep(args: argparse.Namespace):
     sweep = args.sweep or params.get("name")
     if not sweep:
         raise SweepNotFound(f"give a sweep name or id ({args.params} has no sweep.name)")
-    store = SweepStore.at(existing_tracking_uri(args.tracking_uri or params.get("tracking_uri")))
+    store = SweepStore.at(existing_tracking_uri(args.tracking_uri or params.get("tracking_uri")),
+                          patience_s=COMMAND_PATIENCE_S)
     return store, find_sweep(store, sweep), params
 
 

@@ -255,3 +255,27 @@ def test_mlflows_http_back_off_is_capped_unless_the_user_set_it(monkeypatch):
     user = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "9"}
     retry.cap_client_backoff(user)
     assert user["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "9" and user["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] == "1"
+
+
+class FlakyClient:
+    """An MLflow client whose store is down for the first ``down`` calls."""
+
+    def __init__(self, down: int, error: Exception):
+        self.calls, self.down, self.error = 0, down, error
+
+    def get_experiment_by_name(self, name: str):
+        self.calls += 1
+        if self.calls <= self.down:
+            raise self.error
+        return None
+
+
+def test_the_sweeps_store_calls_wait_out_an_outage_but_not_their_own_mistakes():
+    from hpsweep.store import SweepStore
+
+    outage = FlakyClient(down=2, error=ConnectionError("connection refused"))
+    assert SweepStore(outage, patience_s=60).experiment_id("x") is None and outage.calls == 3
+    mistake = FlakyClient(down=5, error=ValueError("a name with both quote kinds"))
+    with pytest.raises(ValueError):
+        SweepStore(mistake, patience_s=60).experiment_id("x")
+    assert mistake.calls == 1

@@ -58,10 +58,19 @@ def refused_by_store(e: BaseException) -> bool:
     return (400 <= status < 500 and status not in RETRYABLE_4XX) or e.error_code in CLIENT_ERROR_CODES
 
 
+# Errors of hpsweep's own making (a bad argument, a bug): another try would fail the same way.
+NEVER_TRANSIENT = (ValueError, TypeError, LookupError, AttributeError, AssertionError)
+
+
 def _transient(e: BaseException) -> bool:
-    """Worth another try: anything but the store's own refusal or an illegal state change."""
+    """Worth another try: anything but the store's own refusal, an illegal state change, or an error
+    hpsweep made itself (NEVER_TRANSIENT; MlflowException is not one of them)."""
+    from mlflow.exceptions import MlflowException
+
     from hpsweep.model import IllegalTransition
 
+    if isinstance(e, NEVER_TRANSIENT) and not isinstance(e, MlflowException):
+        return False
     return isinstance(e, Exception) and not isinstance(e, IllegalTransition) and not refused_by_store(e)
 
 
