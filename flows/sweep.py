@@ -29,6 +29,7 @@ from hpsweep.engine.stopping import StopRequest, stop_on_signals
 from hpsweep.inputs import load_inputs
 from hpsweep.model import AttemptResult, TrialJob, TrialRow
 from hpsweep.plan import describe_reuse
+from hpsweep.report.cells import short_text
 from hpsweep.report.leaderboard import render_markdown
 from hpsweep.store import SweepStore, resolve_tracking_uri
 
@@ -47,9 +48,9 @@ class PrefectArtifacts(SweepCallback):
         key = "".join(ch if ch.isalnum() else "-" for ch in header["name"].lower()).strip("-") or "sweep"
         create_markdown_artifact(render_markdown(header, rows), key=f"{key}-leaderboard",
                                  description=f"Leaderboard of sweep {header['sweep_id']}")
-        create_table_artifact([{"rank": r.rank, **r.hparams, "f1": r.leaderboard()["f1"],
-                                "status": r.leaderboard()["status"], "attempts": r.attempt,
-                                "reason": r.leaderboard().get("reason", "")} for r in rows],
+        create_table_artifact([{"rank": r.rank, **{k: v if isinstance(v, (int, float)) else short_text(v) for k, v in r.hparams.items()},
+                                "f1": r.leaderboard()["f1"], "status": r.report_status, "attempts": r.attempt,
+                                "reason": short_text(r.reason or "") if not r.has_f1 else ""} for r in rows],
                               key=f"{key}-table", description=f"Trials of sweep {header['sweep_id']}")
 
 

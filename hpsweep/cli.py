@@ -182,7 +182,9 @@ def _print_summary(result: dict[str, Any]) -> None:
     c = result["counts"]
     out.print(f"{c['total']} trials: {c['finished']} trained, {c['reused']} reused (already FINISHED), "
               f"{c['failed']} failed{' or interrupted' if result.get('interrupted') else ''}")
-    out.print(f"report: {Path(result['report_dir']) / 'leaderboard.md'}")
+    report = Path(result["report_dir"]) / "leaderboard.md"
+    out.print(f"report: {report}" if report.is_file() else f"report: not written to {result['report_dir']} (see "
+              "the warning above); leaderboard.json is on the parent run in MLflow", soft_wrap=True)
     if result.get("champion") or result.get("champion_note"):
         moved = "moved by this sweep" if result.get("champion_moved") else "not moved by this sweep"
         out.print(f"champion: {result.get('champion') or 'none'}, {moved}", markup=False, highlight=False,
@@ -350,11 +352,15 @@ def _report(args: argparse.Namespace) -> int:
         store, record, params = _open_sweep(args)
     except (SweepNotFound, SweepInputError) as e:
         return _not_found(e)
-    from hpsweep.report.assemble import rebuild_report, sweep_summary
+    from hpsweep.report.assemble import ReportNotWritten, rebuild_report, sweep_summary
 
     report_dir = args.report_dir or (Path(params["report_dir"]) if params.get("report_dir")
                                      and params.get("name") == record.name else Path("reports") / record.name)
-    rows, header, paths = rebuild_report(store, record, report_dir)
+    try:
+        rows, header, paths = rebuild_report(store, record, report_dir)
+    except ReportNotWritten as e:  # writing the files is this command's whole job
+        console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
+        return EXIT_INTERNAL
     if record.parent_status == "RUNNING":
         console.print(f"note: sweep {record.sweep_id} is still running: trials not yet ended are listed as failed")
     _print_summary(sweep_summary(header, rows, report_dir, paths))
