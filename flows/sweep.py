@@ -48,7 +48,8 @@ class PrefectArtifacts(SweepCallback):
         key = "".join(ch if ch.isalnum() else "-" for ch in header["name"].lower()).strip("-") or "sweep"
         create_markdown_artifact(render_markdown(header, rows), key=f"{key}-leaderboard",
                                  description=f"Leaderboard of sweep {header['sweep_id']}")
-        create_table_artifact([{"rank": r.rank, **{k: v if isinstance(v, (int, float)) else short_text(v) for k, v in r.hparams.items()},
+        shown = lambda v: v if isinstance(v, (int, float)) else short_text(v)  # noqa: E731 - numbers stay numbers
+        create_table_artifact([{"rank": r.rank, **{k: shown(v) for k, v in r.hparams.items()},
                                 "f1": r.leaderboard()["f1"], "status": r.report_status, "attempts": r.attempt,
                                 "reason": short_text(r.reason or "") if not r.has_f1 else ""} for r in rows],
                               key=f"{key}-table", description=f"Trials of sweep {header['sweep_id']}")
