@@ -25,7 +25,7 @@ LOST_HOST = Outcome(False, None, "trainer process killed by SIGKILL", retryable=
 # ---------------------------------------------------------------- the state machine
 
 
-LEGAL = [(a, b) for a, targets in TRANSITIONS.items() for b in targets]
+LEGAL = [(a, b) for a, targets in TRANSITIONS.items() for b in sorted(targets)]  # sorted: the same order in every xdist worker
 ILLEGAL = [(a, b) for a in TrialState for b in TrialState if b not in TRANSITIONS[a]]
 
 
