@@ -98,7 +98,7 @@ def test_a_held_store_lock_says_who_holds_it_while_plan_waits(project: Project):
     assert "1 to train" in out
 
 
-def test_opening_a_store_leaves_no_lock_file_in_the_temp_folder(tmp_path: Path, monkeypatch):
+def test_opening_a_store_leaves_no_lock_file_in_the_temp_folder_nor_beside_the_store(tmp_path: Path, monkeypatch):
     temp = tmp_path / "tmp"
     temp.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(temp))
@@ -106,7 +106,7 @@ def test_opening_a_store_leaves_no_lock_file_in_the_temp_folder(tmp_path: Path, 
     for _ in range(2):
         store.resolve_tracking_uri(f"sqlite:///{db}")
     assert [p.name for p in temp.iterdir() if "hpsweep" in p.name] == []
-    assert sorted(p.name for p in db.parent.iterdir() if "lock" in p.name) == [".mlflow.db.hpsweep-lock"]
+    assert [p.name for p in db.parent.iterdir() if "lock" in p.name] == []  # nor in the project (its git tree)
 
 
 # ---------------------------------------------------------------- the store's refusals are permanent
@@ -279,3 +279,31 @@ def test_the_sweeps_store_calls_wait_out_an_outage_but_not_their_own_mistakes():
     with pytest.raises(ValueError):
         SweepStore(mistake, patience_s=60).experiment_id("x")
     assert mistake.calls == 1
+
+
+def test_the_store_lock_admits_one_holder_at_a_time_though_each_holder_removes_it(tmp_path: Path):
+    """The holder removes the lock file on release: a waiter holding the removed file must not
+    count as a holder (it tries again), so the critical section never has two at once."""
+    import threading
+
+    db, inside, most, rounds = tmp_path / "mlflow.db", [0], [0], []
+    guard = threading.Lock()
+
+    def contend() -> None:
+        for _ in range(25):
+            with uri.store_lock(db):
+                with guard:
+                    inside[0] += 1
+                    most[0] = max(most[0], inside[0])
+                time.sleep(0.001)
+                with guard:
+                    inside[0] -= 1
+                rounds.append(1)
+
+    threads = [threading.Thread(target=contend) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(rounds) == 150 and most[0] == 1
+    assert not uri.lock_path(db).exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -207,11 +208,18 @@ def test_readme_demo_command_runs_the_digits_sweep(tmp_path: Path):
     assert "leaderboard.md" in result.stdout and "mlflow ui" in result.stdout
 
 
-def test_a_sweep_that_crashes_leaves_no_run_running_and_status_says_why(project: Project):
-    project.write("blocked", "a file where the report folder should go\n")
+def test_a_sweep_that_crashes_leaves_no_run_running_and_status_says_why(project: Project, tmp_path: Path):
+    # A bug in hpsweep (injected where the champion is settled): since issue 14 an unwritable report
+    # folder is only a warning, so the crash comes from inside instead.
+    faults = tmp_path / "faults"
+    faults.mkdir()
+    (faults / "sitecustomize.py").write_text(
+        "import hpsweep.report.assemble as a\n"
+        "def crown(*args, **kwargs):\n    raise RuntimeError('injected: the registry step failed')\n"
+        "a.crown = crown\n")
     combos = [{"f1": 0.5, "mode": "ok"}, {"f1": 0.6, "mode": "ok"}]
     result = run_sweep(project, combos, SLEEPY_SPEC.format(name="crashy", sleep_s=0.05, gpus=1), 2,
-                       "--report-dir", "blocked/report")
+                       env={"PYTHONPATH": f"{faults}{os.pathsep}{project.env['PYTHONPATH']}"})
     assert result.returncode == 3, result.stdout + result.stderr
     client = MlflowClient(f"sqlite:///{project.root / 'mlflow.db'}")
     exp = client.get_experiment_by_name("crashy")

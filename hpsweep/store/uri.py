@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
 import socket
 import sqlite3
-from contextlib import closing, contextmanager
+import time
+from contextlib import closing, contextmanager, suppress
 from pathlib import Path
 from typing import Iterator
 
 import psutil
-from filelock import FileLock, Timeout
 
 from hpsweep.identity import identity_is_dead, process_identity
 from hpsweep.inputs import Problem, SweepInputError
@@ -22,6 +23,7 @@ from hpsweep.store.retry import cap_client_backoff
 log = logging.getLogger("hpsweep.store")
 # How long a process waits for the store's lock before it says who holds it.
 LOCK_NOTICE_S = 2.0
+LOCK_POLL_S = 0.05
 
 
 def resolve_tracking_uri(explicit: str | None = None) -> str:
@@ -87,51 +89,60 @@ def _unusable(db: Path, what: str) -> SweepInputError:
 
 
 def lock_path(db: Path) -> Path:
-    """The store's lock: one hidden file beside the database, `.mlflow.db.hpsweep-lock`.
+    """The store's lock: a hidden file beside the database, `.mlflow.db.hpsweep-lock`, that exists
+    only while a process prepares the store (so nothing is left in /tmp, nor in the user's git tree).
 
-    Beside the database, not in the temp folder: one file per store that lives and goes with it
-    (the temp folder collected one file per store ever opened), and processes of every user and
-    every temp folder that open the same store meet on it. Never deleted: removing a flock'd file
-    after release races with a process that has it open and waits (it would lock a removed inode
-    while a third process creates a new file). A different file from the database: closing any
-    descriptor of the database file itself would drop the SQLite locks this process holds on it.
-    Hidden, so a trainer's code hash never sees it change.
+    Beside the database: processes of every user and every temp folder that open the same store
+    meet on it. A different file from the database: closing any descriptor of the database file
+    itself would drop the SQLite locks this process holds on it.
     """
     return db.with_name(f".{db.name}.hpsweep-lock")
 
 
 @contextmanager
 def store_lock(db: Path) -> Iterator[None]:
-    """Hold the store's lock; after LOCK_NOTICE_S of waiting, say who holds it. The holder's
-    identity (host, pid, command) is written into the lock file for the next waiter to read."""
+    """Hold the store's lock; after LOCK_NOTICE_S of waiting, say who holds it (the holder writes
+    its host, pid and command into the lock file). The holder removes the file before letting go;
+    a waiter that then wins the removed file sees it is no longer the path's and tries again, so
+    two processes never hold the lock at once (flock on an unlinked inode locks nothing shared)."""
     path = lock_path(db)
-    lock, records_holder = _file_lock(path)
+    deadline, noticed = time.monotonic() + LOCK_NOTICE_S, False
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            if _locked(fd, path):
+                break
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+        if not noticed and time.monotonic() > deadline:
+            noticed = True
+            log.warning("waiting for the tracking store %s: %s holds its lock %s (it is creating or "
+                        "upgrading the store; hpsweep goes on once it lets go)", db, _holder(path), path)
+        time.sleep(LOCK_POLL_S)
     try:
-        lock.acquire(timeout=LOCK_NOTICE_S)
-    except Timeout:
-        log.warning("waiting for the tracking store %s: %s holds its lock %s (it is creating or "
-                    "upgrading the store; hpsweep goes on once it lets go)", db, _holder(path), path)
-        lock.acquire()
-    try:
-        if not records_holder:
-            path.write_bytes(_holder_record())
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, _holder_record(), 0)
         yield
     finally:
-        lock.release()
+        with suppress(FileNotFoundError):
+            path.unlink()
+        os.close(fd)  # closing releases the flock
 
 
-def _file_lock(path: Path) -> tuple[FileLock, bool]:
-    """The lock, writing its holder through the lock's own descriptor where filelock can (4.x);
-    older versions: False, and the caller writes it once it holds the lock."""
+def _locked(fd: int, path: Path) -> bool:
+    """Took the lock on ``fd``, and ``fd`` is still the file at ``path`` (not one its holder removed)."""
     try:
-        return FileLock(path, on_acquired=_write_holder), True
-    except TypeError:
-        return FileLock(path), False
-
-
-def _write_holder(fd: int) -> None:
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, _holder_record(), 0)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    try:
+        current = os.stat(path)
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(fd)
+    return (mine.st_dev, mine.st_ino) == (current.st_dev, current.st_ino)
 
 
 def _holder_record() -> bytes:
