@@ -78,9 +78,15 @@ def _create_run(client: MlflowClient, job: TrialJob, gpu_ids: tuple[int, ...], d
     """The first attempt's run, created with all its tags in one write, tagged with where its data
     came from when already known. Retried creations find the run an earlier try made (one run per trial)."""
     tags = {**job.versions, store.TAG_GPUS: ",".join(map(str, gpu_ids)) or "cpu", **(data.tags() if data else {})}
-    return store.retrying(lambda: store.open_trial_run(
-        client, job.experiment_id, job.parent_run_id, job.sweep_id, job.index, job.hparams, job.trial_key,
-        job.attempt, tags=tags), "creating the trial's run")
+    tried = []  # after a failed try, look for the run it may have made before creating one
+
+    def create() -> str:
+        look_first = bool(tried)
+        tried.append(True)
+        return store.open_trial_run(client, job.experiment_id, job.parent_run_id, job.sweep_id, job.index,
+                                    job.hparams, job.trial_key, job.attempt, tags=tags, look_first=look_first)
+
+    return store.retrying(create, "creating the trial's run")
 
 
 def _prepare_run(client: MlflowClient, job: TrialJob, run_id: str, data: "TrialData | None") -> "TrialData":

@@ -135,11 +135,13 @@ def create_trial_run(client: MlflowClient, exp_id: str, parent_run_id: str, swee
 
 
 def open_trial_run(client: MlflowClient, exp_id: str, parent_run_id: str, sweep_id: str, index: int,
-                   hparams: Hparams, trial_key: str, attempt: int, tags: dict[str, str]) -> str:
+                   hparams: Hparams, trial_key: str, attempt: int, tags: dict[str, str],
+                   look_first: bool = True) -> str:
     """The attempt's trial run (``create_trial_run``), made once. Idempotent, so safe to retry: a run
     an earlier call created (its answer lost to a timeout after the server made it) is found by
-    (sweep id, trial key, attempt) and returned, never created a second time."""
-    existing = find_trial_run(client, exp_id, sweep_id, trial_key, attempt)
+    (sweep id, trial key, attempt) and returned, never created a second time. ``look_first=False``
+    skips the search when no earlier call can have made it (a search per trial costs S2's overhead)."""
+    existing = find_trial_run(client, exp_id, sweep_id, trial_key, attempt) if look_first else None
     if existing is not None:
         return existing
     return create_trial_run(client, exp_id, parent_run_id, sweep_id, index, hparams, trial_key, attempt, tags)
