@@ -200,6 +200,11 @@ def _validated(args: argparse.Namespace) -> tuple[SweepConfig, SweepInputs]:
     """The config and inputs of `run`/`plan`, checked before anything starts (no Prefect, no MLflow,
     no report folder on bad input); raises SweepInputError listing every problem."""
     config = build_config({k: getattr(args, k) for k in SweepConfig.model_fields}, args.params)
+    # Credentials in a tracking URI go to the environment before the config reaches Prefect (a parameter).
+    if config.tracking_uri and "@" in config.tracking_uri:
+        from hpsweep.store.uri import credentials_to_environment
+
+        config = config.model_copy(update={"tracking_uri": credentials_to_environment(config.tracking_uri)})
     # Trials on this host cannot use more GPUs than it has (a CPU host, or a pool: no check).
     host = host_gpus() if config.launcher == "local" else ()
     inputs = load_inputs(config.combinations, config.spec, config.train, config.val, config.quota, host)
@@ -402,6 +407,10 @@ def _not_found(e: Exception) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if "@" in os.environ.get("MLFLOW_TRACKING_URI", ""):  # its user:password@ → MLflow's credential variables
+        from hpsweep.store.uri import credentials_to_environment
+
+        credentials_to_environment(None)
     try:
         if args.command == "prepare":
             from trainer.prepare import prepare

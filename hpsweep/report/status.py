@@ -59,7 +59,10 @@ class SweepRecord:
 
 def existing_tracking_uri(explicit: str | None) -> str:
     """The tracking URI a sweep here would use, refusing to create an empty SQLite store to read from."""
-    uri = explicit or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    from hpsweep.store.uri import credentials_to_environment
+
+    uri = credentials_to_environment(explicit) or os.environ.get("MLFLOW_TRACKING_URI") or \
+        f"sqlite:///{Path.cwd() / 'mlflow.db'}"
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
         raise SweepNotFound(f"no MLflow store at {uri.removeprefix('sqlite:///')} (no sweep has run here; "
                             "set MLFLOW_TRACKING_URI or --tracking-uri)")

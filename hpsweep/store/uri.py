@@ -12,6 +12,7 @@ import time
 from contextlib import closing, contextmanager, suppress
 from pathlib import Path
 from typing import Iterator
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import psutil
 
@@ -32,10 +33,39 @@ def resolve_tracking_uri(explicit: str | None = None) -> str:
     when this returns (WAL on, MLflow's tables created); one that exists but is empty, damaged or
     not MLflow's raises SweepInputError, untouched. MLflow's HTTP back-off is bounded from here on."""
     cap_client_backoff()
+    explicit = credentials_to_environment(explicit)
     uri = explicit or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
     if uri.startswith("sqlite:///"):
         _prepare_sqlite_store(uri)
     return uri
+
+
+def credentials_to_environment(uri: str | None) -> str | None:
+    """``uri`` without its ``user:password@`` part, which goes where MLflow reads credentials from:
+    the environment (MLFLOW_TRACKING_USERNAME/PASSWORD for a tracking server, PGPASSWORD for
+    PostgreSQL). A URI with credentials is printed by MLflow ("View run at …"), stored as a Prefect
+    parameter and tagged; the environment is none of these. The process's own MLFLOW_TRACKING_URI
+    is cleaned the same way, so trials and Prefect never see the credentials either."""
+    env_uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if env_uri and "@" in env_uri:
+        os.environ["MLFLOW_TRACKING_URI"] = _move_credentials(env_uri)
+    return _move_credentials(uri) if uri and "@" in uri else uri
+
+
+def _move_credentials(uri: str) -> str:
+    parts = urlsplit(uri)
+    if not (parts.username or parts.password):
+        return uri
+    host = parts.hostname or ""
+    netloc = (f"[{host}]" if ":" in host else host) + (f":{parts.port}" if parts.port else "")
+    if parts.scheme in ("http", "https"):
+        os.environ["MLFLOW_TRACKING_USERNAME"] = unquote(parts.username or "")
+        os.environ["MLFLOW_TRACKING_PASSWORD"] = unquote(parts.password or "")
+    else:  # a database URI: libpq (and so MLflow's SQL store) reads PGPASSWORD; the user stays in the URI
+        if parts.password:
+            os.environ["PGPASSWORD"] = unquote(parts.password)
+        netloc = f"{parts.username}@{netloc}" if parts.username else netloc
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def redact_uri(uri: str) -> str:
