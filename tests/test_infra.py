@@ -9,8 +9,13 @@ from __future__ import annotations
 import ast
 import json
 import math
+import os
 import re
+import subprocess
+import sys
+import uuid
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
@@ -65,7 +70,7 @@ def resources_of(template: dict, kind: str) -> dict[str, dict]:
 
 # ---------------------------------------------------------------- the stack in moto
 
-def create_stack(quota: str, instance_type: str, name: str = "hpsweep") -> dict:
+def create_stack(quota: str, instance_type: str, name: str = "hpsweep", **extra: str) -> dict:
     """Create the stack in the active moto mock; return its parameters and outputs."""
     ec2 = boto3.client("ec2", region_name=REGION)
     vpc = ec2.create_vpc(CidrBlock="10.20.0.0/16")["Vpc"]["VpcId"]
@@ -76,7 +81,7 @@ def create_stack(quota: str, instance_type: str, name: str = "hpsweep") -> dict:
         "VpcId": vpc, "PrivateSubnetIds": ",".join(subnets[:2]), "LoadBalancerSubnetIds": ",".join(subnets[2:]),
         "CertificateArn": cert["CertificateArn"], "MlflowDomainName": "mlflow.example.com",
         "MlflowImage": "123456789012.dkr.ecr.us-east-1.amazonaws.com/hpsweep-mlflow:3.17.2-1",
-        "GpuQuota": quota, "GpuInstanceType": instance_type,
+        "GpuQuota": quota, "GpuInstanceType": instance_type, "S3PrefixListId": "pl-63a5400a", **extra,
     }
     cf = boto3.client("cloudformation", region_name=REGION)
     cf.create_stack(StackName=name, TemplateBody=TEMPLATE.read_text(), Capabilities=["CAPABILITY_IAM"],
@@ -174,7 +179,9 @@ def test_mlflow_runs_behind_https_only(stack):
     assert listeners[0]["Certificates"][0]["CertificateArn"] == stack["params"]["CertificateArn"]
     assert listeners[0]["SslPolicy"].startswith("ELBSecurityPolicy-TLS13")
     (tg,) = elb.describe_target_groups()["TargetGroups"]
-    assert (tg["HealthCheckPath"], tg["Port"], tg["TargetType"]) == ("/health", 5000, "ip")
+    assert (tg["HealthCheckPath"], tg["Port"], tg["TargetType"]) == ("/health", 5443, "ip")
+    # TLS again from the load balancer to the task: credentials never cross the VPC in clear
+    assert (tg["Protocol"], tg["HealthCheckProtocol"]) == ("HTTPS", "HTTPS")
 
 
 def test_mlflow_service_gets_secrets_by_reference_only(stack):
@@ -184,16 +191,58 @@ def test_mlflow_service_gets_secrets_by_reference_only(stack):
     (arn,) = ecs.list_services(cluster=cluster)["serviceArns"]
     (service,) = ecs.describe_services(cluster=cluster, services=[arn])["services"]
     assert service["desiredCount"] == 2
-    (container,) = ecs.describe_task_definition(taskDefinition=service["taskDefinition"])["taskDefinition"][
-        "containerDefinitions"]
+    containers = {c["name"]: c for c in ecs.describe_task_definition(taskDefinition=service["taskDefinition"])[
+        "taskDefinition"]["containerDefinitions"]}
+    assert set(containers) == {"db-bootstrap", "tls", "mlflow"}
+    container = containers["mlflow"]
     env = {e["name"]: e["value"] for e in container["environment"]}
-    assert env["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql://mlflow@")
+    # the server's own database user, not the master ("mlflow", DbSecret), and the server's certificate checked
+    assert env["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql://mlflow_server@")
+    assert env["MLFLOW_BACKEND_STORE_URI"].endswith("/mlflow?sslmode=verify-full&sslrootcert=/etc/ssl/rds/global-bundle.pem")
     assert ":" not in env["MLFLOW_BACKEND_STORE_URI"].split("//")[1].split("@")[0]  # no password in the URI
+    assert env["MLFLOW_HOST"] == "127.0.0.1"  # reachable only through the task's tls container
     assert env["MLFLOW_ARTIFACTS_DESTINATION"] == f"s3://{stack['outputs']['ArtifactBucketName']}/mlflow"
     assert {s["name"] for s in container["secrets"]} == {"PGPASSWORD", "MLFLOW_AUTH_ADMIN_PASSWORD",
                                                          "HPSWEEP_TRAINER_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY"}
     assert not any("PASSWORD" in name or "SECRET" in name for name in env)
-    assert container["readonlyRootFilesystem"] is True
+    assert all(c["readonlyRootFilesystem"] is True for c in containers.values())
+
+
+def test_only_the_bootstrap_container_gets_the_database_master(template):
+    task = template["Resources"]["MlflowTaskDefinition"]["Properties"]
+    containers = {c["Name"]: c for c in task["ContainerDefinitions"]}
+    secrets = {name: {s["Name"]: s["ValueFrom"]["Fn::Sub"] if isinstance(s["ValueFrom"], dict) and "Fn::Sub" in
+                      s["ValueFrom"] else s["ValueFrom"] for s in c.get("Secrets", [])} for name, c in containers.items()}
+    master = [name for name, s in secrets.items() if any("${DbSecret}" in str(v) for v in s.values())]
+    assert master == ["db-bootstrap"]
+    assert secrets["mlflow"]["PGPASSWORD"] == "${DbAppSecret}:password::"
+    assert containers["db-bootstrap"]["Essential"] is False
+    assert containers["mlflow"]["DependsOn"] == [{"ContainerName": "db-bootstrap", "Condition": "SUCCESS"}]
+    bootstrap_env = {e["Name"]: e["Value"] for e in containers["db-bootstrap"]["Environment"]}
+    assert bootstrap_env["PGSSLMODE"] == "verify-full"
+    assert bootstrap_env["PGSSLROOTCERT"] == "/etc/ssl/rds/global-bundle.pem"
+    assert template["Resources"]["Database"]["Properties"]["CACertificateIdentifier"] == "rds-ca-rsa2048-g1"
+    app_user = json.loads(template["Resources"]["DbAppSecret"]["Properties"]["GenerateSecretString"]
+                          ["SecretStringTemplate"])["username"]
+    assert app_user == bootstrap_env["MLFLOW_DB_USER"] == "mlflow_server"
+
+
+def test_the_image_carries_the_rds_ca_bundle_and_the_tls_proxy():
+    dockerfile = (TEMPLATE.parents[2] / "mlflow_server" / "Dockerfile").read_text()
+    assert "https://truststore.pki.rds.amazonaws.com/global/global-bundle.pem" in dockerfile
+    assert "/etc/ssl/rds/global-bundle.pem" in dockerfile
+    assert "stunnel4" in dockerfile and "openssl" in dockerfile
+
+
+def test_tls_ends_in_the_task(template):
+    task = template["Resources"]["MlflowTaskDefinition"]["Properties"]
+    tls = next(c for c in task["ContainerDefinitions"] if c["Name"] == "tls")
+    assert tls["PortMappings"] == [{"ContainerPort": 5443, "Protocol": "tcp"}] and tls["Essential"] is True
+    script = tls["Command"][0]
+    assert "accept = 0.0.0.0:5443" in script and "connect = 127.0.0.1:5000" in script
+    assert "sslVersionMin = TLSv1.2" in script
+    mlflow = next(c for c in task["ContainerDefinitions"] if c["Name"] == "mlflow")
+    assert "PortMappings" not in mlflow  # the server's plain port is not published
 
 
 def test_mlflow_service_is_private_behind_the_load_balancer(template):
@@ -202,7 +251,7 @@ def test_mlflow_service_is_private_behind_the_load_balancer(template):
     assert svc["LaunchType"] == "FARGATE"
     net = svc["NetworkConfiguration"]["AwsvpcConfiguration"]
     assert net["AssignPublicIp"] == "DISABLED" and net["Subnets"] == {"Ref": "PrivateSubnetIds"}
-    assert svc["LoadBalancers"] == [{"ContainerName": "mlflow", "ContainerPort": 5000,
+    assert svc["LoadBalancers"] == [{"ContainerName": "tls", "ContainerPort": 5443,
                                      "TargetGroupArn": {"Ref": "MlflowTargetGroup"}}]
 
 
@@ -239,6 +288,7 @@ def test_network_is_closed_by_default(template):
     assert (db_in["FromPort"], db_in["SourceSecurityGroupId"]) == (5432, {"Ref": "MlflowSecurityGroup"})
     (mlflow_in,) = sgs["MlflowSecurityGroup"]["Properties"]["SecurityGroupIngress"]
     assert mlflow_in["SourceSecurityGroupId"] == {"Ref": "LoadBalancerSecurityGroup"}
+    assert (mlflow_in["FromPort"], mlflow_in["ToPort"]) == (5443, 5443)
     lb_in = sgs["LoadBalancerSecurityGroup"]["Properties"]["SecurityGroupIngress"]
     assert [(r["FromPort"], r["CidrIp"]) for r in lb_in] == [(443, {"Ref": "ClientCidr"})]
     for sg in sgs.values():
@@ -259,6 +309,116 @@ def test_gpu_fleet_is_an_ecs_capacity_provider_with_managed_scaling(template):
     assert "ECS_ENABLE_GPU_SUPPORT=true" in lt["UserData"]["Fn::Base64"]["Fn::Sub"]
 
 
+def test_trial_containers_cannot_reach_the_instance_role(stack, template):
+    """Trials run with bridge networking: IMDSv2 with hop limit 1 means the token's answer dies at
+    the docker bridge, and the user data drops bridge traffic to the metadata address; trials get
+    only the task role, from the ECS agent's endpoint. (That the packets really die needs AWS.)"""
+    ec2 = boto3.client("ec2", region_name=REGION)
+    (lt,) = ec2.describe_launch_templates()["LaunchTemplates"]
+    (version,) = ec2.describe_launch_template_versions(LaunchTemplateId=lt["LaunchTemplateId"])[
+        "LaunchTemplateVersions"]
+    options = version["LaunchTemplateData"]["MetadataOptions"]
+    assert (options["HttpTokens"], options["HttpPutResponseHopLimit"]) == ("required", 1)
+    user_data = template["Resources"]["GpuLaunchTemplate"]["Properties"]["LaunchTemplateData"]["UserData"][
+        "Fn::Base64"]["Fn::Sub"]
+    assert "iptables -t raw -I PREROUTING -i docker+ -d 169.254.169.254/32 -j DROP" in user_data
+    assert "ECS_ENABLE_TASK_IAM_ROLE=true" in user_data
+
+
+def _egress(template: dict, group: str) -> list[dict]:
+    inline = template["Resources"][group]["Properties"].get("SecurityGroupEgress", [])
+    separate = [r["Properties"] for r in resources_of(template, "AWS::EC2::SecurityGroupEgress").values()
+                if r["Properties"]["GroupId"] == {"Ref": group}]
+    return inline + separate
+
+
+def test_egress_goes_to_vpc_endpoints_not_the_internet(template):
+    endpoint_sg = {"Fn::If": ["CreateVpcEndpoints", {"Ref": "VpcEndpointSecurityGroup"},
+                              {"Ref": "VpcEndpointSecurityGroupId"}]}
+    for group in ("MlflowSecurityGroup", "GpuInstanceSecurityGroup"):
+        rules = _egress(template, group)
+        assert not any(r.get("CidrIp") == "0.0.0.0/0" for r in rules), group
+        targets = [r.get("DestinationPrefixListId") or r.get("DestinationSecurityGroupId") or r.get("CidrIp")
+                   for r in rules if r["FromPort"] == 443]
+        assert {"Ref": "S3PrefixListId"} in targets and endpoint_sg in targets, group
+    gpu = [r.get("DestinationSecurityGroupId") or r.get("CidrIp") for r in _egress(template, "GpuInstanceSecurityGroup")]
+    assert {"Ref": "LoadBalancerSecurityGroup"} in gpu and {"Ref": "PrefectApiCidr"} in gpu
+    prefect = template["Resources"]["GpuInstancesToPrefectApi"]
+    assert prefect["Condition"] == "PrefectApiEgress"  # none unless a Prefect API range is given
+    services = {r["Properties"]["ServiceName"]["Fn::Sub"].rsplit(".", 1)[-1] if "ecr." not in
+                r["Properties"]["ServiceName"]["Fn::Sub"] else r["Properties"]["ServiceName"]["Fn::Sub"].split("}.")[1]
+                for r in resources_of(template, "AWS::EC2::VPCEndpoint").values()}
+    assert {"ecr.api", "ecr.dkr", "secretsmanager", "logs", "ecs", "ecs-agent", "ecs-telemetry"} <= services
+    for endpoint in resources_of(template, "AWS::EC2::VPCEndpoint").values():
+        assert endpoint["Condition"] == "CreateVpcEndpoints"
+        assert endpoint["Properties"]["SecurityGroupIds"] == [{"Ref": "VpcEndpointSecurityGroup"}]
+        assert endpoint["Properties"]["PrivateDnsEnabled"] is True
+
+
+def test_stack_makes_the_interface_endpoints(stack):
+    ec2 = boto3.client("ec2", region_name=REGION)
+    names = {e["ServiceName"] for e in ec2.describe_vpc_endpoints()["VpcEndpoints"]}
+    assert {f"com.amazonaws.{REGION}.{s}" for s in ("ecr.api", "ecr.dkr", "secretsmanager", "logs")} <= names
+
+
+def test_internet_clients_need_allow_internet(template):
+    pattern = re.compile(template["Parameters"]["ClientCidr"]["AllowedPattern"])
+    assert all(pattern.match(c) for c in ("10.0.0.0/8", "192.168.4.0/24", "203.0.113.7/32", "0.0.0.0/0"))
+    assert not any(pattern.match(c) for c in ("0.0.0.0/1", "128.0.0.0/2", "10.0.0.0/7", "1.2.3.4/0"))
+    (rule,) = template["Rules"].values()
+    assert rule["RuleCondition"] == {"Fn::Equals": [{"Ref": "AllowInternet"}, "false"]}
+    assert rule["Assertions"][0]["Assert"] == {"Fn::Not": [{"Fn::Equals": [{"Ref": "ClientCidr"}, "0.0.0.0/0"]}]}
+    assert template["Parameters"]["AllowInternet"]["Default"] == "false"
+
+
+def test_internet_clients_get_a_waf_with_a_rate_limit(template):
+    assert template["Conditions"]["InternetClients"] == {"Fn::Equals": [{"Ref": "AllowInternet"}, "true"]}
+    for name in ("WebAcl", "WebAclAssociation", "WafLogging", "WafLogGroup"):
+        assert template["Resources"][name]["Condition"] == "InternetClients", name
+    acl = template["Resources"]["WebAcl"]["Properties"]
+    (rate,) = [r for r in acl["Rules"] if "RateBasedStatement" in r["Statement"]]
+    assert rate["Action"] == {"Block": {}}
+    assert rate["Statement"]["RateBasedStatement"] == {"Limit": {"Ref": "WafRateLimit"}, "EvaluationWindowSec": 300,
+                                                      "AggregateKeyType": "IP"}
+    association = template["Resources"]["WebAclAssociation"]["Properties"]
+    assert association == {"ResourceArn": {"Ref": "LoadBalancer"}, "WebACLArn": {"Fn::GetAtt": ["WebAcl", "Arn"]}}
+    logging = template["Resources"]["WafLogging"]["Properties"]
+    assert logging["RedactedFields"] == [{"SingleHeader": {"Name": "authorization"}}]
+
+
+def test_internet_stack_is_created_with_its_waf():
+    # moto's CloudFormation neither evaluates Rules nor makes WAFv2 resources: this shows that the
+    # conditional resources resolve and appear only when asked for; their properties are checked above
+    with moto.mock_aws():
+        cf = boto3.client("cloudformation", region_name="eu-west-1")
+        for name, extra in (("open", {"ClientCidr": "0.0.0.0/0", "AllowInternet": "true"}), ("closed", {})):
+            cf.create_stack(StackName=name, TemplateBody=TEMPLATE.read_text(), Capabilities=["CAPABILITY_IAM"],
+                            Parameters=[{"ParameterKey": k, "ParameterValue": v} for k, v in extra.items()]
+                            + _required_parameters("eu-west-1"))
+        listed = {name: {r["LogicalResourceId"] for r in cf.list_stack_resources(StackName=name)
+                         ["StackResourceSummaries"]} for name in ("open", "closed")}
+    # moto lists only what it made: of the InternetClients resources, the WAF's log group
+    assert "WafLogGroup" in listed["open"] and "WafLogGroup" not in listed["closed"]
+
+
+def _required_parameters(region: str) -> list[dict]:
+    ec2 = boto3.client("ec2", region_name=region)
+    vpc = ec2.create_vpc(CidrBlock="10.30.0.0/16")["Vpc"]["VpcId"]
+    subnets = [ec2.create_subnet(VpcId=vpc, CidrBlock=f"10.30.{i}.0/24", AvailabilityZone=f"{region}{'ab'[i]}")
+               ["Subnet"]["SubnetId"] for i in range(2)]
+    cert = boto3.client("acm", region_name=region).request_certificate(DomainName="mlflow.example.com")
+    params = {"VpcId": vpc, "PrivateSubnetIds": ",".join(subnets), "LoadBalancerSubnetIds": ",".join(subnets),
+              "CertificateArn": cert["CertificateArn"], "MlflowDomainName": "mlflow.example.com",
+              "MlflowImage": "mlflow:1", "S3PrefixListId": "pl-6da54004"}
+    return [{"ParameterKey": k, "ParameterValue": v} for k, v in params.items()]
+
+
+def test_alb_log_delivery_is_for_this_account_only(template):
+    statements = template["Resources"]["AccessLogsBucketPolicy"]["Properties"]["PolicyDocument"]["Statement"]
+    (alb,) = [s for s in statements if s["Principal"] == {"Service": "logdelivery.elasticloadbalancing.amazonaws.com"}]
+    assert alb["Condition"] == {"StringEquals": {"aws:SourceAccount": {"Ref": "AWS::AccountId"}}}
+
+
 def test_log_groups_are_encrypted_with_retention(stack, template):
     logs = boto3.client("logs", region_name=REGION)
     groups = {g["logGroupName"]: g for g in logs.describe_log_groups(logGroupNamePrefix="/hpsweep/")["logGroups"]}
@@ -273,3 +433,78 @@ def test_no_secret_is_written_in_the_template():
     literal = re.compile(r"(?im)^\s*-?\s*\{?\s*(\w*password\w*|\w*secret\w*)\s*:[ \t]*['\"]?[A-Za-z0-9+/=_-]{8,}['\"]?\s*$")
     assert not literal.search(text)
     assert "AKIA" not in text
+
+
+# ---------------------------------------------------------------- the db-bootstrap container, on a real PostgreSQL
+
+@pytest.fixture
+def scratch_names():
+    """A user and two databases of its own on the test PostgreSQL (PG_DSN, as a superuser standing in
+    for the RDS master); all dropped afterwards."""
+    psycopg = pytest.importorskip("psycopg")
+    from tests.conftest import PG_DSN
+
+    prefix = f"hpsweep_boot_{uuid.uuid4().hex[:8]}"
+    names = {"user": prefix, "databases": [f"{prefix}_mlflow", f"{prefix}_auth"], "dsn": PG_DSN}
+    try:
+        admin = psycopg.connect(f"{PG_DSN}/postgres", autocommit=True)
+    except psycopg.OperationalError as e:
+        pytest.skip(f"no test PostgreSQL: {e}")
+    try:
+        yield names
+    finally:
+        for db in names["databases"]:
+            admin.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
+        admin.execute(f'DROP ROLE IF EXISTS "{names["user"]}"')
+        admin.close()
+
+
+def _bootstrap(template: dict, names: dict, password: str) -> None:
+    (container,) = [c for c in template["Resources"]["MlflowTaskDefinition"]["Properties"]["ContainerDefinitions"]
+                    if c["Name"] == "db-bootstrap"]
+    master = urlsplit(names["dsn"])
+    env = {**os.environ, "PGHOST": master.hostname, "PGPORT": str(master.port or 5432), "PGUSER": master.username,
+           "PGPASSWORD": master.password or "", "MLFLOW_DB_USER": names["user"], "MLFLOW_DB_PASSWORD": password,
+           "MLFLOW_DATABASES": ",".join(names["databases"])}
+    subprocess.run([sys.executable, "-c", container["Command"][0]], env=env, check=True, capture_output=True)
+
+
+def test_bootstrap_gives_the_server_its_own_user_and_only_its_databases(template, scratch_names):
+    import psycopg
+
+    names, (main_db, auth_db) = scratch_names, scratch_names["databases"]
+    # a stack from before: the master owns the main database and its tables
+    with psycopg.connect(f"{names['dsn']}/postgres", autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{main_db}"')
+    with psycopg.connect(f"{names['dsn']}/{main_db}", autocommit=True) as conn:
+        conn.execute("CREATE TABLE experiments (experiment_id serial PRIMARY KEY, name text)")
+
+    verifiers = []
+    for password in ("first-app-password-1", "second-app-password-2"):  # every task start: idempotent
+        _bootstrap(template, names, password)
+        with psycopg.connect(f"{names['dsn']}/postgres") as conn:
+            verifiers += conn.execute("SELECT rolpassword FROM pg_authid WHERE rolname = %s", [names["user"]]).fetchone()
+    # hashed before it left the container; the new password replaced the old one
+    assert all(v.startswith("SCRAM-SHA-256$") for v in verifiers) and verifiers[0] != verifiers[1]
+
+    master = urlsplit(names["dsn"])
+    app = {"host": master.hostname, "port": master.port or 5432, "user": names["user"],
+           "password": "second-app-password-2"}
+    with psycopg.connect(dbname=main_db, autocommit=True, **app) as conn:
+        row = conn.execute("SELECT rolsuper, rolcreatedb, rolcreaterole, rolreplication, rolbypassrls "
+                           "FROM pg_roles WHERE rolname = current_user").fetchone()
+        assert row == (False, False, False, False, False)
+        owners = dict(conn.execute("SELECT datname, pg_get_userbyid(datdba) FROM pg_database WHERE datdba = "
+                                   "(SELECT oid FROM pg_roles WHERE rolname = current_user)").fetchall())
+        assert owners == {main_db: names["user"], auth_db: names["user"]}
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute(f'CREATE DATABASE "{names["user"]}_other"')
+        conn.execute("ALTER TABLE experiments ADD COLUMN lifecycle_stage text")  # the old table is its own now
+        assert conn.execute("SELECT nextval('experiments_experiment_id_seq')").fetchone() == (1,)
+    for db in names["databases"]:  # what MLflow's migrations and the tag index need
+        with psycopg.connect(dbname=db, autocommit=True, **app) as conn:
+            conn.execute("CREATE TABLE probe (id int)")
+            conn.execute("CREATE INDEX CONCURRENTLY probe_id ON probe USING hash (id)")
+        # nobody else may connect (CONNECT revoked from PUBLIC)
+        with psycopg.connect(f"{names['dsn']}/postgres", autocommit=True) as conn:
+            assert conn.execute("SELECT has_database_privilege('public', %s, 'CONNECT')", [db]).fetchone() == (False,)
