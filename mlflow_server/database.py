@@ -91,6 +91,13 @@ def ensure_database(uri: str, password: str | None) -> bool:
         return True
 
 
+# The proxied artifact store's root: the default experiment (id 0), which MLflow creates with
+# the schema, keeps its artifacts there like every other experiment.
+PROXIED_ARTIFACT_ROOT = "mlflow-artifacts:/"
+# What earlier versions of this module gave the default experiment (and its runs).
+_OLD_PLACEHOLDER_ROOT = "file:///nonexistent-unused"
+
+
 def init_tracking_schema(uri: str, password: str | None) -> None:
     """Create MLflow's tables in an empty database, or check they are at this MLflow's version.
 
@@ -99,7 +106,20 @@ def init_tracking_schema(uri: str, password: str | None) -> None:
     """
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
-    SqlAlchemyStore(_with_password(uri, password), "file:///nonexistent-unused")
+    SqlAlchemyStore(_with_password(uri, password), PROXIED_ARTIFACT_ROOT)
+
+
+def repoint_placeholder_artifacts(conn: psycopg.Connection) -> int:
+    """Move the default experiment and its runs off the placeholder root earlier versions gave
+    them onto the artifact store (nothing was ever stored there). Returns the rows changed."""
+    old, new = _OLD_PLACEHOLDER_ROOT, PROXIED_ARTIFACT_ROOT.rstrip("/")  # keeps the "/0/…" that follows
+    changed = 0
+    for table, column in (("experiments", "artifact_location"), ("runs", "artifact_uri")):
+        changed += conn.execute(
+            sql.SQL("UPDATE {t} SET {c} = %s || substr({c}, %s) WHERE experiment_id = 0 AND {c} LIKE %s").format(
+                t=sql.Identifier(table), c=sql.Identifier(column)),
+            (new, len(old) + 1, old + "/%")).rowcount
+    return changed
 
 
 def upgrade_tracking_schema(uri: str, password: str | None) -> None:
@@ -156,6 +176,8 @@ def prepare(settings: Settings, upgrade: bool = False) -> list[str]:
             if upgrade:
                 upgrade_tracking_schema(settings.backend_store_uri, settings.db_password)
             init_tracking_schema(settings.backend_store_uri, settings.db_password)
+            if repoint_placeholder_artifacts(conn):
+                log.info("database migration: the default experiment's artifacts now go to %s", PROXIED_ARTIFACT_ROOT)
             return apply_indexes(conn)
         finally:
             conn.execute("SELECT pg_advisory_unlock(%s)", (ADVISORY_LOCK_KEY,))

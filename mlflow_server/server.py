@@ -48,7 +48,7 @@ def auth_config(settings: Settings) -> str:
 
 
 def command(settings: Settings) -> list[str]:
-    return [sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth",
+    return [sys.executable, "-m", "mlflow_server.hardening", "server", "--app-name", "basic-auth",  # + hardening.py
             "--backend-store-uri", settings.backend_store_uri,
             "--artifacts-destination", settings.artifacts_destination, "--serve-artifacts",
             "--host", settings.host, "--port", str(settings.port), "--workers", str(settings.workers)]
@@ -62,6 +62,7 @@ def server_env(settings: Settings, config_path: Path) -> dict[str, str]:
         "MLFLOW_AUTH_ADMIN_USERNAME": settings.admin_username,
         "MLFLOW_AUTH_ADMIN_PASSWORD": settings.admin_password,
         "MLFLOW_FLASK_SERVER_SECRET_KEY": settings.secret_key,
+        "MLFLOW_CRYPTO_KEK_PASSPHRASE": settings.kek_passphrase,
     })
     if settings.db_password:
         env["PGPASSWORD"] = settings.db_password

@@ -1,15 +1,18 @@
 """The server's settings, read once from the environment into a frozen pydantic-settings model.
 
 Nothing here has a default secret and nothing is read from a file: the admin and trainer
-passwords, the database password and the Flask secret key come from the environment only
-(in ECS, from Secrets Manager through the task definition's ``secrets``).
+passwords, the database password, the Flask secret key and the passphrase that encrypts
+MLflow's stored secrets come from the environment only (in ECS, from Secrets Manager through
+the task definition's ``secrets``). Each secret must be long and not guessable (``strength``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from contextvars import ContextVar
-from typing import Any
+from functools import cache
+from pathlib import Path
+from typing import Any, TypeVar
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -39,30 +42,10 @@ class _GivenEnvironment(EnvSettingsSource):
         self.env_vars = {name: value for name, value in environ.items() if value}  # empty = unset, as in os.environ
 
 
-class Settings(BaseSettings):
-    """Every setting, validated; each field reads the environment variable named by its alias.
-
-    Fields are validated in order, so a check that involves two variables sits on the later one.
-    """
+class _FromEnvironment(BaseSettings):
+    """Settings read from the environment only (or from the mapping ``load`` was given)."""
 
     model_config = SettingsConfigDict(case_sensitive=True, env_ignore_empty=True, frozen=True, validate_default=True)
-
-    backend_store_uri: str = Field(validation_alias="MLFLOW_BACKEND_STORE_URI")  # never with a password in it
-    # Secrets: kept out of repr() so they never reach a log line or a traceback.
-    db_password: str | None = Field(None, validation_alias="PGPASSWORD", repr=False)
-    # The auth app's users/roles: a database of their own on the same server.
-    auth_database_uri: str = Field("", validation_alias="MLFLOW_AUTH_DATABASE_URI")
-    artifacts_destination: str = Field(validation_alias="MLFLOW_ARTIFACTS_DESTINATION")  # the server proxies to S3
-    admin_username: str = Field(validation_alias="MLFLOW_AUTH_ADMIN_USERNAME")
-    admin_password: str = Field(validation_alias="MLFLOW_AUTH_ADMIN_PASSWORD", repr=False)
-    secret_key: str = Field(validation_alias="MLFLOW_FLASK_SERVER_SECRET_KEY", repr=False)
-    trainer_username: str | None = Field(None, validation_alias="HPSWEEP_TRAINER_USERNAME")
-    trainer_password: str | None = Field(None, validation_alias="HPSWEEP_TRAINER_PASSWORD", repr=False)
-    default_permission: str = Field("READ", validation_alias="MLFLOW_AUTH_DEFAULT_PERMISSION")
-    host: str = Field("0.0.0.0", validation_alias="MLFLOW_HOST")
-    port: int = Field(5000, ge=1, le=65535, validation_alias="MLFLOW_PORT")
-    workers: int = Field(4, ge=1, le=64, validation_alias="MLFLOW_WORKERS")
-    auth_cache_ttl_s: int = Field(60, ge=0, le=3600, validation_alias="MLFLOW_AUTH_CACHE_TTL_S")
 
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
@@ -73,6 +56,46 @@ class Settings(BaseSettings):
         """The environment only: no ``.env`` file, no secrets directory."""
         given = _GIVEN_ENVIRONMENT.get()
         return (init_settings, env_settings if given is None else _GivenEnvironment(settings_cls, given))
+
+
+class Guards(_FromEnvironment):
+    """What each server worker reads for itself (mlflow_server/hardening.py): the login
+    rate limit and the health check. Part of ``Settings`` too, so ``check`` validates them."""
+
+    # After this many failed logins within the window, from one address or for one user...
+    auth_max_failures: int = Field(10, ge=1, le=10_000, validation_alias="MLFLOW_AUTH_MAX_FAILURES")
+    auth_failure_window_s: int = Field(60, ge=1, le=86_400, validation_alias="MLFLOW_AUTH_FAILURE_WINDOW_S")
+    # ...requests get 429 for this long.
+    auth_lockout_s: int = Field(300, ge=1, le=86_400, validation_alias="MLFLOW_AUTH_LOCKOUT_S")
+    # /health fails when PostgreSQL does not answer `SELECT 1` within this.
+    health_db_timeout_s: int = Field(3, ge=2, le=30, validation_alias="MLFLOW_HEALTH_DB_TIMEOUT_S")
+
+
+class Settings(Guards):
+    """Every setting, validated; each field reads the environment variable named by its alias.
+
+    Fields are validated in order, so a check that involves two variables sits on the later one.
+    """
+
+    backend_store_uri: str = Field(validation_alias="MLFLOW_BACKEND_STORE_URI")  # never with a password in it
+    # Secrets: kept out of repr() so they never reach a log line or a traceback.
+    db_password: str | None = Field(None, validation_alias="PGPASSWORD", repr=False)
+    # The auth app's users/roles: a database of their own on the same server.
+    auth_database_uri: str = Field("", validation_alias="MLFLOW_AUTH_DATABASE_URI")
+    artifacts_destination: str = Field(validation_alias="MLFLOW_ARTIFACTS_DESTINATION")  # the server proxies to S3
+    admin_username: str = Field(validation_alias="MLFLOW_AUTH_ADMIN_USERNAME")
+    admin_password: str = Field(validation_alias="MLFLOW_AUTH_ADMIN_PASSWORD", repr=False)
+    secret_key: str = Field(validation_alias="MLFLOW_FLASK_SERVER_SECRET_KEY", repr=False)
+    # MLflow encrypts the secrets it stores (AI-gateway keys) with a key derived from this; unset,
+    # it uses a passphrase published in its source.
+    kek_passphrase: str = Field(validation_alias="MLFLOW_CRYPTO_KEK_PASSPHRASE", repr=False)
+    trainer_username: str | None = Field(None, validation_alias="HPSWEEP_TRAINER_USERNAME")
+    trainer_password: str | None = Field(None, validation_alias="HPSWEEP_TRAINER_PASSWORD", repr=False)
+    default_permission: str = Field("READ", validation_alias="MLFLOW_AUTH_DEFAULT_PERMISSION")
+    host: str = Field("0.0.0.0", validation_alias="MLFLOW_HOST")
+    port: int = Field(5000, ge=1, le=65535, validation_alias="MLFLOW_PORT")
+    workers: int = Field(4, ge=1, le=64, validation_alias="MLFLOW_WORKERS")
+    auth_cache_ttl_s: int = Field(60, ge=0, le=3600, validation_alias="MLFLOW_AUTH_CACHE_TTL_S")
 
     @model_validator(mode="before")
     @classmethod
@@ -115,8 +138,22 @@ class Settings(BaseSettings):
 
     @field_validator("admin_password")
     @classmethod
-    def _admin_password_long_enough(cls, password: str) -> str:
-        return _long_enough("MLFLOW_AUTH_ADMIN_PASSWORD", password)
+    def _admin_password_strong(cls, password: str) -> str:
+        return strong_password("MLFLOW_AUTH_ADMIN_PASSWORD", password)
+
+    @field_validator("secret_key")
+    @classmethod
+    def _secret_key_long_enough(cls, key: str) -> str:
+        # It signs the UI's CSRF tokens: a short key can be brute-forced from one signed token.
+        if len(key.encode()) < MIN_SECRET_KEY_BYTES or len(set(key)) == 1:
+            raise ValueError(f"MLFLOW_FLASK_SERVER_SECRET_KEY must be at least {MIN_SECRET_KEY_BYTES} random bytes "
+                             "(e.g. `openssl rand -hex 32`)")
+        return key
+
+    @field_validator("kek_passphrase")
+    @classmethod
+    def _kek_passphrase_strong(cls, passphrase: str) -> str:
+        return strong_password("MLFLOW_CRYPTO_KEK_PASSPHRASE", passphrase)
 
     @field_validator("trainer_username")
     @classmethod
@@ -132,7 +169,7 @@ class Settings(BaseSettings):
         has_username = "trainer_username" not in info.data or bool(info.data["trainer_username"])
         if has_username != bool(password):
             raise ValueError("set both HPSWEEP_TRAINER_USERNAME and HPSWEEP_TRAINER_PASSWORD, or neither")
-        return _long_enough("HPSWEEP_TRAINER_PASSWORD", password) if password else password
+        return strong_password("HPSWEEP_TRAINER_PASSWORD", password) if password else password
 
     @field_validator("default_permission")
     @classmethod
@@ -154,10 +191,39 @@ class Settings(BaseSettings):
         return f"http://{host}:{self.port}"
 
 
-def _long_enough(name: str, password: str) -> str:
-    if len(password) < 12:
-        raise ValueError(f"{name} must be at least 12 characters (MLflow's rule)")
+MIN_PASSWORD_CHARS = 16
+MIN_DISTINCT_CHARS = 8
+MIN_SECRET_KEY_BYTES = 32
+COMMON_PASSWORDS_FILE = Path(__file__).with_name("common_passwords.txt")
+
+
+@cache
+def common_passwords() -> frozenset[str]:
+    """Well-known passwords (lower case), from the list shipped with the package."""
+    lines = COMMON_PASSWORDS_FILE.read_text(encoding="utf-8").splitlines()
+    return frozenset(line.strip().lower() for line in lines if line.strip() and not line.startswith("#"))
+
+
+def strong_password(name: str, password: str) -> str:
+    """At least 16 characters, at least 8 different ones (no `aaaa…`, `abababab…`), and not a
+    well-known password, alone, repeated or with digits or symbols around it."""
+    if len(password) < MIN_PASSWORD_CHARS:
+        raise ValueError(f"{name} must be at least {MIN_PASSWORD_CHARS} characters (e.g. `openssl rand -base64 18`)")
+    if len(set(password)) < MIN_DISTINCT_CHARS:
+        raise ValueError(f"{name} must use at least {MIN_DISTINCT_CHARS} different characters")
+    if _is_common(password):
+        raise ValueError(f"{name} is a well-known password: use a random one (e.g. `openssl rand -base64 18`)")
     return password
+
+
+def _is_common(password: str) -> bool:
+    # Only letters, so that "Password1234!!!!" and "passwordpassword" are caught as "password".
+    core = "".join(c for c in password.lower() if c.isalpha())
+    listed = common_passwords()
+    if password.lower() in listed or core in listed:
+        return True
+    return any(core and len(core) % len(word) == 0 and core == word * (len(core) // len(word))
+               for word in listed if word.isalpha())
 
 
 def split_password(uri: str) -> tuple[str, str | None]:
@@ -180,19 +246,22 @@ def database_name(uri: str) -> str:
     return urlsplit(uri).path.lstrip("/")
 
 
-def load(env: Mapping[str, str] | None = None) -> Settings:
-    """Read and validate every setting from the environment (or ``env`` instead of it); raise
-    SettingsError naming each bad variable."""
+_Model = TypeVar("_Model", bound=_FromEnvironment)
+
+
+def load(env: Mapping[str, str] | None = None, model: type[_Model] = Settings) -> _Model:
+    """Read and validate every setting of ``model`` (all of them by default) from the
+    environment (or ``env`` instead of it); raise SettingsError naming each bad variable."""
     token = _GIVEN_ENVIRONMENT.set(None if env is None else dict(env))
     try:
-        return Settings()
+        return model()
     except ValidationError as e:
-        raise SettingsError([_problem(error) for error in e.errors()]) from None
+        raise SettingsError([_problem(error, model) for error in e.errors()]) from None
     finally:
         _GIVEN_ENVIRONMENT.reset(token)
 
 
-def _problem(error: ErrorDetails) -> str:
+def _problem(error: ErrorDetails, model: type[_FromEnvironment]) -> str:
     """One line per bad variable, in the words the server has always used."""
     name = ".".join(map(str, error["loc"]))
     value = error.get("input")
@@ -201,7 +270,7 @@ def _problem(error: ErrorDetails) -> str:
     if error["type"].startswith("int_"):
         return f"{name}={value!r} is not an integer"
     if error["type"] in ("greater_than_equal", "less_than_equal"):
-        field = next(f for f in Settings.model_fields.values() if f.validation_alias == name)
+        field = next(f for f in model.model_fields.values() if f.validation_alias == name)
         low = next(m.ge for m in field.metadata if hasattr(m, "ge"))
         high = next(m.le for m in field.metadata if hasattr(m, "le"))
         return f"{name}={value} is outside [{low}, {high}]"

@@ -37,9 +37,11 @@ BASE_ENV = {
     "MLFLOW_BACKEND_STORE_URI": "postgresql://mlflow@db.internal:5432/mlflow?sslmode=require",
     "MLFLOW_ARTIFACTS_DESTINATION": "s3://bucket/mlflow",
     "MLFLOW_AUTH_ADMIN_USERNAME": "admin",
-    "MLFLOW_AUTH_ADMIN_PASSWORD": "a" * 16,
-    "MLFLOW_FLASK_SERVER_SECRET_KEY": "k" * 32,
+    "MLFLOW_AUTH_ADMIN_PASSWORD": "admin-pw-3f9Kq2Lx7Vb",
+    "MLFLOW_FLASK_SERVER_SECRET_KEY": "flask-key-8d1c0e7a6b5f4a3928d7c6b5a4f3e2d1",
+    "MLFLOW_CRYPTO_KEK_PASSPHRASE": "kek-pass-Zt4Rw8Ny2Mh6Jd",
 }
+TRAINER_PW = "trainer-pw-Qe5Ub1Ho9Cs"
 
 
 def test_settings_come_from_the_environment_with_defaults():
@@ -63,9 +65,9 @@ def test_missing_settings_are_each_named():
 def test_bad_values_name_their_variable_without_echoing_secrets():
     with pytest.raises(SettingsError) as e:
         load({**BASE_ENV, "MLFLOW_PORT": "70000", "MLFLOW_AUTH_CACHE_TTL_S": "-1", "MLFLOW_AUTH_ADMIN_PASSWORD": "short-pw",
-              "HPSWEEP_TRAINER_USERNAME": "admin", "HPSWEEP_TRAINER_PASSWORD": "t" * 20})
+              "HPSWEEP_TRAINER_USERNAME": "admin", "HPSWEEP_TRAINER_PASSWORD": TRAINER_PW})
     assert e.value.problems == [
-        "MLFLOW_AUTH_ADMIN_PASSWORD must be at least 12 characters (MLflow's rule)",
+        "MLFLOW_AUTH_ADMIN_PASSWORD must be at least 16 characters (e.g. `openssl rand -base64 18`)",
         "HPSWEEP_TRAINER_USERNAME must differ from MLFLOW_AUTH_ADMIN_USERNAME",
         "MLFLOW_PORT=70000 is outside [1, 65535]", "MLFLOW_AUTH_CACHE_TTL_S=-1 is outside [0, 3600]"]
     assert e.value.__cause__ is None and e.value.__suppress_context__  # no pydantic error (with inputs) chained
@@ -95,9 +97,9 @@ def test_a_password_in_the_database_uri_is_moved_out_of_it():
 
 def test_generated_auth_config_holds_no_secret():
     s = load({**BASE_ENV, "PGPASSWORD": "db-secret-123456", "HPSWEEP_TRAINER_USERNAME": "trainer",
-              "HPSWEEP_TRAINER_PASSWORD": "t" * 20})
+              "HPSWEEP_TRAINER_PASSWORD": TRAINER_PW})
     text = server.auth_config(s) + " ".join(server.command(s))
-    for secret in ("db-secret-123456", "a" * 16, "k" * 32, "t" * 20):
+    for secret in ("db-secret-123456", *(BASE_ENV[k] for k in BASE_ENV if "PASS" in k or "KEY" in k), TRAINER_PW):
         assert secret not in text
     assert "default_permission = READ" in text
 
@@ -166,6 +168,7 @@ def auth_server(tmp_path_factory: pytest.TempPathFactory, s3_endpoint: S3) -> It
     admin = ("admin", secrets.token_urlsafe(18))
     trainer = ("hpsweep-trainer", secrets.token_urlsafe(18))
     secret_key = secrets.token_urlsafe(32)
+    kek = secrets.token_urlsafe(24)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_", "HPSWEEP_"))}
     env.update({
         "PYTHONPATH": str(REPO),
@@ -176,14 +179,14 @@ def auth_server(tmp_path_factory: pytest.TempPathFactory, s3_endpoint: S3) -> It
         "AWS_DEFAULT_REGION": "us-east-1",
         "MLFLOW_AUTH_ADMIN_USERNAME": admin[0], "MLFLOW_AUTH_ADMIN_PASSWORD": admin[1],
         "HPSWEEP_TRAINER_USERNAME": trainer[0], "HPSWEEP_TRAINER_PASSWORD": trainer[1],
-        "MLFLOW_FLASK_SERVER_SECRET_KEY": secret_key,
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": secret_key, "MLFLOW_CRYPTO_KEK_PASSPHRASE": kek,
         "MLFLOW_HOST": "127.0.0.1", "MLFLOW_PORT": str(port), "MLFLOW_WORKERS": "2",
     })
     log = root / "server.log"
     proc = subprocess.Popen([str(REPO / "mlflow_server" / "start.sh")], env={**env, "PYTHON": sys.executable},
                             stdout=log.open("wb"), stderr=subprocess.STDOUT)
     srv = AuthServer(f"http://127.0.0.1:{port}", f"{PG_DSN}/{db}", admin, trainer,
-                     [admin[1], trainer[1], secret_key, s3_endpoint.secret], proc, log)
+                     [admin[1], trainer[1], secret_key, kek, s3_endpoint.secret], proc, log)
     try:
         deadline = time.monotonic() + 300
         while b"mlflow_server: ready" not in log.read_bytes():
@@ -345,7 +348,9 @@ def test_restart_keeps_accounts_and_the_index(auth_server: AuthServer):
 
     settings = load({"MLFLOW_BACKEND_STORE_URI": auth_server.db_uri, "MLFLOW_ARTIFACTS_DESTINATION": "s3://x/y",
                      "MLFLOW_AUTH_ADMIN_USERNAME": auth_server.admin[0],
-                     "MLFLOW_AUTH_ADMIN_PASSWORD": auth_server.admin[1], "MLFLOW_FLASK_SERVER_SECRET_KEY": "k" * 16})
+                     "MLFLOW_AUTH_ADMIN_PASSWORD": auth_server.admin[1],
+                     "MLFLOW_FLASK_SERVER_SECRET_KEY": BASE_ENV["MLFLOW_FLASK_SERVER_SECRET_KEY"],
+                     "MLFLOW_CRYPTO_KEK_PASSPHRASE": BASE_ENV["MLFLOW_CRYPTO_KEK_PASSPHRASE"]})
     assert database.prepare(settings) == []  # already there
     with psycopg.connect(auth_server.db_uri) as conn:
         valid, method = conn.execute(
