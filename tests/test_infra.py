@@ -203,7 +203,8 @@ def test_mlflow_service_gets_secrets_by_reference_only(stack):
     assert env["MLFLOW_HOST"] == "127.0.0.1"  # reachable only through the task's tls container
     assert env["MLFLOW_ARTIFACTS_DESTINATION"] == f"s3://{stack['outputs']['ArtifactBucketName']}/mlflow"
     assert {s["name"] for s in container["secrets"]} == {"PGPASSWORD", "MLFLOW_AUTH_ADMIN_PASSWORD",
-                                                         "HPSWEEP_TRAINER_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY"}
+                                                         "HPSWEEP_TRAINER_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY",
+                                                         "MLFLOW_CRYPTO_KEK_PASSPHRASE"}
     assert not any("PASSWORD" in name or "SECRET" in name for name in env)
     assert all(c["readonlyRootFilesystem"] is True for c in containers.values())
 
