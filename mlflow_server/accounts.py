@@ -1,26 +1,34 @@
-"""The trainer account: what hpsweep's sweeps and trainers log in as.
+"""hpsweep's two accounts: the **sweep** identity and the **trainer** identity.
 
-MLflow's permission model (basic-auth app, MLflow 3.17) decides per resource *tier*. The
-trainer role holds, on every resource (``*``):
+MLflow's permission model (basic-auth app, MLflow 3.17) decides per resource *tier*, and
+every account without a grant gets ``default_permission`` (``NO_PERMISSIONS``): it sees and
+changes nothing it was not given.
 
-| tier | permission | lets the trainer | withholds |
+The **sweep** identity (role ``hpsweep-sweep``) creates a sweep's experiment and parent run,
+registers the champion and moves its alias. It owns what it creates (MLflow's
+creator-as-owner rule: MANAGE) and grants the trainer EDIT on its experiments. Its role holds
+only child-tier grants, which keep it from deleting even what it owns (MLflow judges a delete
+of an experiment on every tier it cascades to, and a grant on a child tier overrides the
+parent's; likewise the model-version tier for a registered model):
+
+| tier | permission | lets the sweep | withholds |
 | --- | --- | --- | --- |
-| experiment | EDIT | log into any experiment, tag it | deleting it |
-| run | EDIT | create runs, log params/metrics/tags/artifacts | deleting runs |
-| logged_model | EDIT | log models | deleting them |
-| registered_model | EDIT | register versions, move the ``champion`` alias | deleting the model |
-| registered_model_version | EDIT | create versions | deleting versions |
+| run | EDIT | write runs of experiments it can read | deleting runs, so its experiments |
+| logged_model | EDIT | log models there | deleting them |
+| registered_model_version | EDIT | create versions of models it owns | deleting versions, so its models |
 
-Creating an experiment or a registered model makes the creator its MANAGE owner (MLflow's
-creator-as-owner rule), and MANAGE includes delete. The child-tier grants above are what
-keep the trainer from deleting even what it created: MLflow judges a delete of an
-experiment on every tier it cascades to (runs, logged models, ...) and a delete of a
-registered model on its versions tier, and a grant on a child tier overrides the parent's
-(``validate_can_delete_experiment`` / ``validate_can_delete_registered_model_or_prompt_cascade``).
-Everyone else authenticated gets ``default_permission`` (READ): they see everything and
-change nothing.
+None of these reaches another account's experiment or model: every run and version check
+also requires READ on the experiment or model itself, which it does not hold.
 
-Idempotent: provisioning again (every start, every replica) converges the account to this
+The **trainer** identity (role ``hpsweep-trainer``) writes the trial runs of the sweeps it
+was granted (per-experiment EDIT, ``grant``): create runs, log, upload artifacts; no delete
+(EDIT has none). Its role only *denies*, so no grant elsewhere can widen it:
+
+| tier | permission | |
+| --- | --- | --- |
+| registered_model, registered_model_version, prompt, prompt_version | DENY | no model registry at all |
+
+Idempotent: provisioning again (every start, every replica) converges each account to its
 table and resets its password to the configured one, so a rotated secret takes effect on the
 next start.
 """
@@ -37,14 +45,21 @@ from mlflow.exceptions import MlflowException, RestException
 log = logging.getLogger("mlflow_server")
 
 TRAINER_ROLE = "hpsweep-trainer"
+SWEEP_ROLE = "hpsweep-sweep"
 WORKSPACE = "default"  # workspaces are off: every grant lives in MLflow's default workspace
 TRAINER_GRANTS: tuple[tuple[str, str, str], ...] = (
-    ("experiment", "*", "EDIT"),
+    ("registered_model", "*", "DENY"),
+    ("registered_model_version", "*", "DENY"),
+    ("prompt", "*", "DENY"),
+    ("prompt_version", "*", "DENY"),
+)
+SWEEP_GRANTS: tuple[tuple[str, str, str], ...] = (
     ("run", "*", "EDIT"),
     ("logged_model", "*", "EDIT"),
-    ("registered_model", "*", "EDIT"),
     ("registered_model_version", "*", "EDIT"),
 )
+# What the trainer gets on a sweep's experiment: write runs, never delete.
+TRIAL_PERMISSION = "EDIT"
 
 
 @contextlib.contextmanager
@@ -69,9 +84,22 @@ def _exists(e: MlflowException) -> bool:
 
 def provision_trainer(url: str, admin: tuple[str, str], trainer: tuple[str, str]) -> None:
     """Create or update the trainer account and its role on the server at ``url``, as admin."""
+    provision(url, admin, trainer, TRAINER_ROLE, TRAINER_GRANTS,
+              "hpsweep trainers: write the trial runs of granted sweeps; no registry, no deletes")
+
+
+def provision_sweep(url: str, admin: tuple[str, str], sweep: tuple[str, str]) -> None:
+    """Create or update the sweep account and its role on the server at ``url``, as admin."""
+    provision(url, admin, sweep, SWEEP_ROLE, SWEEP_GRANTS,
+              "hpsweep sweeps: create experiments and runs, register champions; no deletes")
+
+
+def provision(url: str, admin: tuple[str, str], account: tuple[str, str], role_name: str,
+              grants: tuple[tuple[str, str, str], ...], description: str) -> None:
+    """Create or update ``account``, with exactly ``grants`` in its role ``role_name``, as admin."""
     from mlflow.server.auth.client import AuthServiceClient
 
-    username, password = trainer
+    username, password = account
     client = AuthServiceClient(url)
     with _credentials(*admin):
         try:
@@ -83,19 +111,18 @@ def provision_trainer(url: str, admin: tuple[str, str], trainer: tuple[str, str]
             client.update_user_password(username, password)
         if client.get_user(username).is_admin:
             client.update_user_admin(username, False)
-            log.warning("user %s was an admin: demoted (trainers must not be admins)", username)
+            log.warning("user %s was an admin: demoted (hpsweep's accounts must not be admins)", username)
 
-        role = next((r for r in client.list_roles(WORKSPACE) if r.name == TRAINER_ROLE), None)
+        role = next((r for r in client.list_roles(WORKSPACE) if r.name == role_name), None)
         if role is None:
             try:
-                role = client.create_role(WORKSPACE, TRAINER_ROLE,
-                                          "hpsweep trainers: create and log runs, register models; no deletes")
+                role = client.create_role(WORKSPACE, role_name, description)
             except RestException as e:
                 if not _exists(e):
                     raise
-                role = next(r for r in client.list_roles(WORKSPACE) if r.name == TRAINER_ROLE)
+                role = next(r for r in client.list_roles(WORKSPACE) if r.name == role_name)
         have = {(p.resource_type, p.resource_pattern): p for p in client.list_role_permissions(role.id)}
-        wanted = {(t, pattern): perm for t, pattern, perm in TRAINER_GRANTS}
+        wanted = {(t, pattern): perm for t, pattern, perm in grants}
         for key, perm in wanted.items():
             current = have.get(key)
             if current is None:
@@ -108,7 +135,7 @@ def provision_trainer(url: str, admin: tuple[str, str], trainer: tuple[str, str]
                 client.update_role_permission(current.id, perm)
         for key, extra in have.items():  # a grant someone added by hand widens the role: remove it
             if key not in wanted:
-                log.warning("removing grant %s=%s from role %s", key, extra.permission, TRAINER_ROLE)
+                log.warning("removing grant %s=%s from role %s", key, extra.permission, role_name)
                 client.remove_role_permission(extra.id)
         if not any(r.id == role.id for r in client.list_user_roles(username)):
             try:
@@ -116,5 +143,20 @@ def provision_trainer(url: str, admin: tuple[str, str], trainer: tuple[str, str]
             except RestException as e:
                 if not _exists(e):
                     raise
-    log.info("trainer account %s: role %s with %s", username, TRAINER_ROLE,
-             ", ".join(f"{t}={p}" for t, _, p in TRAINER_GRANTS))
+    log.info("account %s: role %s with %s", username, role_name,
+             ", ".join(f"{t}={p}" for t, _, p in grants))
+
+
+def grant_experiment(url: str, admin: tuple[str, str], experiment: str, username: str,
+                     permission: str = TRIAL_PERMISSION) -> str:
+    """Give ``username`` ``permission`` on the experiment named ``experiment``, as admin; returns its id."""
+    from mlflow.server.auth.client import AuthServiceClient
+    from mlflow.tracking import MlflowClient
+
+    with _credentials(*admin):
+        found = MlflowClient(url).get_experiment_by_name(experiment)
+        if found is None:
+            raise LookupError(f"no experiment named {experiment!r} on {url}")
+        AuthServiceClient(url).grant_user_permission(username, "experiment", found.experiment_id, permission)
+    log.info("granted %s %s on experiment %s (%s)", username, permission, experiment, found.experiment_id)
+    return found.experiment_id

@@ -2,7 +2,7 @@
 
 Order: prepare the database (auth database, MLflow schema, tag index) → start
 ``mlflow server --app-name basic-auth`` (uvicorn, several workers, artifacts proxied to S3)
-in a process group of its own → wait for ``/health`` → provision the trainer account →
+in a process group of its own → wait for ``/health`` → provision the sweep and trainer accounts →
 wait. SIGTERM/SIGINT are passed to the whole group, so no worker outlives the command.
 """
 
@@ -24,8 +24,11 @@ from mlflow_server.settings import Settings
 log = logging.getLogger("mlflow_server")
 
 HEALTH_TIMEOUT_S = 300.0
+AUTHORIZATION_FUNCTION = "mlflow_server.artifact_guard:authenticate"
+# The folder holding the mlflow_server package: the server's workers import the guard from it.
+_PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
 # Variables the server process must not inherit: it needs none of them.
-_NOT_FOR_THE_SERVER = ("HPSWEEP_TRAINER_PASSWORD", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_USERNAME",
+_NOT_FOR_THE_SERVER = ("HPSWEEP_TRAINER_PASSWORD", "HPSWEEP_SWEEP_PASSWORD", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_USERNAME",
                        "MLFLOW_TRACKING_URI")
 
 
@@ -36,7 +39,9 @@ def auth_config(settings: Settings) -> str:
         "[mlflow]",
         f"default_permission = {settings.default_permission}",
         f"database_uri = {settings.auth_database_uri}",
-        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth",
+        # MLflow's basic auth, then the artifact guard (artifact_guard.py): the one hook that runs
+        # on both the Flask routes and the FastAPI-native artifact upload.
+        f"authorization_function = {AUTHORIZATION_FUNCTION}",
         "grant_default_workspace_access = false",
         # Each worker remembers a verified credential this long: without it every request pays
         # one scrypt hash check (tens of ms of CPU, about 1.5 s per request on a loaded 2-core
@@ -64,6 +69,7 @@ def server_env(settings: Settings, config_path: Path) -> dict[str, str]:
         "MLFLOW_FLASK_SERVER_SECRET_KEY": settings.secret_key,
         "MLFLOW_CRYPTO_KEK_PASSPHRASE": settings.kek_passphrase,
     })
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_PARENT, env.get("PYTHONPATH")) if p)
     if settings.db_password:
         env["PGPASSWORD"] = settings.db_password
     # MLflow's job runner (GenAI scoring, trace archival) starts seven extra consumer processes;
@@ -125,9 +131,12 @@ def serve(settings: Settings) -> int:
         signal.signal(signal.SIGINT, on_signal)
         try:
             wait_healthy(settings.local_url, proc)
+            admin = (settings.admin_username, settings.admin_password)
             if settings.trainer_username and settings.trainer_password:
-                accounts.provision_trainer(settings.local_url, (settings.admin_username, settings.admin_password),
+                accounts.provision_trainer(settings.local_url, admin,
                                            (settings.trainer_username, settings.trainer_password))
+            if settings.sweep_username and settings.sweep_password:
+                accounts.provision_sweep(settings.local_url, admin, (settings.sweep_username, settings.sweep_password))
             log.info("mlflow server ready on %s (%d workers)", settings.local_url, settings.workers)
             print(f"mlflow_server: ready on {settings.local_url}", flush=True)
             code = proc.wait()

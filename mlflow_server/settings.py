@@ -91,7 +91,11 @@ class Settings(Guards):
     kek_passphrase: str = Field(validation_alias="MLFLOW_CRYPTO_KEK_PASSPHRASE", repr=False)
     trainer_username: str | None = Field(None, validation_alias="HPSWEEP_TRAINER_USERNAME")
     trainer_password: str | None = Field(None, validation_alias="HPSWEEP_TRAINER_PASSWORD", repr=False)
-    default_permission: str = Field("READ", validation_alias="MLFLOW_AUTH_DEFAULT_PERMISSION")
+    # The sweep identity: creates a sweep's experiment and parent run, registers the champion.
+    sweep_username: str | None = Field(None, validation_alias="HPSWEEP_SWEEP_USERNAME")
+    sweep_password: str | None = Field(None, validation_alias="HPSWEEP_SWEEP_PASSWORD", repr=False)
+    # An account sees nothing it was not granted (READ stays accepted as an explicit choice).
+    default_permission: str = Field("NO_PERMISSIONS", validation_alias="MLFLOW_AUTH_DEFAULT_PERMISSION")
     host: str = Field("0.0.0.0", validation_alias="MLFLOW_HOST")
     port: int = Field(5000, ge=1, le=65535, validation_alias="MLFLOW_PORT")
     workers: int = Field(4, ge=1, le=64, validation_alias="MLFLOW_WORKERS")
@@ -170,6 +174,22 @@ class Settings(Guards):
         if has_username != bool(password):
             raise ValueError("set both HPSWEEP_TRAINER_USERNAME and HPSWEEP_TRAINER_PASSWORD, or neither")
         return strong_password("HPSWEEP_TRAINER_PASSWORD", password) if password else password
+
+    @field_validator("sweep_username")
+    @classmethod
+    def _sweep_is_its_own_account(cls, username: str | None, info: ValidationInfo) -> str | None:
+        if username and username in (info.data.get("admin_username"), info.data.get("trainer_username")):
+            raise ValueError("HPSWEEP_SWEEP_USERNAME must differ from MLFLOW_AUTH_ADMIN_USERNAME and "
+                             "HPSWEEP_TRAINER_USERNAME")
+        return username
+
+    @field_validator("sweep_password")
+    @classmethod
+    def _sweep_account_complete(cls, password: str | None, info: ValidationInfo) -> str | None:
+        has_username = "sweep_username" not in info.data or bool(info.data["sweep_username"])
+        if has_username != bool(password):
+            raise ValueError("set both HPSWEEP_SWEEP_USERNAME and HPSWEEP_SWEEP_PASSWORD, or neither")
+        return strong_password("HPSWEEP_SWEEP_PASSWORD", password) if password else password
 
     @field_validator("default_permission")
     @classmethod

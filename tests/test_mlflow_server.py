@@ -46,7 +46,8 @@ TRAINER_PW = "trainer-pw-Qe5Ub1Ho9Cs"
 
 def test_settings_come_from_the_environment_with_defaults():
     s = load(BASE_ENV)
-    assert (s.host, s.port, s.workers, s.default_permission) == ("0.0.0.0", 5000, 4, "READ")
+    assert (s.host, s.port, s.workers, s.default_permission) == ("0.0.0.0", 5000, 4, "NO_PERMISSIONS")
+    assert load({**BASE_ENV, "MLFLOW_AUTH_DEFAULT_PERMISSION": "read"}).default_permission == "READ"  # a choice
     assert s.auth_database_uri == "postgresql://mlflow@db.internal:5432/mlflow_auth?sslmode=require"
     assert s.trainer_username is None
 
@@ -101,7 +102,8 @@ def test_generated_auth_config_holds_no_secret():
     text = server.auth_config(s) + " ".join(server.command(s))
     for secret in ("db-secret-123456", *(BASE_ENV[k] for k in BASE_ENV if "PASS" in k or "KEY" in k), TRAINER_PW):
         assert secret not in text
-    assert "default_permission = READ" in text
+    assert "default_permission = NO_PERMISSIONS" in text
+    assert "authorization_function = mlflow_server.artifact_guard:authenticate" in text
 
 
 # ---------------------------------------------------------------- the real server
@@ -126,6 +128,7 @@ class AuthServer:
     db_uri: str
     admin: tuple[str, str]
     trainer: tuple[str, str]
+    sweep: tuple[str, str]
     secrets: list[str]
     proc: subprocess.Popen
     log: Path
@@ -167,6 +170,7 @@ def auth_server(tmp_path_factory: pytest.TempPathFactory, s3_endpoint: S3) -> It
     port = free_port()
     admin = ("admin", secrets.token_urlsafe(18))
     trainer = ("hpsweep-trainer", secrets.token_urlsafe(18))
+    sweep = ("hpsweep-sweep", secrets.token_urlsafe(18))
     secret_key = secrets.token_urlsafe(32)
     kek = secrets.token_urlsafe(24)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_", "HPSWEEP_"))}
@@ -179,14 +183,15 @@ def auth_server(tmp_path_factory: pytest.TempPathFactory, s3_endpoint: S3) -> It
         "AWS_DEFAULT_REGION": "us-east-1",
         "MLFLOW_AUTH_ADMIN_USERNAME": admin[0], "MLFLOW_AUTH_ADMIN_PASSWORD": admin[1],
         "HPSWEEP_TRAINER_USERNAME": trainer[0], "HPSWEEP_TRAINER_PASSWORD": trainer[1],
+        "HPSWEEP_SWEEP_USERNAME": sweep[0], "HPSWEEP_SWEEP_PASSWORD": sweep[1],
         "MLFLOW_FLASK_SERVER_SECRET_KEY": secret_key, "MLFLOW_CRYPTO_KEK_PASSPHRASE": kek,
         "MLFLOW_HOST": "127.0.0.1", "MLFLOW_PORT": str(port), "MLFLOW_WORKERS": "2",
     })
     log = root / "server.log"
     proc = subprocess.Popen([str(REPO / "mlflow_server" / "start.sh")], env={**env, "PYTHON": sys.executable},
                             stdout=log.open("wb"), stderr=subprocess.STDOUT)
-    srv = AuthServer(f"http://127.0.0.1:{port}", f"{PG_DSN}/{db}", admin, trainer,
-                     [admin[1], trainer[1], secret_key, kek, s3_endpoint.secret], proc, log)
+    srv = AuthServer(f"http://127.0.0.1:{port}", f"{PG_DSN}/{db}", admin, trainer, sweep,
+                     [admin[1], trainer[1], sweep[1], secret_key, kek, s3_endpoint.secret], proc, log)
     try:
         deadline = time.monotonic() + 300
         while b"mlflow_server: ready" not in log.read_bytes():
@@ -273,13 +278,23 @@ def test_anonymous_and_wrong_password_requests_are_refused(auth_server: AuthServ
     assert ok.status_code == 200
 
 
+def sweep_experiment(srv: AuthServer, prefix: str) -> str:
+    """An experiment the sweep identity created (its owner) with EDIT granted to the trainer."""
+    from mlflow.server.auth.client import AuthServiceClient
+
+    with logged_in(srv.sweep):
+        exp = client(srv).create_experiment(f"{prefix}-{uuid.uuid4().hex[:6]}")
+        AuthServiceClient(srv.url).grant_user_permission(srv.trainer[0], "experiment", exp, "EDIT")
+    return exp
+
+
 @pytest.mark.slow
 def test_trainer_creates_runs_and_logs_with_artifacts_in_s3(auth_server: AuthServer, s3_endpoint: S3, tmp_path: Path):
     from mlflow.entities import Metric, Param, RunTag
 
+    exp = sweep_experiment(auth_server, "trainer")
     with logged_in(auth_server.trainer):
         c = client(auth_server)
-        exp = c.create_experiment(f"trainer-{uuid.uuid4().hex[:6]}")
         run = c.create_run(exp, run_name="lr=0.1")
         rid = run.info.run_id
         c.log_batch(rid, metrics=[Metric("val_f1", 0.5, 0, 1), Metric("val_f1", 0.7, 0, 2)],
@@ -296,16 +311,16 @@ def test_trainer_creates_runs_and_logs_with_artifacts_in_s3(auth_server: AuthSer
 
 
 @pytest.mark.slow
-def test_trainer_cannot_delete_experiments_models_or_runs(auth_server: AuthServer, tmp_path: Path):
+def test_neither_account_deletes_experiments_models_or_runs(auth_server: AuthServer, tmp_path: Path):
     tag = uuid.uuid4().hex[:6]
     with logged_in(auth_server.admin):
         admin = client(auth_server)
         theirs = admin.create_experiment(f"admin-{tag}")
         admin.create_registered_model(f"admin-model-{tag}")
-    with logged_in(auth_server.trainer):
+    own = sweep_experiment(auth_server, f"own-{tag}")
+    with logged_in(auth_server.sweep):
         c = client(auth_server)
-        own = c.create_experiment(f"own-{tag}")  # the creator becomes its MANAGE owner...
-        rid = c.create_run(own).info.run_id
+        rid = c.create_run(own).info.run_id  # the sweep is its experiment's MANAGE owner...
         (tmp_path / "w.txt").write_text("w")
         c.log_artifact(rid, str(tmp_path / "w.txt"), "model")
         c.create_registered_model(f"own-model-{tag}")
@@ -318,9 +333,14 @@ def test_trainer_cannot_delete_experiments_models_or_runs(auth_server: AuthServe
         assert status_of(lambda: c.delete_registered_model(f"admin-model-{tag}")) == 403
         assert status_of(lambda: c.delete_model_version(f"own-model-{tag}", version)) == 403
         assert status_of(lambda: c.delete_run(rid)) == 403
-        # nor give itself more rights
-        r = requests.patch(f"{auth_server.url}/api/2.0/mlflow/users/update-admin", auth=auth_server.trainer,
-                           json={"username": auth_server.trainer[0], "is_admin": True}, timeout=30)
+    with logged_in(auth_server.trainer):  # EDIT on the sweep's experiment: writes, never deletes
+        c = client(auth_server)
+        assert status_of(lambda: c.delete_run(rid)) == 403
+        assert status_of(lambda: c.delete_experiment(own)) == 403
+        assert status_of(lambda: c.delete_registered_model(f"own-model-{tag}")) == 403
+    for account in (auth_server.sweep, auth_server.trainer):  # nor give itself more rights
+        r = requests.patch(f"{auth_server.url}/api/2.0/mlflow/users/update-admin", auth=account,
+                           json={"username": account[0], "is_admin": True}, timeout=30)
         assert r.status_code == 403
     with logged_in(auth_server.admin):  # the 403s were permissions, not broken endpoints
         assert status_of(lambda: admin.delete_registered_model(f"own-model-{tag}")) == 200
@@ -328,7 +348,7 @@ def test_trainer_cannot_delete_experiments_models_or_runs(auth_server: AuthServe
 
 
 @pytest.mark.slow
-def test_other_accounts_read_but_do_not_write(auth_server: AuthServer):
+def test_other_accounts_see_nothing_they_were_not_given(auth_server: AuthServer):
     reader = ("reader", secrets.token_urlsafe(18))
     with logged_in(auth_server.admin):
         from mlflow.server.auth.client import AuthServiceClient
@@ -337,7 +357,8 @@ def test_other_accounts_read_but_do_not_write(auth_server: AuthServer):
         exp = client(auth_server).create_experiment(f"shared-{uuid.uuid4().hex[:6]}")
     with logged_in(reader):
         c = client(auth_server)
-        assert c.get_experiment(exp).experiment_id == exp
+        assert status_of(lambda: c.get_experiment(exp)) == 403
+        assert exp not in {e.experiment_id for e in c.search_experiments()}
         assert status_of(lambda: c.create_run(exp)) == 403
 
 
@@ -358,17 +379,20 @@ def test_restart_keeps_accounts_and_the_index(auth_server: AuthServer):
             "JOIN pg_am am ON am.oid = c.relam WHERE c.relname = %s", (database.TAG_VALUE_INDEX.name,)).fetchone()
     assert valid and method == "hash"
     accounts.provision_trainer(auth_server.url, auth_server.admin, auth_server.trainer)
+    accounts.provision_sweep(auth_server.url, auth_server.admin, auth_server.sweep)
     with logged_in(auth_server.admin):
         from mlflow.server.auth.client import AuthServiceClient
 
         auth = AuthServiceClient(auth_server.url)
-        roles = {r.name: r for r in auth.list_user_roles(auth_server.trainer[0])}
-        # besides its role, only MLflow's per-user role holding owner grants on what it created
-        assert accounts.TRAINER_ROLE in roles and all(n.startswith("__user_") for n in roles.keys() - {accounts.TRAINER_ROLE})
-        role = roles[accounts.TRAINER_ROLE]
-        grants = {(p.resource_type, p.resource_pattern, p.permission) for p in auth.list_role_permissions(role.id)}
-        assert grants == set(accounts.TRAINER_GRANTS)
-        assert not auth.get_user(auth_server.trainer[0]).is_admin
+        for (username, _), role_name, wanted in ((auth_server.trainer, accounts.TRAINER_ROLE, accounts.TRAINER_GRANTS),
+                                                 (auth_server.sweep, accounts.SWEEP_ROLE, accounts.SWEEP_GRANTS)):
+            roles = {r.name: r for r in auth.list_user_roles(username)}
+            # besides its role, only MLflow's per-user role holding owner grants and grants made to it
+            assert role_name in roles and all(n.startswith("__user_") for n in roles.keys() - {role_name})
+            grants = {(p.resource_type, p.resource_pattern, p.permission)
+                      for p in auth.list_role_permissions(roles[role_name].id)}
+            assert grants == set(wanted)
+            assert not auth.get_user(username).is_admin
 
 
 SPEC = """
@@ -389,8 +413,10 @@ def test_sweep_runs_through_the_server_with_artifacts_in_s3_and_no_credential_le
     project.write("params/combinations.yaml", "combinations:\n" + "".join(f"  - {json.dumps(c)}\n" for c in combos))
     project.write("params/spec.yaml", SPEC.format(name=name))
     env = {k: v for k, v in project.env.items() if not k.startswith("AWS_")}  # trainers get no S3 credentials
-    env.update({"MLFLOW_TRACKING_URI": auth_server.url, "MLFLOW_TRACKING_USERNAME": auth_server.trainer[0],
-                "MLFLOW_TRACKING_PASSWORD": auth_server.trainer[1]})
+    # The sweep runs as the sweep identity and grants the trainer its experiment; trials write as the trainer.
+    env.update({"MLFLOW_TRACKING_URI": auth_server.url, "MLFLOW_TRACKING_USERNAME": auth_server.sweep[0],
+                "MLFLOW_TRACKING_PASSWORD": auth_server.sweep[1], "HPSWEEP_TRAINER_USERNAME": auth_server.trainer[0],
+                "HPSWEEP_TRAINER_PASSWORD": auth_server.trainer[1]})
     project.env = env
     result = project.hpsweep("run", "--combinations", "params/combinations.yaml", "--spec", "params/spec.yaml",
                              "--train", "data/train.csv", "--val", "data/val.csv", "--quota", "2")
@@ -402,7 +428,7 @@ def test_sweep_runs_through_the_server_with_artifacts_in_s3_and_no_credential_le
         c = client(auth_server)
         exp = c.get_experiment_by_name(name).experiment_id
         runs = c.search_runs([exp], f"tags.`hpsweep.sweep_id` = '{board['sweep_id']}'")
-        # The trainer account registered the champion (its role may; it may not delete it).
+        # The sweep identity registered the champion (it may; it may not delete it).
         champion = c.get_model_version_by_alias(name, "champion")
         assert champion.run_id == board["rows"][0]["run_id"]
     assert len(runs) == 4  # the parent and three trials

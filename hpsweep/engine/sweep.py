@@ -25,7 +25,7 @@ from hpsweep.inputs import SweepInputs, resolved_interpreter
 from hpsweep.model import HEARTBEAT_S, ZOMBIE_AFTER_S, PlannedTrial, TrialRow
 from hpsweep.periodic import Periodic
 from hpsweep.report import assemble
-from hpsweep.store import SweepStore
+from hpsweep.store import SweepStore, grants
 from hpsweep.store.runs import setting_params
 from hpsweep.store.tags import (TAG_DISPATCH, TAG_GIT_COMMIT, TAG_INTERPRETER, TAG_QUOTA, TAG_SETTINGS,
                                 TAG_SPEC_HASH)
@@ -65,6 +65,7 @@ def open_sweep(config: SweepConfig, inputs: SweepInputs, store: SweepStore, capa
     name = sweep_name(config, inputs)
     trials, versions = plan.plan_trials(inputs)
     experiment_id = store.ensure_experiment(name)
+    grants.grant_trainer(store.tracking_uri, experiment_id)  # its trials write as the trainer account
     zombies = store.reap_zombies(experiment_id, ZOMBIE_AFTER_S)
     reused = plan.reusable_runs(store, experiment_id, trials, versions, config.retrain)
     why = plan.why_not_reused(store, experiment_id, inputs.spec, versions, config.retrain)

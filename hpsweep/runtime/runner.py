@@ -122,6 +122,9 @@ def trial_env(req: TrialRequest) -> dict[str, str]:
         "MLFLOW_TRACKING_URI": req.job.tracking_uri,
         "MLFLOW_RUN_ID": req.run_id,
     }
+    trainer = (os.environ.get("HPSWEEP_TRAINER_USERNAME"), os.environ.get("HPSWEEP_TRAINER_PASSWORD"))
+    if all(trainer):  # the trial writes as the trainer account, not as the sweep that started it
+        env["MLFLOW_TRACKING_USERNAME"], env["MLFLOW_TRACKING_PASSWORD"] = trainer
     if req.gpu_ids:
         # GPU ids are NVML's (nvidia-smi's) numbering, which is PCI bus order; CUDA's default
         # order is "fastest first", so without this cuda:0 could be another trial's GPU.
