@@ -247,7 +247,7 @@ def hardened_server(tmp_path_factory: pytest.TempPathFactory, s3_endpoint: S3) -
     log = root / "server.log"
     proc = subprocess.Popen([str(REPO / "mlflow_server" / "start.sh")], env=env, stdout=log.open("wb"),
                             stderr=subprocess.STDOUT)
-    srv = AuthServer(f"http://127.0.0.1:{port}", f"{PG_DSN}/{db}", admin, trainer, [], proc, log)
+    srv = AuthServer(f"http://127.0.0.1:{port}", f"{PG_DSN}/{db}", admin, trainer, ("", ""), [], proc, log)
     try:
         deadline = time.monotonic() + 300
         while b"mlflow_server: ready" not in log.read_bytes():

@@ -172,7 +172,8 @@ def test_an_admin_grants_with_the_command(auth_server: AuthServer, monkeypatch: 
         monkeypatch.delenv(var)
     env = {"MLFLOW_BACKEND_STORE_URI": auth_server.db_uri, "MLFLOW_ARTIFACTS_DESTINATION": "s3://x/y",
            "MLFLOW_AUTH_ADMIN_USERNAME": auth_server.admin[0], "MLFLOW_AUTH_ADMIN_PASSWORD": auth_server.admin[1],
-           "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(32)}
+           "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(32),
+           "MLFLOW_CRYPTO_KEK_PASSPHRASE": secrets.token_urlsafe(24)}  # the server's whole environment, as an admin has it
     for var, value in env.items():
         monkeypatch.setenv(var, value)
     with logged_in(auth_server.trainer):
