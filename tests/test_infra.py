@@ -204,7 +204,7 @@ def test_mlflow_service_gets_secrets_by_reference_only(stack):
     assert env["MLFLOW_ARTIFACTS_DESTINATION"] == f"s3://{stack['outputs']['ArtifactBucketName']}/mlflow"
     assert {s["name"] for s in container["secrets"]} == {"PGPASSWORD", "MLFLOW_AUTH_ADMIN_PASSWORD",
                                                          "HPSWEEP_TRAINER_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY",
-                                                         "MLFLOW_CRYPTO_KEK_PASSPHRASE"}
+                                                         "MLFLOW_CRYPTO_KEK_PASSPHRASE", "HPSWEEP_SWEEP_PASSWORD"}
     assert not any("PASSWORD" in name or "SECRET" in name for name in env)
     assert all(c["readonlyRootFilesystem"] is True for c in containers.values())
 
