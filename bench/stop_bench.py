@@ -47,7 +47,7 @@ def start(root: Path, grace_s: float) -> subprocess.Popen:
     env.pop("PREFECT_API_URL", None)
     env.pop("MLFLOW_TRACKING_URI", None)
     args = [sys.executable, "-m", "hpsweep.cli", "run", "--combinations", "combos.yaml", "--spec", "spec.yaml",
-            "--train", "data/train.csv", "--val", "data/val.csv", "--quota", "4", "--retrain",
+            "--train", "data/train.csv", "--val", "data/val.csv", "--quota", "4",
             "--grace-s", str(grace_s)]
     return subprocess.Popen(args, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
@@ -90,15 +90,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--grace-s", type=float, default=30.0)
     args = parser.parse_args()
-    root = project()
-    try:
-        print(f"| stop | exit code | seconds to exit | left after 5 s | left after 30 s |\n|---|---:|---:|---|---|")
-        for how in ("ctrl-c", "sigterm", "kill -9"):
+    print(f"| stop | exit code | seconds to exit | left after 5 s | left after 30 s |\n|---|---:|---:|---|---|")
+    for how in ("ctrl-c", "sigterm", "kill -9"):
+        root = project()  # a fresh folder each: an earlier sweep's trial logs would look like running trials
+        try:
             took, code, after_5, after_30 = stopped_by(root, args.grace_s, how)
-            print(f"| {how} (4 trials running, grace {args.grace_s:.0f} s) | {code} | {took:.1f} | "
-                  f"{'; '.join(after_5) or 'nothing'} | {'; '.join(after_30) or 'nothing'} |", flush=True)
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+        print(f"| {how} (4 trials running, grace {args.grace_s:.0f} s) | {code} | {took:.1f} | "
+              f"{'; '.join(after_5) or 'nothing'} | {'; '.join(after_30) or 'nothing'} |", flush=True)
 
 
 if __name__ == "__main__":
