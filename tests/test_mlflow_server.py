@@ -187,18 +187,24 @@ def auth_server(tmp_path_factory: pytest.TempPathFactory, s3_endpoint: S3) -> It
         "MLFLOW_FLASK_SERVER_SECRET_KEY": secret_key, "MLFLOW_CRYPTO_KEK_PASSPHRASE": kek,
         "MLFLOW_HOST": "127.0.0.1", "MLFLOW_PORT": str(port), "MLFLOW_WORKERS": "2",
     })
+    with started(env, root, db) as (proc, log):
+        yield AuthServer(f"http://127.0.0.1:{port}", f"{PG_DSN}/{db}", admin, trainer, sweep,
+                         [admin[1], trainer[1], sweep[1], secret_key, kek, s3_endpoint.secret], proc, log)
+
+
+@contextmanager
+def started(env: dict[str, str], root: Path, db: str) -> Iterator[tuple[subprocess.Popen, Path]]:
+    """`mlflow_server/start.sh` running until it says ready; then stopped (no orphans) and its databases dropped."""
     log = root / "server.log"
     proc = subprocess.Popen([str(REPO / "mlflow_server" / "start.sh")], env={**env, "PYTHON": sys.executable},
                             stdout=log.open("wb"), stderr=subprocess.STDOUT)
-    srv = AuthServer(f"http://127.0.0.1:{port}", f"{PG_DSN}/{db}", admin, trainer, sweep,
-                     [admin[1], trainer[1], sweep[1], secret_key, kek, s3_endpoint.secret], proc, log)
     try:
         deadline = time.monotonic() + 300
         while b"mlflow_server: ready" not in log.read_bytes():
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"mlflow_server did not start: {log.read_text()[-4000:]}")
             time.sleep(0.5)
-        yield srv
+        yield proc, log
     finally:
         _stop_and_check_group(proc)
         _drop_databases(db, f"{db}_auth")

@@ -28,8 +28,8 @@ from mlflow_server import database
 from mlflow_server.hardening import FailureLimiter, HardenedApp, basic_auth_username, database_answers
 from mlflow_server.settings import Guards, SettingsError, load
 from tests.conftest import PG_DSN, REPO, free_port
-from tests.test_mlflow_server import (BASE_ENV, BUCKET, PREFIX, S3, AuthServer, _drop_databases,
-                                      _stop_and_check_group, client, logged_in, s3_endpoint)
+from tests.test_mlflow_server import (BASE_ENV, BUCKET, PREFIX, S3, AuthServer, _drop_databases, client, logged_in,
+                                      s3_endpoint, started)
 
 __all__ = ["s3_endpoint"]  # the module fixture, shared with test_mlflow_server.py
 
@@ -244,20 +244,8 @@ def hardened_server(tmp_path_factory: pytest.TempPathFactory, s3_endpoint: S3) -
         "MLFLOW_AUTH_MAX_FAILURES": str(MAX_FAILURES), "MLFLOW_AUTH_LOCKOUT_S": str(LOCKOUT_S),
         "MLFLOW_HOST": "127.0.0.1", "MLFLOW_PORT": str(port), "MLFLOW_WORKERS": "1",
     })
-    log = root / "server.log"
-    proc = subprocess.Popen([str(REPO / "mlflow_server" / "start.sh")], env=env, stdout=log.open("wb"),
-                            stderr=subprocess.STDOUT)
-    srv = AuthServer(f"http://127.0.0.1:{port}", f"{PG_DSN}/{db}", admin, trainer, ("", ""), [], proc, log)
-    try:
-        deadline = time.monotonic() + 300
-        while b"mlflow_server: ready" not in log.read_bytes():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"mlflow_server did not start: {log.read_text()[-4000:]}")
-            time.sleep(0.5)
-        yield srv
-    finally:
-        _stop_and_check_group(proc)
-        _drop_databases(db, f"{db}_auth")
+    with started(env, root, db) as (proc, log):
+        yield AuthServer(f"http://127.0.0.1:{port}", f"{PG_DSN}/{db}", admin, trainer, ("", ""), [], proc, log)
 
 
 @pytest.mark.slow
