@@ -99,13 +99,16 @@ def _sweep(config: SweepConfig, stop: StopRequest) -> dict[str, Any]:
             callbacks=[LogCallback(logger), *observers()], gpu_pool=GpuPool(host),
             hold_slot=(lambda: hold_quota_slot(config.quota_limit, gpus, flow_run.id, stop.event)) if local
             else nullcontext,
-            run_attempt=lambda job, gpu_ids: trial_attempt(job, gpu_ids, quote(launcher)), stop=stop)
+            run_attempt=lambda job, gpu_ids: trial_attempt(job, gpu_ids, quote(launcher)), stop=stop,
+            max_failures=config.max_failures)
         with engine.parent_heartbeat(store, opened):
             trials.run(opened.to_train, opened.parallel)
         if stop.requested:
             logger.warning("stopped by %s: reporting what finished", stop.signal_name)
         return engine.close_sweep(opened, store, config.report_dir, [PrefectArtifacts(), *observers()],
-                                  register=config.register, stopped_by=stop.signal_name or None)
+                                  register=config.register, stopped_by=stop.signal_name or None,
+                                  never_started_reason=f"NOT STARTED (stopped after {trials.failed} failures)"
+                                  if trials.stopped_after_failures else None)
 
 
 def _launcher(config: SweepConfig, opened: engine.OpenedSweep) -> TrialLauncher:

@@ -46,7 +46,8 @@ def _run_flags(parser: argparse.ArgumentParser) -> None:
     for name, typ in (("combinations", Path), ("spec", Path), ("train", Path), ("val", Path), ("quota", int),
                       ("name", str), ("report_dir", Path), ("work_dir", Path), ("tracking_uri", str),
                       ("max_attempts", int), ("retry_delay_s", float), ("launcher", str), ("pool", str),
-                      ("trial_deployment", str), ("quota_limit", str), ("grace_s", float)):
+                      ("trial_deployment", str), ("quota_limit", str), ("grace_s", float),
+                      ("max_failures", int)):
         parser.add_argument(f"--{name.replace('_', '-')}", type=typ, default=None, dest=name,
                             help=f"{fields[name].description} (default: params.yaml's sweep.{name}"
                                  f"{'' if fields[name].is_required() else f', else {fields[name].default}'})")
@@ -63,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hpsweep", description="Train one model with every hyperparameter "
                                      "combination, under a GPU quota, and rank the results by F1.",
                                      epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"hpsweep {_version()}")
+    sub = parser.add_subparsers(dest="command")  # none: the help
     run = sub.add_parser("run", help="run a sweep", description="Validate the inputs, train every combination "
                          "(at most quota / gpus-per-trial at once), write the leaderboard, register the best model.",
                          epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -244,6 +246,11 @@ def _run(args: argparse.Namespace) -> int:
     # The embedded default starts Prefect's temporary API; its 20 s start-up budget is too
     # short on a busy 2-core machine (seen in CI), so give it two minutes unless told otherwise.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    # The temporary server's telemetry fails on every offline run with an ERROR line that means
+    # nothing to the user; its start/stop banner is noise too.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Prefect logs that banner on its top logger "prefect" itself; a filter there sees only those records.
+    logging.getLogger("prefect").addFilter(lambda record: "temporary server" not in record.getMessage())
     from prefect.flows import load_flow_from_entrypoint
 
     from hpsweep.engine import quota
@@ -405,8 +412,21 @@ def _not_found(e: Exception) -> int:
     return EXIT_INVALID_INPUT
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("hpsweep")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed)"
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:  # `hpsweep` alone: what it can do
+        parser.print_help()
+        return EXIT_OK
     if "@" in os.environ.get("MLFLOW_TRACKING_URI", ""):  # its user:password@ → MLflow's credential variables
         from hpsweep.store.uri import credentials_to_environment
 

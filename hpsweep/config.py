@@ -48,6 +48,9 @@ class SweepConfig(BaseModel):
                                                        "limit must be set and at most the quota")
     trial_deployment: str = Field(default="train-trial/hpsweep", description="the train-trial deployment "
                                                                              "(flow/deployment) for --launcher pool")
+    max_failures: int | None = Field(default=None, ge=1, description="fail fast: after this many trials failed "
+                                     "(the trainer's error, or retries used up), start no more; running ones "
+                                     "finish and the rest are reported NOT STARTED (default: run them all)")
     grace_s: float = Field(default=30.0, ge=0, description="on Ctrl-C or SIGTERM: how long running trials get "
                                                             "to save a checkpoint and end before they are killed")
     quota_limit: str = Field(default=DEFAULT_LIMIT_NAME, description="name of the Prefect global "

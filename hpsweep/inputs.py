@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import codecs
 import csv
+import difflib
 import glob
 import importlib
 import io
@@ -17,6 +18,7 @@ import os
 import re
 import shutil
 import sys
+import typing
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -406,7 +408,7 @@ def load_spec(path: Path) -> ModelSpec:
     try:
         spec = ModelSpec.model_validate(doc)
     except ValidationError as e:
-        problems = _pydantic_problems(name, e)
+        problems = _pydantic_problems(name, e, ModelSpec)
         if not any(p.key == "trainer" or (p.key or "").startswith("trainer.") for p in problems):
             # The trainer itself is well-formed: still report an entry point / command that won't work.
             problems += check_trainer(name, TrainerSpec.model_validate(doc["trainer"]))
@@ -447,13 +449,13 @@ def settings_problems(name: str, settings: dict[str, Any]) -> list[Problem]:
 _SCALAR_MEMBERS = {"bool", "int", "float", "str"}  # pydantic tags each Union[bool, int, float, str] attempt
 
 
-def _pydantic_problems(name: str, error: ValidationError) -> list[Problem]:
+def _pydantic_problems(name: str, error: ValidationError, model: type[BaseModel]) -> list[Problem]:
     problems: list[Problem] = []
     for err in error.errors():
         loc = err["loc"]
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
-            msg = "unknown key"
+            msg = "unknown key" + _did_you_mean(str(loc[-1]), _known_keys(model, loc[:-1]))
         elif err["type"] == "missing":
             msg = "required key is missing"
         if loc[:1] == ("settings",) and len(loc) == 3 and loc[2] in _SCALAR_MEMBERS:
@@ -463,6 +465,25 @@ def _pydantic_problems(name: str, error: ValidationError) -> list[Problem]:
         if problem not in problems:
             problems.append(problem)
     return problems
+
+
+def _known_keys(model: type[BaseModel], path: tuple[Any, ...]) -> list[str]:
+    """The keys allowed where ``path`` leads inside ``model`` (nested models, optional or not)."""
+    for part in path:
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return []
+        candidates = (field.annotation, *typing.get_args(field.annotation))  # X, or the X of `X | None`
+        nested = [t for t in candidates if isinstance(t, type) and issubclass(t, BaseModel)]
+        if not nested:
+            return []
+        model = nested[0]
+    return list(model.model_fields)
+
+
+def _did_you_mean(key: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 def check_trainer(name: str, trainer: TrainerSpec, cwd: Path | None = None) -> list[Problem]:

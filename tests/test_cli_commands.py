@@ -50,3 +50,16 @@ def test_report_regenerates_a_past_sweep(served_project: Project):
     shutil.rmtree(report_dir)
     assert project.hpsweep("report", "again").returncode == 0
     assert leaderboard(project, "again") == latest
+
+
+def test_hpsweep_alone_prints_its_help_and_version_says_which():
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    alone = subprocess.run([sys.executable, "-m", "hpsweep.cli"], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert alone.returncode == 0 and "usage: hpsweep" in alone.stdout and "run a sweep" in alone.stdout
+    version = subprocess.run([sys.executable, "-m", "hpsweep.cli", "--version"], capture_output=True, text=True,
+                             cwd=REPO, timeout=60)
+    assert version.returncode == 0 and version.stdout.startswith("hpsweep ")

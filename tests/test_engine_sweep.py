@@ -146,3 +146,22 @@ def test_a_crash_after_the_parent_run_exists_closes_it_and_every_running_trial(p
     assert store.runs[running].state is TrialState.FAILED
     assert store.runs[running].row.reason == "hpsweep failed: OSError: disk full"
     assert store.runs[opened.run.parent_run_id].status == "FAILED"
+
+
+def test_max_failures_stops_launching_and_reports_the_rest_not_started(project):
+    """--max-failures 2: a hparam typo the trainer rejects fails two trials, not every combination."""
+    import json
+
+    store = InMemoryStore()
+    cfg = config(project, max_failures=2)
+    inputs = load_inputs(cfg.combinations, cfg.spec, cfg.train, cfg.val, cfg.quota)
+    opened = engine.open_sweep(cfg, inputs, store, capacity=1, queue_depth=1)
+    launcher = ScriptedLauncher(store, {i: [TRAINER_ERROR] for i in range(1, 5)})
+    trials = SweepEngine(opened.run, launcher, RetryPolicy(first_delay_s=0), sleep=lambda s: False,
+                         max_failures=cfg.max_failures)
+    trials.run(opened.to_train, opened.parallel)
+    assert len(launcher.jobs) == 2 and trials.stopped_after_failures
+    engine.close_sweep(opened, store, cfg.report_dir, never_started_reason="NOT STARTED (stopped after 2 failures)")
+    rows = json.loads((project / "report" / "leaderboard.json").read_text())["rows"]
+    assert [r["reason"] for r in rows[2:]] == ["NOT STARTED (stopped after 2 failures)"] * 2
+    assert [r["reason"] for r in rows[:2]] == [TRAINER_ERROR.reason] * 2

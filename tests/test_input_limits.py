@@ -387,3 +387,17 @@ def test_problem_lines_stay_short_whatever_they_quote():
     problem = Problem("f.yaml", "m" * 5000, row=1, key="k" * 5000)
     assert len(str(problem)) < 1300
     assert os.linesep not in str(problem)
+
+
+def test_an_unknown_spec_key_suggests_the_closest_known_one(tmp_path: Path):
+    from hpsweep.inputs import SweepInputError, load_spec
+
+    spec = write(tmp_path / "spec.yaml", "name: x\ntrainer:\n  entry_point: trainer.reference:train\n"
+                                          "setings: {a: 1}\nresources: {gpu: 1}\ncolour: blue\n")
+    with pytest.raises(SweepInputError) as e:
+        load_spec(spec)
+    assert {(p.key, p.message) for p in e.value.problems} >= {
+        ("trainer.entry_point", "unknown key (did you mean 'entrypoint'?)"),
+        ("setings", "unknown key (did you mean 'settings'?)"),
+        ("resources.gpu", "unknown key (did you mean 'gpus'?)"),
+        ("colour", "unknown key")}

@@ -162,6 +162,8 @@ def test_ctrl_c_stops_the_sweep_reports_what_ran_and_a_rerun_trains_the_rest(pro
     out, err = sweep.communicate(timeout=120)
     assert sweep.returncode == 130, out[-2000:] + err[-3000:]
     assert "SIGINT: stopping" in err + out and "interrupted by SIGINT: rerun the same command" in err + out
+    # Issue 16: no telemetry ERROR and no temporary-server banner on an offline run.
+    assert "telemetry" not in err + out and "temporary server" not in err + out
 
     board = leaderboard(project, "stopped")
     assert board["interrupted"] == "SIGINT"

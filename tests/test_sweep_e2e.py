@@ -229,3 +229,15 @@ def test_a_sweep_that_crashes_leaves_no_run_running_and_status_says_why(project:
     assert parent.info.status == "FAILED" and "hpsweep failed:" in parent.data.tags["hpsweep.reason"]
     status = project.hpsweep("status", "crashy")
     assert status.returncode == 0 and "crashed: hpsweep failed:" in status.stdout, status.stdout + status.stderr
+
+
+def test_max_failures_fails_fast_through_the_cli(served_project: Project):
+    project, record = served_project, served_project.root / "rec.jsonl"
+    combos = [{"f1": 0.1 * i, "mode": "raise"} for i in range(1, 5)]  # a typo the trainer rejects, every row
+    result = run_sweep(project, combos, SLEEPY_SPEC.format(name="failfast", sleep_s=0.05, gpus=1), 1,
+                       "--max-failures", "2", env={"HPSWEEP_TEST_RECORD": str(record)})
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert len([e for e in records(record) if e["event"] == "start"]) == 2
+    rows = leaderboard(project, "failfast")["rows"]
+    assert [r["reason"] for r in rows if r["reason"].startswith("NOT STARTED")] == \
+        ["NOT STARTED (stopped after 2 failures)"] * 2

@@ -91,11 +91,13 @@ class SweepEngine:
     def __init__(self, sweep: SweepRun, launcher: TrialLauncher, policy: RetryPolicy,
                  callbacks: list[SweepCallback] = (), gpu_pool: GpuPool | None = None,
                  hold_slot: SlotHolder = nullcontext, run_attempt: AttemptRunner | None = None,
-                 sleep: Callable[[float], bool] | None = None, stop: StopRequest | None = None):
+                 sleep: Callable[[float], bool] | None = None, stop: StopRequest | None = None,
+                 max_failures: int | None = None):
         """``hold_slot``: a context manager holding one quota slot (a Prefect concurrency limit);
         ``run_attempt``: how an attempt runs (default ``launcher.launch``; the flow wraps it in a task
         run); ``sleep``: waits between attempts (an Event's wait, so a stop cuts it short); ``stop``:
-        a stop request (signals): on it, no trial starts and the launcher ends the running ones."""
+        a stop request (signals): on it, no trial starts and the launcher ends the running ones;
+        ``max_failures``: after that many trials failed for good, no trial starts (running ones finish)."""
         self.sweep, self.policy = sweep, policy
         self._callbacks = Callbacks(list(callbacks))
         self._gpu_pool = gpu_pool or GpuPool(())
@@ -106,6 +108,8 @@ class SweepEngine:
         self._sleep = sleep or self.stopping.wait
         self.results: dict[int, tuple[int, AttemptResult]] = {}  # trial index → (attempts, last result)
         self._results_lock = threading.Lock()
+        self.max_failures, self.failed = max_failures, 0
+        self.stopped_after_failures = False  # --max-failures was reached: the rest never started
         if stop is not None:
             stop.listen(lambda force: self.stop(stop.grace_s, interrupted_reason(stop.signal_name), force))
 
@@ -174,6 +178,13 @@ class SweepEngine:
             self._sleep(delay)
         with self._results_lock:
             self.results[trial.index] = (attempt, result)
+            if not result.outcome.ok and not result.outcome.interrupted:
+                self.failed += 1
+                if self.max_failures is not None and self.failed >= self.max_failures and not self.stopping.is_set():
+                    self.stopped_after_failures = True
+                    self.stopping.set()  # fail fast: start nothing more; running trials finish
+                    log.warning("%d trials failed (--max-failures %d): starting no more", self.failed,
+                                self.max_failures)
         self._callbacks.emit("on_trial_end", trial, attempt, result)
         return result
 

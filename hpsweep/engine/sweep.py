@@ -142,7 +142,7 @@ def parent_heartbeat(store: SweepStore, opened: OpenedSweep) -> Periodic:
 
 def close_sweep(opened: OpenedSweep, store: SweepStore, report_dir: Path | None,
                 callbacks: list[SweepCallback] = (), register: bool = True,
-                stopped_by: str | None = None) -> dict[str, Any]:
+                stopped_by: str | None = None, never_started_reason: str | None = None) -> dict[str, Any]:
     """Read the trials back from MLflow, rank them, register the champion, write the report, log it
     to the parent run and close that; then ``on_report`` callbacks. ``register``: let this sweep's best
     become the champion (if it beats it); False (``--no-register``) leaves the registry alone. Returns the sweep's summary.
@@ -158,6 +158,8 @@ def close_sweep(opened: OpenedSweep, store: SweepStore, report_dir: Path | None,
         meta = assemble.sweep_meta(run.sweep_id, run.name, run.experiment_id, run.parent_run_id, run.tracking_uri,
                                    opened.provenance, opened.provenance.get(TAG_QUOTA))
         meta["interrupted"] = stopped_by  # trials it never started are INTERRUPTED, and the parent run KILLED
+        if never_started_reason:  # e.g. --max-failures was reached
+            meta["never_started_reason"] = never_started_reason
         rows, header, paths = assemble.build_report(store, meta, opened.trials, opened.reused, report_dir,
                                                     register=register, publish=_publisher(store, run.parent_run_id))
         summary = assemble.sweep_summary(header, rows, report_dir, paths)

@@ -69,12 +69,12 @@ def reused_rows(trials: Sequence[PlannedTrial], reused: Mapping[str, TrialRow]) 
 
 
 def never_started(trials: Sequence[PlannedTrial], rows: Sequence[TrialRow],
-                  stopped_by: str | None = None) -> list[TrialRow]:
+                  stopped_by: str | None = None, never_started_reason: str = NEVER_STARTED_REASON) -> list[TrialRow]:
     """A row for each combination with no row yet (no run in MLflow), so every combination is reported:
     INTERRUPTED when a signal (``stopped_by``) stopped the sweep before it, else NEVER_STARTED."""
     seen = {r.index for r in rows}
     state, reason = ((TrialState.INTERRUPTED, interrupted_reason(stopped_by)) if stopped_by
-                     else (TrialState.NEVER_STARTED, NEVER_STARTED_REASON))
+                     else (TrialState.NEVER_STARTED, never_started_reason))
     return [TrialRow(index=t.index, hparams=t.hparams, state=state, run_name=run_name(t.hparams),
                      key=t.key, reason=reason, attempt=0)
             for t in trials if t.index not in seen]
@@ -119,7 +119,8 @@ def _report(store: SweepStore, meta: dict[str, Any], trials: Sequence[PlannedTri
             reused: Mapping[str, TrialRow], report_dir: Path,
             settle: Callable[[TrialRow | None], dict[str, Any]], publish: Publish | None = None) -> Report:
     rows = store.sweep_trials(meta["experiment_id"], meta["sweep_id"]) + reused_rows(trials, reused)
-    ranked = rank_rows(rows + never_started(trials, rows, meta.get("interrupted")))
+    ranked = rank_rows(rows + never_started(trials, rows, meta.get("interrupted"),
+                                            meta.get("never_started_reason") or NEVER_STARTED_REASON))
     best = next((r for r in ranked if r.has_f1), None)
     header = {**meta, **settle(best)}
     if publish is not None:
