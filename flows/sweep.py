@@ -88,10 +88,11 @@ def _sweep(config: SweepConfig, stop: StopRequest) -> dict[str, Any]:
     if opened.zombies:
         logger.warning("closed %d zombie run(s) left RUNNING by a dead process: %s", len(opened.zombies),
                        opened.zombies)
-    logger.info("sweep %s: %d combinations, %s, %d at once (quota %d, %d GPU(s) per trial, host GPUs %s), %s",
-                opened.run.sweep_id, len(opened.trials),
-                describe_reuse(len(opened.to_train), len(opened.reused), opened.why_not_reused), opened.parallel,
-                config.quota, gpus, list(host) or "none", opened.order)
+    where = (f"{gpus} GPU(s) per trial, host GPUs {list(host)}" if host else
+             "CPU only: no GPU on this host" if local else f"{gpus} GPU(s) per trial on pool {config.pool}")
+    logger.info("sweep %s: %d combinations, %s, %d at once (quota %d; %s), %s", opened.run.sweep_id,
+                len(opened.trials), describe_reuse(len(opened.to_train), len(opened.reused), opened.why_not_reused),
+                opened.parallel, config.quota, where, opened.order)
     with engine.closed_on_crash(store, opened.run.experiment_id, opened.run.sweep_id, opened.run.parent_run_id):
         launcher = _launcher(config, opened)
         trials = SweepEngine(

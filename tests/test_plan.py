@@ -196,3 +196,11 @@ def test_plan_after_a_sweep_and_longest_first_dispatch(served_project: Project):
     parent = [r for r in trial_runs(project, "order") if r.data.tags.get("hpsweep.sweep_id") == board["sweep_id"]
               and r.data.tags.get("hpsweep.role") == "sweep"][0]
     assert parent.data.tags["hpsweep.dispatch_order"] == "longest first (4 measured)"
+
+
+def test_the_dispatch_order_says_in_words_when_nothing_is_known_yet():
+    from hpsweep.plan import describe_order
+
+    assert describe_order(FILE_ORDER, [Estimate(None, "unknown")] * 16) == "file order (no durations known yet)"
+    assert describe_order(LONGEST_FIRST, [Estimate(3.0, "measured")] * 2 + [Estimate(2.0, "median")]) == \
+        "longest first (2 measured, 1 median)"
