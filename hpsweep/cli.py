@@ -28,6 +28,7 @@ from rich.table import Table
 from hpsweep.config import SweepConfig, build_config, read_params
 from hpsweep.engine.gpus import host_gpus
 from hpsweep.inputs import Problem, SweepInputError, SweepInputs, load_inputs, resolved_interpreter
+from hpsweep.limits import cut_at_word
 from hpsweep.plan import DEFAULT_PRICE_PER_GPU_HOUR, DEFAULT_SPOT_PRICE_PER_GPU_HOUR
 from hpsweep.engine.callbacks import SweepCallback
 from hpsweep.model import AttemptResult, PlannedTrial, TrialRow
@@ -184,6 +185,9 @@ def _print_summary(result: dict[str, Any]) -> None:
     c = result["counts"]
     out.print(f"{c['total']} trials: {c['finished']} trained, {c['reused']} reused (already FINISHED), "
               f"{c['failed']} failed{' or interrupted' if result.get('interrupted') else ''}")
+    for failure in result.get("failure_reasons", [])[:5]:  # a reason shared by many trials: once, with its count
+        out.print(f"  {failure['trials']}× {cut_at_word(failure['reason'], 300)}", markup=False, highlight=False,
+                  soft_wrap=True)
     report = Path(result["report_dir"]) / "leaderboard.md"
     out.print(f"report: {report}" if report.is_file() else f"report: not written to {result['report_dir']} (see "
               "the warning above); leaderboard.json is on the parent run in MLflow", soft_wrap=True)

@@ -88,6 +88,16 @@ def shortened(text: str, limit: int = QUOTE_CHARS) -> str:
     return text if len(text) <= limit else f"{text[:limit]}… ({len(text):,} characters)"
 
 
+def cut_at_word(text: str, limit: int) -> str:
+    """``text`` in at most ``limit`` characters, ending in "…" when cut; cut at a space when one is in
+    the last fifth, so a reason never ends mid-word (``set the 'skops_trusted_types' p…``)."""
+    if len(text) <= limit:
+        return text
+    head = text[:limit - 1]
+    space = head.rfind(" ")
+    return (head[:space] if space >= limit * 4 // 5 else head).rstrip() + "…"
+
+
 # ---------------------------------------------------------------- YAML within bounds
 
 

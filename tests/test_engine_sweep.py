@@ -165,3 +165,17 @@ def test_max_failures_stops_launching_and_reports_the_rest_not_started(project):
     rows = json.loads((project / "report" / "leaderboard.json").read_text())["rows"]
     assert [r["reason"] for r in rows[2:]] == ["NOT STARTED (stopped after 2 failures)"] * 2
     assert [r["reason"] for r in rows[:2]] == [TRAINER_ERROR.reason] * 2
+
+
+def test_the_summary_gives_each_failure_reason_once_with_its_count(project):
+    store = InMemoryStore()
+    _, _, summary = run_sweep(project, store, {1: [TRAINER_ERROR], 2: [TRAINER_ERROR], 3: [TRAINER_ERROR]})
+    assert summary["failure_reasons"] == [{"reason": TRAINER_ERROR.reason, "trials": 3}]
+
+
+def test_a_cut_reason_never_ends_mid_word():
+    from hpsweep.engine.outcome import bounded
+
+    reason = "could not load the model: set the 'skops_trusted_types' parameter to trust these types"
+    cut = bounded(reason, 60)
+    assert cut.endswith("…") and len(cut) <= 60 and reason.startswith(cut[:-1]) and reason[len(cut) - 1] == " "

@@ -14,6 +14,7 @@ import signal
 from pathlib import Path
 from typing import Any
 
+from hpsweep.limits import cut_at_word
 from hpsweep.model import Outcome
 
 # The trainer's own error text in a reason: enough for a Python exception line, short enough for a table cell.
@@ -47,8 +48,7 @@ def error_line(text: str | None) -> str | None:
 
 def bounded(text: str, limit: int = MAX_ERROR_CHARS) -> str:
     """``text`` on one line (whitespace collapsed), cut to ``limit`` characters with an ellipsis."""
-    flat = " ".join(text.split())
-    return flat if len(flat) <= limit else flat[:limit - 1].rstrip() + "…"
+    return cut_at_word(" ".join(text.split()), limit)
 
 
 def judge(

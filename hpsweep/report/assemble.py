@@ -8,6 +8,7 @@ and a row for every combination that never got a run, so every combination appea
 from __future__ import annotations
 
 import json
+from collections import Counter
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -246,7 +247,10 @@ def _held(v: RegisteredVersion) -> str:
 def sweep_summary(header: dict[str, Any], rows: Sequence[TrialRow], report_dir: Path,
                   paths: Mapping[str, Path]) -> dict[str, Any]:
     """What `hpsweep run` and `hpsweep report` print (and the sweep flow returns): the header, the
-    counts, the top three leaderboard rows and where the files are."""
+    counts, the top three leaderboard rows, each failure reason once with how many trials it ended
+    (most frequent first), and where the files are."""
+    reasons = Counter(r.reason or f"run ended {r.state.value}" for r in rows if not r.has_f1)
     return {**header, "counts": counts(rows), "report_dir": str(report_dir),
             "top": [r.leaderboard() for r in rows[:3]],
+            "failure_reasons": [{"reason": reason, "trials": n} for reason, n in reasons.most_common()],
             "report_files": {name: str(path) for name, path in paths.items()}}

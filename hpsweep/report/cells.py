@@ -12,6 +12,8 @@ import math
 import re
 from typing import Any
 
+from hpsweep.limits import cut_at_word
+
 __all__ = ["VALUE_CHARS", "csv_cell", "md", "short_text"]
 
 VALUE_CHARS = 200  # a value longer than this is cut, with an ellipsis, in md, csv and plot labels
@@ -33,7 +35,7 @@ def short_text(value: Any, limit: int = VALUE_CHARS) -> str:
         text = value if isinstance(value, str) else str(value)
     except (ValueError, RecursionError):
         text = f"<{type(value).__name__} too large to show>"
-    return text if len(text) <= limit else text[: limit - 1] + ELLIPSIS
+    return cut_at_word(text, limit)
 
 
 def md(value: Any, limit: int = VALUE_CHARS, code: bool = False) -> str:
