@@ -86,6 +86,15 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--spot-price-per-gpu-hour", type=float, default=DEFAULT_SPOT_PRICE_PER_GPU_HOUR,
                       dest="spot_price", help="spot $ per GPU-hour (default: %(default)s)")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON (for machines)")
+    listing = sub.add_parser("list", help="past sweeps, newest first: id, start, trials, finished/failed/reused, "
+                             "best F1, champion (from MLflow)")
+    listing.add_argument("name", nargs="?", default=None, metavar="NAME", help="only the sweeps of this name")
+    listing.add_argument("--limit", type=int, default=50, help="at most this many (default: %(default)s)")
+    listing.add_argument("--json", action="store_true", help="print the rows as JSON (for machines)")
+    listing.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: params.yaml's "
+                         "sweep.tracking_uri, else $MLFLOW_TRACKING_URI, else ./mlflow.db)")
+    listing.add_argument("--params", type=Path, default=Path("params.yaml"),
+                         help="YAML whose `sweep:` section gives the tracking URI (default: %(default)s)")
     for command, text in (("status", "what a sweep is doing: running, queued, done, failed, ETA (from MLflow, "
                                      "and Prefect when PREFECT_API_URL is set)"),
                           ("report", "write the report of a past (or running) sweep again, from MLflow")):
@@ -361,6 +370,26 @@ def _status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _list(args: argparse.Namespace) -> int:
+    from hpsweep.report.listing import list_sweeps, render_list
+    from hpsweep.report.status import SweepNotFound, existing_tracking_uri
+    from hpsweep.store import SweepStore
+
+    try:
+        uri = existing_tracking_uri(args.tracking_uri or read_params(args.params).get("tracking_uri"))
+    except SweepNotFound:
+        rows = []  # no store here yet: no sweep either
+    except SweepInputError as e:
+        return _input_errors(e)
+    else:
+        rows = list_sweeps(SweepStore.at(uri, patience_s=COMMAND_PATIENCE_S), args.name, args.limit)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    else:
+        Console(highlight=False, width=200).print(escape(render_list(rows)), soft_wrap=True)
+    return EXIT_OK
+
+
 def _report(args: argparse.Namespace) -> int:
     from hpsweep.report.status import SweepNotFound
 
@@ -442,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
             train, val = prepare(args.out)
             console.print(f"wrote {train} and {val}")
             return EXIT_OK
-        commands = {"plan": _plan, "status": _status, "report": _report, "quota": _quota}
+        commands = {"plan": _plan, "status": _status, "report": _report, "quota": _quota, "list": _list}
         if args.command in commands:
             return commands[args.command](args)
         if args.command == "demo":

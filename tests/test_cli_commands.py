@@ -63,3 +63,22 @@ def test_hpsweep_alone_prints_its_help_and_version_says_which():
     version = subprocess.run([sys.executable, "-m", "hpsweep.cli", "--version"], capture_output=True, text=True,
                              cwd=REPO, timeout=60)
     assert version.returncode == 0 and version.stdout.startswith("hpsweep ")
+
+
+@pytest.mark.slow
+def test_list_shows_past_sweeps_newest_first_with_counts_best_f1_and_the_champion(project: Project):
+    spec = SLEEPY_SPEC.format(name="listed", sleep_s=0.05, gpus=1)
+    ok = {"f1": 0.9, "mode": "ok"}
+    assert run_sweep(project, [ok, {"f1": 0.5, "mode": "raise"}], spec, 2).returncode == 1
+    assert run_sweep(project, [ok, {"f1": 0.7, "mode": "ok"}], spec, 2).returncode == 0  # reuses 0.9, trains 0.7
+    listed = project.hpsweep("list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    rows = json.loads(listed.stdout)
+    second, first = rows
+    assert second["started"] >= first["started"] and second["name"] == first["name"] == "listed"
+    assert (first["total"], first["finished"], first["failed"], first["best_f1"]) == (2, 1, 1, 0.9)
+    assert (second["total"], second["finished"], second["reused"], second["failed"]) == (2, 1, 1, 0)
+    assert first["champion"] == "version 1" and second["champion"] is None  # the first sweep crowned it
+    table = project.hpsweep("list", "listed")
+    assert table.returncode == 0 and first["sweep_id"] in table.stdout and "0.9000" in table.stdout
+    assert json.loads(project.hpsweep("list", "nothing-by-that-name", "--json").stdout) == []

@@ -80,6 +80,10 @@ class SweepStore:
         return runs.latest_parent_run(self.client, experiment_ids, sweep_id)
 
     @_patient
+    def parent_runs(self, experiment_ids: list[str], limit: int = 100) -> list[Run]:
+        return runs.parent_runs(self.client, experiment_ids, limit)
+
+    @_patient
     def reap_zombies(self, exp_id: str, stale_after_s: float) -> list[str]:
         return runs.reap_zombies(self.client, exp_id, stale_after_s)
 

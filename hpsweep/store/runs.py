@@ -339,6 +339,12 @@ def latest_parent_run(client: MlflowClient, experiment_ids: list[str], sweep_id:
     return next(search(client, experiment_ids, flt, order_by=["attributes.start_time DESC"], limit=1), None)
 
 
+def parent_runs(client: MlflowClient, experiment_ids: list[str], limit: int) -> list[Run]:
+    """The newest ``limit`` parent runs (sweep executions) of the experiments, newest first."""
+    return list(search(client, experiment_ids, tag_equals(TAG_ROLE, "sweep"),
+                       order_by=["attributes.start_time DESC"], limit=limit))
+
+
 def experiment_names(client: MlflowClient) -> dict[str, str]:
     """experiment id → name of every active experiment, page by page."""
     names: dict[str, str] = {}
