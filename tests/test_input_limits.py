@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 
 import pytest
@@ -157,9 +156,7 @@ BOMB = "".join(f"{c}: &{c} [{', '.join([f'*{p}' if p else 'lol'] * 9)}]\n"
 def test_an_alias_bomb_is_refused_before_anything_expands_it(tmp_path: Path):
     # 9**8 = 43 million values from a few hundred bytes (the observed one: 105 s and 226 MB of stderr).
     assert len(BOMB) < 400
-    started = time.monotonic()
-    (problem,) = problems_of(load_combinations, combos(tmp_path, BOMB))
-    assert time.monotonic() - started < 5  # generous: it takes milliseconds
+    (problem,) = problems_of(load_combinations, combos(tmp_path, BOMB))  # how fast: bench/input_limits_bench.py
     assert problem.message == "more than 2,000,000 values once aliases are expanded"
 
 
@@ -182,9 +179,7 @@ def test_a_recursive_alias_is_refused(tmp_path: Path):
 def test_deep_nesting_is_refused_without_recursing(tmp_path: Path, depth: int):
     # A list 10,000 deep: PyYAML's composer recursed into RecursionError (and its scanner takes 15 s).
     path = combos(tmp_path, "combinations:\n  - {lr: " + "[" * depth + "]" * depth + "}\n")
-    started = time.monotonic()
     (problem,) = problems_of(load_combinations, path)
-    assert time.monotonic() - started < 5
     assert (problem.row, problem.key, problem.message) == (1, "lr", "nested deeper than 8 levels")
 
 
@@ -341,9 +336,7 @@ def test_a_huge_data_file_is_judged_from_its_first_bytes(tmp_path: Path):
     path = write(tmp_path / "big.csv", "label,note\n" + "1,é\n" * 30_000)
     with path.open("r+b") as f:
         f.truncate(20 * 2**30)
-    started = time.monotonic()
-    assert data_problems("--train", path) == []
-    assert time.monotonic() - started < 2
+    assert data_problems("--train", path) == []  # how fast: bench/input_limits_bench.py
     wide = write(tmp_path / "wide.csv", ",".join(f"p{i}" for i in range(20_000)) + "\n" + "1," * 19_999 + "1\n")
     assert data_problems("--train", wide) == []  # a header wider than what is read is not judged
 
