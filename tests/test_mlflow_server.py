@@ -173,23 +173,25 @@ def auth_server(tmp_path_factory: pytest.TempPathFactory, s3_endpoint: S3) -> It
     sweep = ("hpsweep-sweep", secrets.token_urlsafe(18))
     secret_key = secrets.token_urlsafe(32)
     kek = secrets.token_urlsafe(24)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_", "HPSWEEP_"))}
-    env.update({
-        "PYTHONPATH": str(REPO),
-        "MLFLOW_BACKEND_STORE_URI": f"{PG_DSN}/{db}",
-        "MLFLOW_ARTIFACTS_DESTINATION": f"s3://{BUCKET}/{PREFIX}",
-        "MLFLOW_S3_ENDPOINT_URL": s3_endpoint.url,
-        "AWS_ACCESS_KEY_ID": "hpsweep-test", "AWS_SECRET_ACCESS_KEY": s3_endpoint.secret,
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "MLFLOW_AUTH_ADMIN_USERNAME": admin[0], "MLFLOW_AUTH_ADMIN_PASSWORD": admin[1],
-        "HPSWEEP_TRAINER_USERNAME": trainer[0], "HPSWEEP_TRAINER_PASSWORD": trainer[1],
+    env = server_env(db, port, s3_endpoint, admin, trainer, workers=2, extra={
         "HPSWEEP_SWEEP_USERNAME": sweep[0], "HPSWEEP_SWEEP_PASSWORD": sweep[1],
-        "MLFLOW_FLASK_SERVER_SECRET_KEY": secret_key, "MLFLOW_CRYPTO_KEK_PASSPHRASE": kek,
-        "MLFLOW_HOST": "127.0.0.1", "MLFLOW_PORT": str(port), "MLFLOW_WORKERS": "2",
-    })
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": secret_key, "MLFLOW_CRYPTO_KEK_PASSPHRASE": kek})
     with started(env, root, db) as (proc, log):
         yield AuthServer(f"http://127.0.0.1:{port}", f"{PG_DSN}/{db}", admin, trainer, sweep,
                          [admin[1], trainer[1], sweep[1], secret_key, kek, s3_endpoint.secret], proc, log)
+
+
+def server_env(db: str, port: int, s3: S3, admin: tuple[str, str], trainer: tuple[str, str], workers: int,
+               extra: dict[str, str]) -> dict[str, str]:
+    """The environment `mlflow_server/start.sh` gets in production, on loopback with moto S3 (``extra``:
+    the secrets and settings a fixture chooses)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_", "HPSWEEP_"))}
+    return {**env, "PYTHONPATH": str(REPO), "MLFLOW_BACKEND_STORE_URI": f"{PG_DSN}/{db}",
+            "MLFLOW_ARTIFACTS_DESTINATION": f"s3://{BUCKET}/{PREFIX}", "MLFLOW_S3_ENDPOINT_URL": s3.url,
+            "AWS_ACCESS_KEY_ID": "hpsweep-test", "AWS_SECRET_ACCESS_KEY": s3.secret, "AWS_DEFAULT_REGION": "us-east-1",
+            "MLFLOW_AUTH_ADMIN_USERNAME": admin[0], "MLFLOW_AUTH_ADMIN_PASSWORD": admin[1],
+            "HPSWEEP_TRAINER_USERNAME": trainer[0], "HPSWEEP_TRAINER_PASSWORD": trainer[1],
+            "MLFLOW_HOST": "127.0.0.1", "MLFLOW_PORT": str(port), "MLFLOW_WORKERS": str(workers), **extra}
 
 
 @contextmanager

@@ -29,7 +29,7 @@ from mlflow_server.hardening import FailureLimiter, HardenedApp, basic_auth_user
 from mlflow_server.settings import Guards, SettingsError, load
 from tests.conftest import PG_DSN, REPO, free_port
 from tests.test_mlflow_server import (BASE_ENV, BUCKET, PREFIX, S3, AuthServer, _drop_databases, client, logged_in,
-                                      s3_endpoint, started)
+                                      s3_endpoint, server_env, started)
 
 __all__ = ["s3_endpoint"]  # the module fixture, shared with test_mlflow_server.py
 
@@ -231,19 +231,9 @@ def hardened_server(tmp_path_factory: pytest.TempPathFactory, s3_endpoint: S3) -
     port = free_port()
     admin = ("admin", secrets.token_urlsafe(18))
     trainer = ("hpsweep-trainer", secrets.token_urlsafe(18))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_", "HPSWEEP_"))}
-    env.update({
-        "PYTHONPATH": str(REPO), "PYTHON": sys.executable,
-        "MLFLOW_BACKEND_STORE_URI": f"{PG_DSN}/{db}", "MLFLOW_ARTIFACTS_DESTINATION": f"s3://{BUCKET}/{PREFIX}",
-        "MLFLOW_S3_ENDPOINT_URL": s3_endpoint.url, "AWS_ACCESS_KEY_ID": "hpsweep-test",
-        "AWS_SECRET_ACCESS_KEY": s3_endpoint.secret, "AWS_DEFAULT_REGION": "us-east-1",
-        "MLFLOW_AUTH_ADMIN_USERNAME": admin[0], "MLFLOW_AUTH_ADMIN_PASSWORD": admin[1],
-        "HPSWEEP_TRAINER_USERNAME": trainer[0], "HPSWEEP_TRAINER_PASSWORD": trainer[1],
-        "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(32),
-        "MLFLOW_CRYPTO_KEK_PASSPHRASE": secrets.token_urlsafe(24),
-        "MLFLOW_AUTH_MAX_FAILURES": str(MAX_FAILURES), "MLFLOW_AUTH_LOCKOUT_S": str(LOCKOUT_S),
-        "MLFLOW_HOST": "127.0.0.1", "MLFLOW_PORT": str(port), "MLFLOW_WORKERS": "1",
-    })
+    env = server_env(db, port, s3_endpoint, admin, trainer, workers=1, extra={
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(32), "MLFLOW_CRYPTO_KEK_PASSPHRASE": secrets.token_urlsafe(24),
+        "MLFLOW_AUTH_MAX_FAILURES": str(MAX_FAILURES), "MLFLOW_AUTH_LOCKOUT_S": str(LOCKOUT_S)})
     with started(env, root, db) as (proc, log):
         yield AuthServer(f"http://127.0.0.1:{port}", f"{PG_DSN}/{db}", admin, trainer, ("", ""), [], proc, log)
 
