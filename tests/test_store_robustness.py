@@ -307,3 +307,14 @@ def test_the_store_lock_admits_one_holder_at_a_time_though_each_holder_removes_i
         t.join()
     assert len(rounds) == 150 and most[0] == 1
     assert not uri.lock_path(db).exists()
+
+
+def test_a_sweep_without_a_trainer_account_never_loads_mlflows_auth_client(tmp_path: Path):
+    """The embedded default is installed without `mlflow[auth]` (README's first command): granting a
+    trainer account must not import MLflow's auth client unless one is configured (the demo died on it)."""
+    code = ("import sys, os; os.environ.pop('HPSWEEP_TRAINER_USERNAME', None)\n"
+            "from hpsweep.store.grants import grant_trainer\n"
+            "assert grant_trainer('http://127.0.0.1:1', '1') is False\n"
+            "print('mlflow.server.auth' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr

@@ -36,6 +36,15 @@ log = logging.getLogger("hpsweep")
 # A dead sweep's slots come back after this long (Prefect renews the lease while the sweep lives).
 SLOT_LEASE_S = 60.0  # the shortest lease Prefect accepts
 SLOT_WAIT_STEP_S = 2.0  # a worker waiting for a slot looks this often whether the sweep is stopping
+
+
+def _not_a_slot_wait_step(record: logging.LogRecord) -> bool:
+    """Prefect logs each timed-out slot request as an ERROR; here a timeout is only a wait step."""
+    message = record.getMessage()
+    return not ("ConcurrencySlotAcquisition" in message and "TimeoutError" in message)
+
+
+logging.getLogger("prefect._internal.concurrency").addFilter(_not_a_slot_wait_step)
 SWEEP_FLOW_NAME = "sweep"  # the flow whose runs hold the slots (flows/sweep.py)
 
 

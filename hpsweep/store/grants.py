@@ -24,12 +24,12 @@ def grant_trainer(tracking_uri: str, experiment_id: str) -> bool:
     """EDIT on ``experiment_id`` for the trainer account, if one is configured; True if granted.
     A refusal (this account does not own the experiment) is logged, not raised: an admin may
     have granted it already (``python -m mlflow_server grant``)."""
-    from mlflow.exceptions import MlflowException
-    from mlflow.server.auth.client import AuthServiceClient
-
     trainer = os.environ.get(ENV_TRAINER_USERNAME)
     if not trainer or not tracking_uri.startswith(("http://", "https://")):
         return False
+    # Only now: MLflow's auth client needs the `mlflow[auth]` extra, which the embedded default never does.
+    from mlflow.exceptions import MlflowException
+    from mlflow.server.auth.client import AuthServiceClient
     client = AuthServiceClient(tracking_uri)
     try:
         retrying(lambda: client.grant_user_permission(trainer, "experiment", experiment_id, TRIAL_PERMISSION),
