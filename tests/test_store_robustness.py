@@ -22,7 +22,7 @@ from hpsweep import store
 from hpsweep.engine.launcher import execute_trial
 from hpsweep.model import TrialJob
 from hpsweep.store import retry, uri
-from tests.conftest import Project
+from tests.conftest import REPO, Project
 from tests.test_plan import write_inputs
 from tests.test_sweep_e2e import SLEEPY_SPEC
 
