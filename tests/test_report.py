@@ -364,3 +364,36 @@ def test_the_report_lists_every_combination_reused_and_never_started_included(tm
     again = rebuild_report(store, record, tmp_path / "again")
     assert (tmp_path / "again" / "leaderboard.json").read_bytes() == paths["leaderboard.json"].read_bytes()
     assert again[0] == rows and store.versions["demo"] == 1
+
+
+# ---------------------------------------------------------------- the report folders
+
+
+def test_latest_is_a_relative_link_swapped_over_the_old_one(tmp_path):
+    from hpsweep.report.folders import point_latest
+
+    for sweep in ("s-1", "s-2"):
+        (tmp_path / sweep).mkdir()
+        (tmp_path / sweep / "best.json").write_text(sweep)
+        latest = point_latest(tmp_path / sweep)
+        assert latest.is_symlink() and str(latest.readlink()) == sweep  # relative: the reports folder can move
+        assert (latest / "best.json").read_text() == sweep
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "s-1", "s-2"]  # no temporary name left
+
+
+def test_latest_is_a_copy_where_links_cannot_be_made(tmp_path, monkeypatch):
+    from hpsweep.report.folders import point_latest
+
+    def no_links(self, *args, **kwargs):
+        raise OSError("symbolic links are not supported here")
+
+    monkeypatch.setattr(Path, "symlink_to", no_links)
+    for sweep in ("s-1", "s-2"):
+        (tmp_path / sweep).mkdir()
+        (tmp_path / sweep / "best.json").write_text(sweep)
+        latest = point_latest(tmp_path / sweep)
+        assert not latest.is_symlink() and (latest / "best.json").read_text() == sweep
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "s-1", "s-2"]
+    monkeypatch.undo()
+    assert point_latest(tmp_path / "s-1").is_symlink()  # links work again: the copy is replaced by one
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "s-1", "s-2"]
