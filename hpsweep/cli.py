@@ -399,9 +399,8 @@ def _report(args: argparse.Namespace) -> int:
         store, record, params = _open_sweep(args)
     except (SweepNotFound, SweepInputError) as e:
         return _not_found(e)
-    from hpsweep.report.assemble import ReportNotWritten, rebuild_report, sweep_summary
-
     from hpsweep.report import folders
+    from hpsweep.report.assemble import ReportNotWritten, rebuild_report, sweep_summary
 
     explicit = args.report_dir or (Path(params["report_dir"]) if params.get("report_dir")
                                    and params.get("name") == record.name else None)

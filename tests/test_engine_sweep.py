@@ -35,7 +35,8 @@ def write_project(tmp_path: Path) -> Path:
 
 def config(project: Path, **kw) -> SweepConfig:
     return SweepConfig(combinations=project / "combos.yaml", spec=project / "spec.yaml", train=project / "train.csv",
-                       val=project / "val.csv", quota=2, work_dir=project / "work", **{"report_dir": project / "report", **kw})
+                       val=project / "val.csv", quota=2, work_dir=project / "work",
+                       **{"report_dir": project / "report", **kw})
 
 
 def run_sweep(project: Path, store: InMemoryStore, script=None, capacity=2, **kw):

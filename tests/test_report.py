@@ -90,7 +90,8 @@ def test_the_leaderboard_has_each_trials_duration():
     md = render_markdown({"sweep_id": "s", "name": "n"}, rows)
     header = next(line for line in md.splitlines() if line.startswith("| rank"))
     assert header.split(" | ")[-2:] == ["duration", "run |"]
-    cells = {line.split(" | ")[0]: line.split(" | ")[-2] for line in md.splitlines() if line[:3] in ("| 1", "| 2", "| 3")}
+    cells = {line.split(" | ")[0]: line.split(" | ")[-2] for line in md.splitlines()
+             if line[:3] in ("| 1", "| 2", "| 3")}
     assert cells == {"| 1": "3 min 05 s", "| 2": "4.2 s", "| 3": "—"}
     assert list(leaderboard_frame(rows)["duration_s"][:2]) == [185.0, 4.25]
 
@@ -140,7 +141,8 @@ def test_a_sweep_where_every_trial_failed_draws_no_empty_f1_plot(tmp_path):
     assert {"f1_by_combination.png", "f1_by_hparam.png"}.isdisjoint(paths)
     assert not list(tmp_path.glob("*.png"))
     md = paths["leaderboard.md"].read_text()
-    assert "top 0" not in md and "No F1 plots: no trial has an F1" in md and images_linked(paths["leaderboard.md"]) == []
+    assert "top 0" not in md and "No F1 plots: no trial has an F1" in md
+    assert images_linked(paths["leaderboard.md"]) == []
     with pytest.raises(ValueError, match="no trial has an F1"):
         plots.f1_by_combination_figure(rows)
 

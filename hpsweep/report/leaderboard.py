@@ -188,8 +188,8 @@ def write_report(report_dir: Path, sweep: dict[str, Any], rows: Sequence[TrialRo
     ``leaderboard.json`` first (the contract, and what MLflow keeps), then ``best.json`` and the csv,
     the plots, and the markdown last so it links only the plots that were drawn: ``f1_by_combination.png``
     and (when the trials have hparams) ``f1_by_hparam.png`` when a trial has an F1, ``learning_curves.png``
-    when a curve in ``curves`` (from ``learning_curves``) has at least two steps. A plot not drawn this time is removed from ``report_dir``
-    so the folder never shows a stale one. Best-effort all through: a file that cannot be written (a
+    when a curve in ``curves`` (from ``learning_curves``) has at least two steps. A plot not drawn this
+    time is removed from ``report_dir`` so the folder never shows a stale one. Best-effort all through: a file that cannot be written (a
     full or read-only folder) or a plot that cannot be drawn is left out with one warning line saying
     what and why, and the rest is still written; nothing here raises for it.
     """
