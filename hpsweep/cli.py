@@ -106,8 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("--params", type=Path, default=Path("params.yaml"),
                          help="YAML whose `sweep:` section gives the defaults (default: %(default)s)")
         if command == "report":
-            cmd.add_argument("--report-dir", type=Path, default=None, help="where to write it (default: "
-                             "params.yaml's sweep.report_dir for its sweep, else reports/<name>)")
+            cmd.add_argument("--report-dir", type=Path, default=None, help="where to write it, exactly (default: "
+                             "params.yaml's sweep.report_dir for its sweep, else reports/<name>/<sweep id>, "
+                             "and reports/<name>/latest then shows it if it is the newest sweep of its name)")
         else:
             cmd.add_argument("--json", action="store_true", help="print the status as JSON (for machines)")
     prep = sub.add_parser("prepare", help="write the demo's train/validation split (scikit-learn digits)")
@@ -198,8 +199,9 @@ def _print_summary(result: dict[str, Any]) -> None:
         out.print(f"  {failure['trials']}× {cut_at_word(failure['reason'], 300)}", markup=False, highlight=False,
                   soft_wrap=True)
     report = Path(result["report_dir"]) / "leaderboard.md"
-    out.print(f"report: {report}" if report.is_file() else f"report: not written to {result['report_dir']} (see "
-              "the warning above); leaderboard.json is on the parent run in MLflow", soft_wrap=True)
+    latest = f" (also {result['latest']}{os.sep})" if result.get("latest") else ""
+    out.print(f"report: {report}{latest}" if report.is_file() else f"report: not written to {result['report_dir']} "
+              "(see the warning above); leaderboard.json is on the parent run in MLflow", soft_wrap=True)
     if result.get("champion") or result.get("champion_note"):
         moved = "moved by this sweep" if result.get("champion_moved") else "not moved by this sweep"
         out.print(f"champion: {result.get('champion') or 'none'}, {moved}", markup=False, highlight=False,
@@ -397,10 +399,12 @@ def _report(args: argparse.Namespace) -> int:
         store, record, params = _open_sweep(args)
     except (SweepNotFound, SweepInputError) as e:
         return _not_found(e)
+    from hpsweep.report import folders
     from hpsweep.report.assemble import ReportNotWritten, rebuild_report, sweep_summary
 
-    report_dir = args.report_dir or (Path(params["report_dir"]) if params.get("report_dir")
-                                     and params.get("name") == record.name else Path("reports") / record.name)
+    explicit = args.report_dir or (Path(params["report_dir"]) if params.get("report_dir")
+                                   and params.get("name") == record.name else None)
+    report_dir = explicit or folders.sweep_report_dir(record.name, record.sweep_id)
     try:
         rows, header, paths = rebuild_report(store, record, report_dir)
     except ReportNotWritten as e:  # writing the files is this command's whole job
@@ -408,7 +412,13 @@ def _report(args: argparse.Namespace) -> int:
         return EXIT_INTERNAL
     if record.parent_status == "RUNNING":
         console.print(f"note: sweep {record.sweep_id} is still running: trials not yet ended are listed as failed")
-    _print_summary(sweep_summary(header, rows, report_dir, paths))
+    summary = sweep_summary(header, rows, report_dir, paths)
+    # `latest` shows the name's newest sweep: rewriting an older sweep's report never moves it back.
+    newest = store.latest_parent_run([record.experiment_id]) if explicit is None else None
+    if newest is not None and newest.info.run_id == record.parent_run_id:
+        latest = folders.move_latest(report_dir)
+        summary["latest"] = str(latest) if latest else None
+    _print_summary(summary)
     Console().print("wrote " + ", ".join(str(p) for p in paths.values()), highlight=False, soft_wrap=True)
     return EXIT_OK
 

@@ -28,7 +28,8 @@ class SweepConfig(BaseModel):
     name: SweepName | None = Field(default=None, description="sweep name (MLflow experiment, registered model, "
                                    "report folder): letters, digits, '.', '_', '-', at most 200; default: the "
                                    "spec's name")
-    report_dir: Path | None = Field(default=None, description="where the leaderboard goes; default reports/<name>")
+    report_dir: Path | None = Field(default=None, description="where the report goes, exactly; default "
+                                    "reports/<name>/<sweep id>, with reports/<name>/latest showing the newest")
     work_dir: Path = Field(default=Path(".hpsweep"), description="trial folders: checkpoints, logs, results")
     tracking_uri: str | None = Field(default=None, description="MLflow tracking URI; default "
                                                                "$MLFLOW_TRACKING_URI, else ./mlflow.db")

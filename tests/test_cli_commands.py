@@ -1,5 +1,6 @@
-"""`hpsweep report`: the report of any past sweep, written again from MLflow alone, is the one the
-sweep wrote (same files, same ranking), by sweep name (latest execution) or by sweep id."""
+"""Each sweep's report in its own folder, `latest` on the newest; `hpsweep report`: the report of any
+past sweep, written again from MLflow alone, is the one the sweep wrote (same files, same ranking), by
+sweep name (latest execution) or by sweep id."""
 
 from __future__ import annotations
 
@@ -18,38 +19,63 @@ def files(folder) -> set[str]:
     return {p.name for p in folder.iterdir()}
 
 
-def test_report_regenerates_a_past_sweep(served_project: Project):
+def snapshot(folder) -> dict[str, tuple[bytes, int]]:
+    """Each file's bytes and modification time: a report left untouched keeps both."""
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.iterdir()}
+
+
+def test_each_sweep_keeps_its_own_report_and_latest_moves(served_project: Project):
     project = served_project
     combos = [{"f1": f, "mode": "ok"} for f in (0.61, 0.93, 0.72)] + [{"f1": 0.99, "mode": "raise"}]
     spec = SLEEPY_SPEC.format(name="again", sleep_s=0.1, gpus=1)
-    assert run_sweep(project, combos, spec, 2).returncode == 1  # one trial fails: still a report
-    report_dir = project.root / "reports" / "again"
-    first = leaderboard(project, "again")
-    written = files(report_dir)
+    result = run_sweep(project, combos, spec, 2)
+    assert result.returncode == 1  # one trial fails: still a report
+    reports = project.root / "reports" / "again"
+    first = leaderboard(project, "again")  # read through reports/again/latest
+    first_dir = reports / first["sweep_id"]
+    assert (reports / "latest").is_symlink() and (reports / "latest").resolve() == first_dir.resolve()
+    assert f"report: reports/again/{first['sweep_id']}/leaderboard.md" in result.stdout  # the path written
+    written = files(first_dir)
     assert {"leaderboard.md", "leaderboard.csv", "leaderboard.json", "f1_by_combination.png"} <= written
-    shutil.rmtree(report_dir)
+    before = snapshot(first_dir)
 
-    result = project.hpsweep("report", "again")
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert files(report_dir) == written
-    assert leaderboard(project, "again") == first  # same header, same rows, same ranking
-    assert "0.9300" in result.stdout and "leaderboard.md" in result.stdout
-
-    # A rerun reuses everything that finished; the first sweep's report is still there by its id.
+    # A second sweep of the same name (every trial reused, so no plot of its own would differ much):
+    # its own folder; the first one's files untouched; `latest` moves to it.
     assert run_sweep(project, combos, spec, 2).returncode == 1
-    latest = leaderboard(project, "again")
-    assert latest["sweep_id"] != first["sweep_id"]
-    assert [r["status"] for r in latest["rows"]] == ["REUSED"] * 3 + ["FAILED"]
+    second = leaderboard(project, "again")
+    assert second["sweep_id"] != first["sweep_id"]
+    assert [r["status"] for r in second["rows"]] == ["REUSED"] * 3 + ["FAILED"]
+    assert (reports / "latest").resolve() == (reports / second["sweep_id"]).resolve()
+    assert snapshot(first_dir) == before
+    assert sorted(p.name for p in reports.iterdir()) == sorted([first["sweep_id"], second["sweep_id"], "latest"])
+
+    # `hpsweep report` of the older sweep, by id: written again into its own folder, the same report;
+    # `latest` stays on the newer sweep.
+    shutil.rmtree(first_dir)
+    result = project.hpsweep("report", first["sweep_id"])
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert files(first_dir) == written
+    assert json.loads((first_dir / "leaderboard.json").read_text()) == first  # same header, rows, ranking
+    assert "0.9300" in result.stdout and f"reports/again/{first['sweep_id']}/leaderboard.md" in result.stdout
+    assert (reports / "latest").resolve() == (reports / second["sweep_id"]).resolve()
+
+    # By name: the latest execution, into its folder, `latest` still there.
+    shutil.rmtree(reports / second["sweep_id"])
+    assert project.hpsweep("report", "again").returncode == 0
+    assert leaderboard(project, "again") == second
+
+    # --report-dir: exactly there, and `latest` is not moved (for `report` as for `run`).
     result = project.hpsweep("report", first["sweep_id"], "--report-dir", "old")
     assert result.returncode == 0, result.stdout + result.stderr
     old = json.loads((project.root / "old" / "leaderboard.json").read_text())
     assert {k: v for k, v in old.items() if k != "champion"} == {k: v for k, v in first.items() if k != "champion"}
     assert [(r["rank"], r["run_id"], r["f1"]) for r in old["rows"]] == [
         (r["rank"], r["run_id"], r["f1"]) for r in first["rows"]]
-    # And by name, the latest execution: the reused rows keep their original runs and F1s.
-    shutil.rmtree(report_dir)
-    assert project.hpsweep("report", "again").returncode == 0
-    assert leaderboard(project, "again") == latest
+    result = run_sweep(project, combos, spec, 2, "--report-dir", "mine")
+    third = json.loads((project.root / "mine" / "leaderboard.json").read_text())
+    assert "report: mine/leaderboard.md" in result.stdout and not (project.root / "mine" / "latest").exists()
+    assert third["sweep_id"] not in {p.name for p in reports.iterdir()}
+    assert (reports / "latest").resolve() == (reports / second["sweep_id"]).resolve()
 
 
 def test_hpsweep_alone_prints_its_help_and_version_says_which():

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from tests.conftest import REPO
 pytestmark = pytest.mark.slow
 
 VENV_BIN = str(Path(sys.executable).parent)
+LATEST = "reports/digits-mlp/latest"  # dvc.yaml's outs: the newest sweep's report
 
 
 class DvcProject:
@@ -97,13 +99,25 @@ def dvc_project(tmp_path_factory: pytest.TempPathFactory) -> DvcProject:
 def test_dvc_repro_runs_the_demo_end_to_end(dvc_project: DvcProject):
     first = dvc_project.run("dvc", "repro")
     assert "Running stage 'sweep'" in first.stdout
-    board = json.loads((dvc_project.root / "reports/digits-mlp/leaderboard.json").read_text())
+    board = json.loads((dvc_project.root / f"{LATEST}/leaderboard.json").read_text())
     assert board["counts"] == {"total": 16, "finished": 16, "failed": 0, "reused": 0}
+    assert (dvc_project.root / LATEST).resolve().name == board["sweep_id"]  # the sweep's own folder
     metrics = json.loads(dvc_project.run("dvc", "metrics", "show", "--json").stdout)
-    best = metrics[""]["data"]["reports/digits-mlp/best.json"]["data"]
+    best = metrics[""]["data"][f"{LATEST}/best.json"]["data"]
     assert best["best_f1"] == board["rows"][0]["f1"] > 0.9
     plots = dvc_project.run("dvc", "plots", "show", "--json").stdout
-    assert "reports/digits-mlp/leaderboard.csv" in plots
+    assert f"{LATEST}/f1_by_combination.png" in plots and f"{LATEST}/f1_by_hparam.png" in plots
+
+
+def test_dvc_plots_render_offline(dvc_project: DvcProject):
+    """`dvc plots show` writes a page that needs no internet: the report's PNGs, copied beside it."""
+    dvc_project.run("dvc", "plots", "show")
+    page = (dvc_project.root / "dvc_plots" / "index.html").read_text()
+    assert re.findall(r"https?://", page) == []  # no CDN script (a Vega plot would load three)
+    images = re.findall(r'<img src="([^"]+)"', page)
+    assert len(images) == 2 and all((dvc_project.root / "dvc_plots" / src).stat().st_size > 1000 for src in images)
+    status = dvc_project.run("git", "status", "--porcelain").stdout
+    assert "dvc_plots" not in status  # gitignored
 
 
 def test_provenance_matches_dvc_and_git(dvc_project: DvcProject):
@@ -119,7 +133,7 @@ def test_provenance_matches_dvc_and_git(dvc_project: DvcProject):
     for run in dvc_project.trial_runs():  # reused by this sweep: they keep the provenance they trained with
         assert {k: run.data.tags[k] for k in ("hpsweep.data_version", "hpsweep.git_commit")} == \
             {"hpsweep.data_version": expected["hpsweep.data_version"], "hpsweep.git_commit": trained_at}
-    header = (dvc_project.root / "reports/digits-mlp/leaderboard.md").read_text().split("| rank")[0]
+    header = (dvc_project.root / f"{LATEST}/leaderboard.md").read_text().split("| rank")[0]
     assert expected["hpsweep.data_version"] in header and head in header
     assert parent.data.tags["hpsweep.spec_hash"] in header
 
@@ -137,11 +151,17 @@ def test_one_changed_combination_trains_only_that_one(dvc_project: DvcProject):
     data = yaml.safe_load(combos.read_text())
     data["combinations"][0]["alpha"] = 0.05  # a value no earlier trial had
     combos.write_text(yaml.safe_dump(data, sort_keys=False))
+    previous = json.loads((dvc_project.root / f"{LATEST}/leaderboard.json").read_text())["sweep_id"]
+    kept = {p.name: p.read_bytes() for p in (dvc_project.root / "reports/digits-mlp" / previous).iterdir()}
     rerun = dvc_project.run("dvc", "repro")
     assert "Running stage 'sweep'" in rerun.stdout
+    # DVC removes a stage's outs before running it: `persist` keeps it from deleting, through
+    # `latest`, the previous sweep's report, which stays as it was in its own folder.
+    assert {p.name: p.read_bytes() for p in (dvc_project.root / "reports/digits-mlp" / previous).iterdir()} == kept
+    assert (dvc_project.root / LATEST).resolve().name != previous
     new = [r for r in dvc_project.trial_runs() if r.info.run_id not in before]
     assert len(new) == 1 and json.loads(new[0].data.tags["hpsweep.hparams"])["alpha"] == 0.05
-    board = json.loads((dvc_project.root / "reports/digits-mlp/leaderboard.json").read_text())
+    board = json.loads((dvc_project.root / f"{LATEST}/leaderboard.json").read_text())
     assert board["counts"] == {"total": 16, "finished": 1, "failed": 0, "reused": 15}
 
 
@@ -151,7 +171,7 @@ def test_changed_data_never_reuses_old_trials(dvc_project: DvcProject):
     old_train = dvc_project.lock_md5("data/train.csv")
     dvc_project.run("dvc", "repro")
     assert dvc_project.lock_md5("data/train.csv") != old_train
-    board = json.loads((dvc_project.root / "reports/digits-mlp/leaderboard.json").read_text())
+    board = json.loads((dvc_project.root / f"{LATEST}/leaderboard.json").read_text())
     assert board["counts"]["reused"] == 0 and board["counts"]["finished"] == 16
 
 

@@ -35,7 +35,8 @@ def write_project(tmp_path: Path) -> Path:
 
 def config(project: Path, **kw) -> SweepConfig:
     return SweepConfig(combinations=project / "combos.yaml", spec=project / "spec.yaml", train=project / "train.csv",
-                       val=project / "val.csv", quota=2, work_dir=project / "work", report_dir=project / "report", **kw)
+                       val=project / "val.csv", quota=2, work_dir=project / "work",
+                       **{"report_dir": project / "report", **kw})
 
 
 def run_sweep(project: Path, store: InMemoryStore, script=None, capacity=2, **kw):
@@ -62,6 +63,31 @@ def test_a_sweep_trains_every_combination_ranks_them_and_crowns_the_best(project
     parent = store.runs[opened.run.parent_run_id]
     assert parent.status == "FINISHED" and parent.params["best_f1"] == 0.9
     assert [r.dispatch_position for r in store.load_plan(opened.run.parent_run_id)] == [1, 2, 3, 4]
+
+
+def test_each_sweep_reports_into_its_own_folder_and_latest_moves(project, monkeypatch):
+    """A later sweep of the same name, even one where every trial failed, never touches an earlier report."""
+    monkeypatch.chdir(project)
+    store = InMemoryStore()
+    first = run_sweep(project, store, f1s(store, {1: 0.5, 2: 0.9, 3: 0.7, 4: 0.6}), report_dir=None)[2]
+    first_dir = Path("reports/mem") / first["sweep_id"]
+    assert (first["report_dir"], first["latest"]) == (str(first_dir), str(Path("reports/mem/latest")))
+    assert Path("reports/mem/latest").resolve() == first_dir.resolve()
+    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in first_dir.iterdir()}
+    assert "f1_by_combination.png" in before
+
+    broken = {i: [TRAINER_ERROR] for i in range(1, 5)}
+    second = run_sweep(project, store, broken, retrain=True, report_dir=None)[2]
+    assert second["counts"]["failed"] == 4 and second["sweep_id"] != first["sweep_id"]
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in first_dir.iterdir()} == before
+    latest = Path("reports/mem/latest")
+    assert latest.is_symlink() and latest.resolve() == (Path("reports/mem") / second["sweep_id"]).resolve()
+    assert not list(latest.glob("*.png"))  # nothing finished: no empty "top 0 of 4" plot
+
+    # An explicit folder: exactly there, and `latest` stays where it was.
+    third = run_sweep(project, store, broken, retrain=True, report_dir=Path("custom"))[2]
+    assert third["report_dir"] == "custom" and "latest" not in third and Path("custom/leaderboard.json").is_file()
+    assert latest.resolve().name == second["sweep_id"]
 
 
 def test_a_rerun_reuses_finished_trials_and_trains_only_the_rest(project):

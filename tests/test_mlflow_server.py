@@ -429,7 +429,7 @@ def test_sweep_runs_through_the_server_with_artifacts_in_s3_and_no_credential_le
     result = project.hpsweep("run", "--combinations", "params/combinations.yaml", "--spec", "params/spec.yaml",
                              "--train", "data/train.csv", "--val", "data/val.csv", "--quota", "2")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    board = json.loads((project.root / "reports" / name / "leaderboard.json").read_text())
+    board = json.loads((project.root / "reports" / name / "latest" / "leaderboard.json").read_text())
     assert [r["f1"] for r in board["rows"]] == [0.93, 0.82, 0.71]
 
     with logged_in(auth_server.admin):

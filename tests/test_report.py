@@ -84,6 +84,69 @@ def test_report_files_agree(tmp_path):
     assert not list(tmp_path.glob("*.tmp*"))
 
 
+def test_the_leaderboard_has_each_trials_duration():
+    rows = rank_rows([replace(run(1, 0.5), duration_s=4.25), replace(run(2, 0.7), duration_s=185.0),
+                      replace(run(3, None, "NEVER_STARTED"), duration_s=None)])
+    md = render_markdown({"sweep_id": "s", "name": "n"}, rows)
+    header = next(line for line in md.splitlines() if line.startswith("| rank"))
+    assert header.split(" | ")[-2:] == ["duration", "run |"]
+    cells = {line.split(" | ")[0]: line.split(" | ")[-2] for line in md.splitlines()
+             if line[:3] in ("| 1", "| 2", "| 3")}
+    assert cells == {"| 1": "3 min 05 s", "| 2": "4.2 s", "| 3": "—"}
+    assert list(leaderboard_frame(rows)["duration_s"][:2]) == [185.0, 4.25]
+
+
+def test_f1_bars_zoom_to_the_data_and_their_labels_fit():
+    rows = rank_rows([run(i, 0.95 + i * 0.002, lr=10 ** -(i % 3)) for i in range(16)])
+    fig = plots.f1_by_combination_figure(rows)
+    ax = fig.axes[0]
+    fig.canvas.draw()
+    left, right = ax.get_xlim()
+    assert 0.9 < left < 0.95 and right > 0.98  # not 0..1: 0.95 and 0.98 are told apart
+    box = ax.get_window_extent()
+    labels = [t for t in ax.texts if t.get_text().startswith("0.9")]
+    assert len(labels) == 16 and all(box.x0 < t.get_window_extent().x1 <= box.x1 for t in labels)
+    plt.close(fig)
+
+
+def test_f1_by_hparam_draws_every_panel_alike_with_one_legend():
+    # lr: few trials per value, act: many (categorical), depth: many (numeric): one statistic for all.
+    rows = rank_rows([run(i, 0.9 + (i % 7) / 100, lr=10 ** -(i % 3), act=("relu", "tanh")[i % 2], depth=i % 2)
+                      for i in range(12)])
+    fig = plots.f1_by_hparam_figure(rows)
+    panels = [ax for ax in fig.axes if ax.get_title()]
+    assert [ax.get_title() for ax in panels] == ["lr", "act", "depth"]
+    assert all(ax.get_legend() is None for ax in panels) and len(fig.legends) == 1  # one legend, for the figure
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["a trial", "best F1 at each value"]
+    assert {ax.get_ylim() for ax in panels} == {plots.f1_range([r.f1 for r in rows])}  # one zoomed F1 axis
+    assert panels[0].get_ylim()[0] > 0.8
+    marks = [[line for line in ax.lines if line.get_color() == plots.BEST] for ax in panels]
+    assert all(len(m) == 1 and m[0].get_marker() == "_" for m in marks)  # the same mark in every panel
+    assert list(marks[1][0].get_ydata()) == pytest.approx([0.96, 0.95])  # relu's best, tanh's best
+    plt.close(fig)
+
+
+def test_trials_reporting_one_step_get_no_learning_curve(tmp_path):
+    rows = rank_rows([run(1, 0.8), run(2, 0.7)])
+    curves = {"r1": [(0, 0.8)], "r2": [(0, 0.7)]}  # each trial logged val_f1 once, at its end
+    paths = write_report(tmp_path, {"sweep_id": "s", "name": "once"}, rows, curves)
+    assert "learning_curves.png" not in paths and not (tmp_path / "learning_curves.png").exists()
+    assert "learning" not in paths["leaderboard.md"].read_text().lower()
+
+
+def test_a_sweep_where_every_trial_failed_draws_no_empty_f1_plot(tmp_path):
+    rows = rank_rows([run(i, None, "FAILED", "unexpected keyword argument 'min_sample_leaf'", depth=i)
+                      for i in range(6)])
+    paths = write_report(tmp_path, {"sweep_id": "s", "name": "broken"}, rows, {})
+    assert {"f1_by_combination.png", "f1_by_hparam.png"}.isdisjoint(paths)
+    assert not list(tmp_path.glob("*.png"))
+    md = paths["leaderboard.md"].read_text()
+    assert "top 0" not in md and "No F1 plots: no trial has an F1" in md
+    assert images_linked(paths["leaderboard.md"]) == []
+    with pytest.raises(ValueError, match="no trial has an F1"):
+        plots.f1_by_combination_figure(rows)
+
+
 def test_markdown_escapes_reasons_that_would_break_the_table():
     rows = rank_rows([run(1, None, "FAILED", "a | b\nc")])
     line = [l for l in render_markdown({"sweep_id": "s", "name": "n"}, rows).splitlines() if l.startswith("| 1 ")][0]
@@ -268,7 +331,8 @@ def test_the_report_lists_every_combination_reused_and_never_started_included(tm
     parent = store.start_parent_run(exp, "demo-1", {TAG_SPEC_HASH: "h", TAG_QUOTA: "2"}, {})
     trials = [PlannedTrial(i, {"i": i}, f"k{i}") for i in range(1, 5)]
     ok = store.start_trial_run(exp, "demo-1", 1, {"i": 1}, "k1")
-    store.log_metric(ok, "val_f1", 1, 0.6)
+    store.log_metric(ok, "val_f1", 1, 0.5)
+    store.log_metric(ok, "val_f1", 2, 0.6)
     store.finish_trial_run(ok, Outcome(True, 0.6, started_at=0.0, ended_at=1.0))
     bad = store.start_trial_run(exp, "demo-1", 2, {"i": 2}, "k2")
     store.finish_trial_run(bad, Outcome(False, None, "boom"))
@@ -302,3 +366,36 @@ def test_the_report_lists_every_combination_reused_and_never_started_included(tm
     again = rebuild_report(store, record, tmp_path / "again")
     assert (tmp_path / "again" / "leaderboard.json").read_bytes() == paths["leaderboard.json"].read_bytes()
     assert again[0] == rows and store.versions["demo"] == 1
+
+
+# ---------------------------------------------------------------- the report folders
+
+
+def test_latest_is_a_relative_link_swapped_over_the_old_one(tmp_path):
+    from hpsweep.report.folders import point_latest
+
+    for sweep in ("s-1", "s-2"):
+        (tmp_path / sweep).mkdir()
+        (tmp_path / sweep / "best.json").write_text(sweep)
+        latest = point_latest(tmp_path / sweep)
+        assert latest.is_symlink() and str(latest.readlink()) == sweep  # relative: the reports folder can move
+        assert (latest / "best.json").read_text() == sweep
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "s-1", "s-2"]  # no temporary name left
+
+
+def test_latest_is_a_copy_where_links_cannot_be_made(tmp_path, monkeypatch):
+    from hpsweep.report.folders import point_latest
+
+    def no_links(self, *args, **kwargs):
+        raise OSError("symbolic links are not supported here")
+
+    monkeypatch.setattr(Path, "symlink_to", no_links)
+    for sweep in ("s-1", "s-2"):
+        (tmp_path / sweep).mkdir()
+        (tmp_path / sweep / "best.json").write_text(sweep)
+        latest = point_latest(tmp_path / sweep)
+        assert not latest.is_symlink() and (latest / "best.json").read_text() == sweep
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "s-1", "s-2"]
+    monkeypatch.undo()
+    assert point_latest(tmp_path / "s-1").is_symlink()  # links work again: the copy is replaced by one
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "s-1", "s-2"]

@@ -252,7 +252,7 @@ def test_a_sweep_whose_report_folder_is_full_exits_as_its_trials_say(project: Pr
 
     fill_disk(project.root / "reports" / "full", REPORT_FILES)
     result = run_cli(project, [{"f1": 0.7, "mode": "ok"}, {"f1": 0.8, "mode": "ok"}],
-                     SLEEPY_SPEC.format(name="full", sleep_s=0.05, gpus=1), 2)
+                     SLEEPY_SPEC.format(name="full", sleep_s=0.05, gpus=1), 2, "--report-dir", "reports/full")
     out = " ".join((result.stdout + result.stderr).split())  # the log's lines are wrapped
     assert result.returncode == 0, out
     assert "report: skipped" in out and "No space left on device" in out and "hpsweep report full-" in out

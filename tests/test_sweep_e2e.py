@@ -47,7 +47,8 @@ def peak_concurrency(events: list[dict]) -> int:
 
 
 def leaderboard(project: Project, name: str) -> dict:
-    return json.loads((project.root / "reports" / name / "leaderboard.json").read_text())
+    """The newest sweep's leaderboard.json of that name (reports/<name>/latest)."""
+    return json.loads((project.root / "reports" / name / "latest" / "leaderboard.json").read_text())
 
 
 def run_sweep(project: Project, combos: list[dict], spec: str, quota: int, *extra: str,
@@ -103,7 +104,7 @@ def test_sweep_ranks_every_combination_and_registers_the_champion(served_project
     champion = client.get_model_version_by_alias("ranked", "champion")
     assert champion.run_id == rows[0]["run_id"]
 
-    report_dir = project.root / "reports" / "ranked"
+    report_dir = project.root / "reports" / "ranked" / "latest"
     assert {p.name for p in report_dir.iterdir()} == {"leaderboard.md", "leaderboard.csv", "leaderboard.json",
                                                       "best.json", "f1_by_combination.png", "f1_by_hparam.png",
                                                       "learning_curves.png"}

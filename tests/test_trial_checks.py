@@ -250,7 +250,7 @@ def test_a_sweep_whose_validation_file_changes_fails_the_later_trials_and_reuses
            "HPSWEEP_HASH_MEMO": str(project.root / "memo.json")}
     first = project.hpsweep(*args, env=env)
     assert first.returncode == 1, first.stdout + first.stderr
-    rows = json.loads((project.root / "reports" / "changing" / "leaderboard.json").read_text())["rows"]
+    rows = json.loads((project.root / "reports" / "changing" / "latest" / "leaderboard.json").read_text())["rows"]
     assert [r["status"] for r in rows] == ["FAILED"] * 3
     assert all(r["reason"].startswith(f"{DATA_CHANGED}: ") for r in rows), [r["reason"] for r in rows]
 
@@ -258,7 +258,7 @@ def test_a_sweep_whose_validation_file_changes_fails_the_later_trials_and_reuses
     (project.root / "data" / "val.csv").write_bytes(original)
     second = project.hpsweep(*args)
     assert second.returncode == 0, second.stdout + second.stderr
-    rows = json.loads((project.root / "reports" / "changing" / "leaderboard.json").read_text())["rows"]
+    rows = json.loads((project.root / "reports" / "changing" / "latest" / "leaderboard.json").read_text())["rows"]
     assert sorted(r["status"] for r in rows) == ["FINISHED"] * 3
     db = sqlite3.connect(project.root / "mlflow.db")
     versions = {v for (v,) in db.execute("select value from tags where key = ?", (TAG_DATA_VERSION,))}

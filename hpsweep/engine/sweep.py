@@ -24,7 +24,7 @@ from hpsweep.engine.controller import SweepRun
 from hpsweep.inputs import SweepInputs, resolved_interpreter
 from hpsweep.model import HEARTBEAT_S, ZOMBIE_AFTER_S, PlannedTrial, TrialRow
 from hpsweep.periodic import Periodic
-from hpsweep.report import assemble
+from hpsweep.report import assemble, folders
 from hpsweep.store import SweepStore, grants
 from hpsweep.store.runs import setting_params
 from hpsweep.store.tags import (TAG_DISPATCH, TAG_GIT_COMMIT, TAG_INTERPRETER, TAG_QUOTA, TAG_SETTINGS,
@@ -151,9 +151,13 @@ def close_sweep(opened: OpenedSweep, store: SweepStore, report_dir: Path | None,
     before any local file, the local files are best-effort (a warning for each left out, the exit
     code still the trials'), and whatever fails here (the registry, the tracking store) closes the
     parent run FAILED with the reason before it goes on up.
+
+    ``report_dir`` None: ``reports/<name>/<sweep_id>/``, and ``reports/<name>/latest`` then points at
+    it (``hpsweep.report.folders``); given: the files go exactly there and ``latest`` is left alone.
     """
     run = opened.run
-    report_dir = report_dir or Path("reports") / run.name
+    explicit = report_dir is not None  # --report-dir / sweep.report_dir: exactly there, and no `latest`
+    report_dir = report_dir or folders.sweep_report_dir(run.name, run.sweep_id)
     with closed_on_crash(store, run.experiment_id, run.sweep_id, run.parent_run_id):
         meta = assemble.sweep_meta(run.sweep_id, run.name, run.experiment_id, run.parent_run_id, run.tracking_uri,
                                    opened.provenance, opened.provenance.get(TAG_QUOTA))
@@ -172,6 +176,9 @@ def close_sweep(opened: OpenedSweep, store: SweepStore, report_dir: Path | None,
         log.warning("the report of sweep %s is not in %s (see above); its leaderboard.json is on parent run %s in "
                     "MLflow (report/leaderboard.json), and `hpsweep report %s --report-dir DIR` writes it all again",
                     run.sweep_id, report_dir, run.parent_run_id, run.sweep_id)
+    elif not explicit:
+        latest = folders.move_latest(report_dir)
+        summary["latest"] = str(latest) if latest else None
     Callbacks(list(callbacks)).emit("on_report", header, rows)
     return summary
 

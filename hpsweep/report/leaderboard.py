@@ -112,15 +112,29 @@ def render_markdown(sweep: dict[str, Any], rows: Sequence[TrialRow], plot_name: 
         lines += [f"{note}\n" for note in notes]
         lines += ["## Trials"]
     keys = _hparam_keys(rows)
-    lines += ["", "| rank | " + " | ".join(md(k) for k in keys) + " | F1 | status | attempts | run |",
-              "|---:|" + "---|" * len(keys) + "---:|---|---:|---|"]
+    lines += ["", "| rank | " + " | ".join(md(k) for k in keys) + " | F1 | status | attempts | duration | run |",
+              "|---:|" + "---|" * len(keys) + "---:|---|---:|---:|---|"]
     for r in (row.leaderboard() for row in rows):
         hp = " | ".join(md(r["hparams"].get(k, "")) for k in keys)
         f1 = f"{r['f1']:.4f}" if r["f1"] is not None else "—"
         status = r["status"] + (f": {md(r['reason'], REASON_CHARS)}" if r.get("reason") else "")
         run = md((r["run_id"] or "")[:8], code=True) if r["run_id"] else ""
-        lines.append(f"| {r['rank']} | {hp} | {f1} | {status} | {r['attempts']} | {run} |")
+        lines.append(f"| {r['rank']} | {hp} | {f1} | {status} | {r['attempts']} | {duration(r['duration_s'])} "
+                     f"| {run} |")
     return "\n".join(lines) + "\n"
+
+
+def duration(seconds: float | None) -> str:
+    """A trial's wall time as a person reads it: ``0.4 s``, ``42 s``, ``3 min 05 s``, ``2 h 07 min``; ``—`` unknown."""
+    if seconds is None:
+        return "—"
+    if seconds < 10:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    if minutes < 1:
+        return f"{secs} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {secs:02d} s"
 
 
 def _champion_lines(sweep: dict[str, Any]) -> list[str]:
@@ -172,10 +186,10 @@ def write_report(report_dir: Path, sweep: dict[str, Any], rows: Sequence[TrialRo
     """Write the leaderboard (json, csv, md), best.json and the plots, each file atomically; return every file written.
 
     ``leaderboard.json`` first (the contract, and what MLflow keeps), then ``best.json`` and the csv,
-    the plots, and the markdown last so it links only the plots that were drawn: ``f1_by_combination.png``,
-    ``f1_by_hparam.png`` when the trials have hparams, ``learning_curves.png`` when ``curves`` (from
-    ``learning_curves``) hold at least one point. A plot not drawn this time is removed from ``report_dir``
-    so the folder never shows a stale one. Best-effort all through: a file that cannot be written (a
+    the plots, and the markdown last so it links only the plots that were drawn: ``f1_by_combination.png``
+    and (when the trials have hparams) ``f1_by_hparam.png`` when a trial has an F1, ``learning_curves.png``
+    when a curve in ``curves`` (from ``learning_curves``) has at least two steps. A plot not drawn this
+    time is removed from ``report_dir`` so the folder never shows a stale one. Best-effort all through: a file that cannot be written (a
     full or read-only folder) or a plot that cannot be drawn is left out with one warning line saying
     what and why, and the rest is still written; nothing here raises for it.
     """
@@ -199,12 +213,16 @@ def write_report(report_dir: Path, sweep: dict[str, Any], rows: Sequence[TrialRo
     attempt(BEST_JSON, lambda p: _write_text(p, json.dumps(best_summary(sweep, rows), indent=2, default=str) + "\n"))
     attempt(LEADERBOARD_CSV, lambda p: _write_text(p, leaderboard_frame(rows).to_csv(index=False)))
     notes = []
-    attempt(F1_BY_COMBINATION, lambda p: plot_f1(rows, p))
-    if _hparam_keys(rows):
-        attempt(F1_BY_HPARAM, lambda p: plot_f1_by_hparam(rows, p))
-    if curves and any(curves.values()):
+    if any(r.has_f1 for r in rows):
+        attempt(F1_BY_COMBINATION, lambda p: plot_f1(rows, p))
+        if _hparam_keys(rows):
+            attempt(F1_BY_HPARAM, lambda p: plot_f1_by_hparam(rows, p))
+    elif rows:
+        notes.append("No F1 plots: no trial has an F1 (the table below says why each one failed).")
+    # A curve needs two steps: trials that log their metric once (at the end) get no plot and no note.
+    if curves and any(len(points) > 1 for points in curves.values()):
         attempt(LEARNING_CURVES, lambda p: plot_learning_curves(rows, curves, p, curve_metric))
-    elif curves is not None:
+    elif curves is not None and not any(curves.values()):
         notes.append(f"No learning curves: the top trials logged no per-step {md(curve_metric, code=True)}.")
     for name in PLOT_FILES:
         if name not in written:

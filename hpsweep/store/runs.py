@@ -79,10 +79,16 @@ def trial_row(run: Run) -> TrialRow:
         index=int(tags.get(TAG_INDEX, 0)), hparams=json.loads(tags.get(TAG_HPARAMS, "{}")), state=state_of(run),
         run_id=run.info.run_id, run_name=run.info.run_name, key=tags.get(TAG_TRIAL_KEY),
         f1=run.data.metrics.get("f1"), reason=tags.get(TAG_REASON), attempt=int(tags.get(TAG_ATTEMPT, 1)),
-        duration_s=float(tags[TAG_DURATION]) if TAG_DURATION in tags else None,
+        duration_s=float(tags[TAG_DURATION]) if TAG_DURATION in tags else _run_wall_time(run),
         started_at=(run.info.start_time or 0) / 1000,
         heartbeat=float(tags[TAG_HEARTBEAT]) if TAG_HEARTBEAT in tags else None,
     )
+
+
+def _run_wall_time(run: Run) -> float | None:
+    """An ended run's wall time from MLflow's own clock (a run closed without hpsweep's duration tag)."""
+    start, end = run.info.start_time, run.info.end_time
+    return max(0.0, (end - start) / 1000) if start and end else None
 
 
 def outcome_of(run: Run) -> Outcome:

@@ -85,7 +85,7 @@ def finished_runs_per_key(client: MlflowClient, name: str) -> Counter:
 
 
 def leaderboard(project: Project, name: str) -> dict:
-    return json.loads((project.root / "reports" / name / "leaderboard.json").read_text())
+    return json.loads((project.root / "reports" / name / "latest" / "leaderboard.json").read_text())
 
 
 @pytest.fixture
