@@ -4,6 +4,7 @@ skops needs, in the flavour the model calls for. Timings: bench/save_model_bench
 from __future__ import annotations
 
 import json
+import re
 from importlib.metadata import version
 from pathlib import Path
 
@@ -108,3 +109,15 @@ def test_a_torch_module_saves_with_cpu_weights_and_loads_back(tmp_path: Path) ->
     assert torch.equal(loaded(x), model(x))
     requirements = (ctx.model_dir / "requirements.txt").read_text().split()
     assert f"torch=={version('torch').split('+')[0]}" in requirements
+
+
+def test_the_readmes_command_trainer_snippet_saves_a_loadable_forest(digits, tmp_path: Path, monkeypatch) -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    snippet = next(b for b in blocks if "HPSWEEP_MODEL_DIR" in b and "skops_trusted_types" in b)
+    X, y = digits
+    model = RandomForestClassifier(n_estimators=5, random_state=0).fit(X, y)
+    (tmp_path / "model").mkdir()
+    monkeypatch.setenv("HPSWEEP_MODEL_DIR", str(tmp_path / "model"))
+    exec(compile(snippet, "README.md", "exec"), {"model": model})
+    assert (mlflow.sklearn.load_model(str(tmp_path / "model")).predict(X[:20]) == model.predict(X[:20])).all()
