@@ -208,9 +208,14 @@ def _print_summary(result: dict[str, Any]) -> None:
                   soft_wrap=True)
     if result.get("champion_note"):
         out.print(result["champion_note"], markup=False, highlight=False, soft_wrap=True)
+    from hpsweep.store.uri import ui_url
+
     uri = result["tracking_uri"]
-    ui = f"mlflow ui --backend-store-uri {uri}" if not uri.startswith("http") else uri
-    out.print(f"MLflow UI: {ui}  (experiment {result['experiment_id']}, parent run {result['parent_run_id']})")
+    # The runs table with the f1 column: MLflow 3.17's UI opens an experiment on its GenAI pages otherwise.
+    url = ui_url(uri, result["experiment_id"])
+    start = "" if uri.startswith("http") else f"mlflow ui --backend-store-uri {uri}, then open "
+    out.print(f"MLflow UI: {start}{url}  (parent run {result['parent_run_id']})", markup=False, highlight=False,
+              soft_wrap=True)
 
 
 def _validated(args: argparse.Namespace) -> tuple[SweepConfig, SweepInputs]:

@@ -54,19 +54,21 @@ def test_mlflow_ui_lists_every_trial_run_with_its_f1(served_project: Project, ml
     assert len(expected) == 5
 
     parent_name = MlflowClient(mlflow_server.url).get_run(board["parent_run_id"]).info.run_name
+    # The URL the sweep's summary prints, as a user would copy it (README: "See the results").
+    printed = re.search(r"MLflow UI: (\S+)", result.stdout)
+    assert printed, result.stdout
+    url = printed.group(1)
+    assert url.startswith(f"{mlflow_server.url}/#/experiments/{board['experiment_id']}/runs?"), url
     shot = ARTIFACTS / "mlflow_ui_runs_with_f1.png"
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     try:
-        # The experiment's "Model training" view (MLflow 3 opens experiments on its GenAI pages).
-        page.goto(f"{mlflow_server.url}/#/experiments/{board['experiment_id']}/runs?workflowType=machine_learning")
+        page.goto(url)
+        # The runs table, not MLflow 3's GenAI overview ("No data available", "Detect Issues").
         expect(page.get_by_text("matching runs")).to_be_visible(timeout=UI_TIMEOUT_MS)
-        # Metric columns are hidden by default: show `f1` as a user would, through "Columns"
-        # (the search also finds best_f1, val_f1 and the `f1` param; Metrics come first).
-        page.get_by_role("button", name="Columns", exact=True).click()  # not "Show more columns"
-        page.get_by_placeholder("Search columns").fill("f1")
-        page.get_by_role("dialog").locator('[class$="tree-title"]').filter(has_text=re.compile(r"^f1$")).first.click()
-        page.keyboard.press("Escape")
+        assert "/runs" in page.url and "/overview" not in page.url, page.url
+        expect(page.get_by_text("Detect Issues")).to_have_count(0)
+        # f1 is a column from the start: no Columns menu to open.
         expect(page.locator(f'[role="columnheader"]{F1_COLUMN}')).to_have_text("f1", timeout=UI_TIMEOUT_MS)
         # The trials are child runs, folded under the sweep's parent run: unfold it.
         parent = page.get_by_role("gridcell").filter(has=page.get_by_role("link", name=parent_name, exact=True))

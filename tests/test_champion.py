@@ -223,6 +223,16 @@ def test_a_better_sweep_moves_the_champion(store, root, mlflow_model):
     assert header["champion_note"] == "champion moved: F1 0.9900 beats 0.9800 (version 1 from sweep better-1)"
 
 
+def test_the_champion_version_is_described_by_its_f1_sweep_and_hparams(store, root, mlflow_model):
+    sweeps = Sweeps(store, root, "described")
+    _, rows = sweeps.run([0.7, 0.93], mlflow_model)
+    version = store.client.get_model_version_by_alias("described", "champion")
+    assert version.description == (f"F1 0.9300 on the validation data, trial {rows[0].run_name} of sweep "
+                                   "described-1: i=2")
+    assert version.tags["f1"] == "0.93" and version.tags["hpsweep.sweep_id"] == "described-1"
+    assert json.loads(version.tags["hpsweep.hparams"]) == {"i": 2}
+
+
 def test_a_registered_run_is_never_registered_again(store, root, mlflow_model):
     sweeps = Sweeps(store, root, "again")
     _, rows = sweeps.run([0.98], mlflow_model)

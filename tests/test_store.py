@@ -149,3 +149,15 @@ def test_a_trial_run_shows_its_hparams_and_the_specs_settings_as_params(client, 
                                    settings={"seed": 0, "epochs": 10})
     assert client.get_run(run_id).data.params == {"lr": "0.1", "seed": "7", "settings.seed": "0",
                                                   "settings.epochs": "10"}
+
+
+def test_the_experiment_carries_a_runs_view_with_the_f1_columns_and_the_ui_url_opens_it(client, exp):
+    import json
+
+    tags = client.get_experiment(exp).tags
+    view = json.loads(tags["mlflow.sharedViewState.hpsweep"])  # what MLflow's "Share" button would store
+    assert {"metrics.`f1`", "metrics.`best_f1`"} <= set(view["selectedColumns"])
+    # MLflow 3.17 opens experiments on the GenAI pages unless the URL asks for the runs table.
+    assert store.ui_url("http://10.0.0.5:5000/", exp) == (
+        f"http://10.0.0.5:5000/#/experiments/{exp}/runs?viewStateShareKey=hpsweep&workflowType=machine_learning")
+    assert store.ui_url("sqlite:///x/mlflow.db", exp).startswith(f"http://127.0.0.1:5000/#/experiments/{exp}/runs?")

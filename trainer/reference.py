@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import os
 import pickle
-import shutil
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +22,6 @@ from trainer.contract import DataRefs, TrainContext
 from trainer.prepare import load_xy
 
 CHECKPOINT_NAME = "checkpoint.pkl"
-ADAM_TYPE = "sklearn.neural_network._stochastic_optimizers.AdamOptimizer"
 HPARAM_DEFAULTS: dict[str, Any] = {"hidden": 64, "lr": 1e-3, "alpha": 1e-4, "batch_size": 64}
 
 
@@ -64,7 +61,7 @@ def train(hparams: dict[str, Any], data: DataRefs, ctx: TrainContext) -> float:
 
     if f1 is None:  # resumed from a checkpoint of the final epoch: nothing left to train
         f1 = float(f1_score(y_val, model.predict(X_val), average=average))
-    _save_model(model, Path(ctx.model_dir))
+    ctx.save_model(model)
     return f1
 
 
@@ -87,29 +84,3 @@ def _save_checkpoint(checkpoint_dir: Path, epoch: int, model: MLPClassifier) -> 
     with open(tmp, "wb") as f:
         pickle.dump({"epoch": epoch, "model": model}, f)
     os.replace(tmp, checkpoint_dir / CHECKPOINT_NAME)
-
-
-def _save_model(model: MLPClassifier, model_dir: Path) -> None:
-    import mlflow.sklearn  # imported here: only needed once, at the very end
-
-    # save_model refuses a non-empty folder. hpsweep hands us an empty one; a retry may
-    # find our own earlier save (it has an MLmodel file), which we replace.
-    if (model_dir / "MLmodel").exists():
-        shutil.rmtree(model_dir)
-    if model_dir.is_dir() and not any(model_dir.iterdir()):
-        model_dir.rmdir()
-    # Anything else already in the folder is not ours: keep it, save beside it.
-    target = model_dir / "model" if model_dir.exists() else model_dir
-    if target.exists():
-        shutil.rmtree(target)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # e.g. "model signature not given"; not useful here
-        mlflow.sklearn.save_model(
-            model,
-            str(target),
-            # Explicit requirements: otherwise MLflow spends seconds inferring them.
-            pip_requirements=["scikit-learn"],
-            # MLflow saves with skops, which only loads allow-listed types; the fitted MLP
-            # carries its Adam optimizer state (kept so the model can still partial_fit).
-            skops_trusted_types=[ADAM_TYPE],
-        )

@@ -30,16 +30,13 @@ share the host's cores), ``epoch_sleep_s`` (0: a pause after each checkpoint, fo
 
 from __future__ import annotations
 
-import logging
 import os
-import shutil
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
 import mlflow.pyfunc  # noqa: F401  # loaded lazily by the first save_model: 0.3 s per trial otherwise
-import mlflow.pytorch
+import mlflow.pytorch  # noqa: F401  # what ctx.save_model imports: once per sweep, not per trial
 import numpy as np
 import torch
 import torch._dynamo  # noqa: F401  # imported by the first optimizer's __init__: 2-7 s per trial otherwise
@@ -114,7 +111,7 @@ def train(hparams: dict[str, Any], data: DataRefs, ctx: TrainContext) -> float:
 
     if f1 is None:  # resumed from a checkpoint of the final epoch: nothing left to train
         f1 = _f1(model, X_val_t, y_val, amp_dtype, average)
-    _save_model(model, Path(ctx.model_dir))
+    ctx.save_model(model)  # CPU weights: the champion loads on machines without a GPU
     return f1
 
 
@@ -188,33 +185,3 @@ def _save_checkpoint(checkpoint_dir: Path, epoch: int, model: nn.Module, optimiz
     torch.save({"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict()}, tmp)
     os.replace(tmp, checkpoint_dir / CHECKPOINT_NAME)
-
-
-def _save_model(model: nn.Module, model_dir: Path) -> None:
-    # save_model refuses a non-empty folder. hpsweep hands us an empty one; a retry may
-    # find our own earlier save (it has an MLmodel file), which we replace.
-    if (model_dir / "MLmodel").exists():
-        shutil.rmtree(model_dir)
-    if model_dir.is_dir() and not any(model_dir.iterdir()):
-        model_dir.rmdir()
-    # Anything else already in the folder is not ours: keep it, save beside it.
-    target = model_dir / "model" if model_dir.exists() else model_dir
-    if target.exists():
-        shutil.rmtree(target)
-    mlflow_log = logging.getLogger("mlflow.pytorch")
-    level = mlflow_log.level
-    mlflow_log.setLevel(logging.ERROR)  # its "pickle can run code on load" warning, in every trial log
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # e.g. "model signature not given"; not useful here
-            mlflow.pytorch.save_model(
-                model.to("cpu").eval(),  # CPU weights: the champion loads on machines without a GPU
-                str(target),
-                # Pickle, not MLflow's default pt2: tracing the graph with torch.export costs ~6 s
-                # in a fresh trial process (0.1 s for pickle). The model is ours, so loading is safe.
-                serialization_format="pickle",
-                # Explicit requirements: otherwise MLflow spends seconds inferring them.
-                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-            )
-    finally:
-        mlflow_log.setLevel(level)

@@ -152,7 +152,8 @@ class ChampionCall:
 
 
 REGISTRY_SKIPPED = {"champion": None, "champion_moved": False, "champion_note": "registry skipped (--no-register)"}
-SAVE_HINT = "a trainer saves a loadable one with mlflow.<flavor>.save_model into HPSWEEP_MODEL_DIR"
+SAVE_HINT = ("a trainer saves a loadable one with ctx.save_model(model), or mlflow.<flavor>.save_model into "
+             "HPSWEEP_MODEL_DIR")
 
 
 def validation_version(data_version: str | None) -> str | None:

@@ -29,7 +29,7 @@ from hpsweep.store.runs import (create_trial_run, ensure_experiment, find_trial_
                                 reap_zombies, reopen_trial_run, set_tags, start_parent_run, start_trial_run, state_of,
                                 sweep_trials, trial_row, trials_by_run_id)
 from hpsweep.store.tags import *  # noqa: F401,F403  (the tag names)
-from hpsweep.store.uri import redact_uri, resolve_tracking_uri
+from hpsweep.store.uri import redact_uri, resolve_tracking_uri, ui_url
 
 T = TypeVar("T")
 

@@ -6,20 +6,23 @@ module only reads what that rule compares and moves the alias.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from mlflow.entities import Run
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from hpsweep.store.filters import all_of, quote
-from hpsweep.store.tags import CHAMPION_ALIAS, TAG_DATA_VERSION, TAG_SWEEP_ID
+from hpsweep.store.tags import CHAMPION_ALIAS, TAG_DATA_VERSION, TAG_HPARAMS, TAG_SWEEP_ID
 
 MODEL_ARTIFACT = "model"
 MLMODEL_FILE = f"{MODEL_ARTIFACT}/MLmodel"  # what makes the artifact loadable by mlflow.pyfunc.load_model
 # A model-version tag per sweep that pointed @champion at the version: its value says why.
 MOVED_BY_PREFIX = "hpsweep.moved_by."
+VERSION_TAG_F1 = "f1"  # beside hpsweep.sweep_id and hpsweep.hparams: what the version's run measured
 # Answers that mean "no such model / alias / version"; any other error propagates (a blip is never "no champion").
 NOT_FOUND = frozenset({"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"})
 
@@ -81,9 +84,25 @@ def register_champion(client: MlflowClient, model_name: str, run_id: str, sweep_
     existing = version_of(client, model_name, run_id)
     version = existing.version if existing is not None else str(
         client.create_model_version(model_name, source=f"runs:/{run_id}/{MODEL_ARTIFACT}", run_id=run_id).version)
+    _describe_version(client, model_name, version, client.get_run(run_id))
     client.set_model_version_tag(model_name, version, f"{MOVED_BY_PREFIX}{sweep_id}", note[:5000])
     client.set_registered_model_alias(model_name, CHAMPION_ALIAS, version)
     return version
+
+
+def _describe_version(client: MlflowClient, model_name: str, version: str, run: Run) -> None:
+    """What the registry's pages show of a version: its F1, the sweep that trained it and its hparams,
+    as a description and as tags (set again on every move: a version an older hpsweep registered has none)."""
+    f1, tags = run.data.metrics.get("f1"), run.data.tags
+    hparams = json.loads(tags.get(TAG_HPARAMS) or "{}")
+    shown = " ".join(f"{k}={v}" for k, v in hparams.items()) or "no hparams"
+    client.update_model_version(model_name, version, description=(
+        f"F1 {'unknown' if f1 is None else f'{f1:.4f}'} on the validation data, trial {run.info.run_name} of sweep "
+        f"{tags.get(TAG_SWEEP_ID, 'unknown')}: {shown}")[:5000])
+    for key, value in {VERSION_TAG_F1: None if f1 is None else repr(f1), TAG_SWEEP_ID: tags.get(TAG_SWEEP_ID),
+                       TAG_HPARAMS: tags.get(TAG_HPARAMS)}.items():
+        if value is not None:
+            client.set_model_version_tag(model_name, version, key, value[:5000])
 
 
 def champion_uri(model_name: str, version: str, run_id: str) -> str:

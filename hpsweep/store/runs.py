@@ -20,7 +20,7 @@ from mlflow.tracking import MlflowClient
 from hpsweep.identity import identity_is_dead, process_identity
 from hpsweep.model import Hparams, IllegalTransition, Outcome, TrialRow, TrialState, check_transition, run_name
 from hpsweep.store.filters import all_of, run_id_in, tag_equals
-from hpsweep.store.tags import (EXPERIMENT_KIND, TAG_ATTEMPT, TAG_ATTEMPT_LOG, TAG_DURATION, TAG_HEARTBEAT,
+from hpsweep.store.tags import (EXPERIMENT_KIND, RUNS_VIEW, TAG_ATTEMPT, TAG_ATTEMPT_LOG, TAG_DURATION, TAG_HEARTBEAT,
                                 TAG_HPARAMS, TAG_INDEX, TAG_INTERRUPTED, TAG_OWNER, TAG_REASON, TAG_RETRYABLE, TAG_ROLE,
                                 TAG_SPEC_HASH, TAG_STATUS, TAG_SWEEP_ID, TAG_TRIAL_KEY, SETTINGS_PARAM_PREFIX)
 
@@ -38,7 +38,7 @@ def ensure_experiment(client: MlflowClient, name: str) -> str:
             exp_id = client.get_experiment_by_name(name).experiment_id
     else:
         exp_id = exp.experiment_id
-    for key, value in EXPERIMENT_KIND.items():
+    for key, value in {**EXPERIMENT_KIND, **RUNS_VIEW}.items():
         client.set_experiment_tag(exp_id, key, value)
     return exp_id
 

@@ -1,5 +1,7 @@
 """hpsweep's MLflow tag names (a public contract: `status`, `report` and users' queries read them)."""
 
+import json
+
 TAG_SWEEP_ID = "hpsweep.sweep_id"
 TAG_ROLE = "hpsweep.role"  # "sweep" (the parent run) or "trial"
 TAG_TRIAL_KEY = "hpsweep.trial_key"
@@ -27,4 +29,13 @@ TAG_INTERRUPTED = "hpsweep.interrupted"  # on a trial or parent run stopped by a
 TAG_ADOPTED_FROM = "hpsweep.adopted_from_sweep"
 CHAMPION_ALIAS = "champion"
 SETTINGS_PARAM_PREFIX = "settings."  # the spec's settings as params of the parent and every trial run
-EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # MLflow 3's UI: the runs table
+# The kind MLflow's experiment header shows. MLflow 3.17's UI does not read it to choose the view:
+# it opens the GenAI pages unless the URL (or the browser's GenAI / Machine learning switch) says
+# `workflowType=machine_learning` (hpsweep.store.uri.ui_url).
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+# A runs-table view, stored on the experiment as the UI's "Share" button stores one: opened by
+# `?viewStateShareKey=hpsweep`, it shows each trial's f1 and each sweep's best_f1 (metric columns
+# are hidden by default, and MLflow has no per-experiment default).
+RUNS_VIEW_KEY = "hpsweep"
+RUNS_VIEW = {f"mlflow.sharedViewState.{RUNS_VIEW_KEY}": json.dumps({"selectedColumns": [
+    "attributes.`Source`", "attributes.`Models`", "attributes.`Dataset`", "metrics.`f1`", "metrics.`best_f1`"]})}

@@ -20,11 +20,13 @@ from hpsweep.identity import identity_is_dead, process_identity
 from hpsweep.inputs import Problem, SweepInputError
 from hpsweep.store import private
 from hpsweep.store.retry import cap_client_backoff
+from hpsweep.store.tags import RUNS_VIEW_KEY
 
 log = logging.getLogger("hpsweep.store")
 # How long a process waits for the store's lock before it says who holds it.
 LOCK_NOTICE_S = 2.0
 LOCK_POLL_S = 0.05
+DEFAULT_UI = "http://127.0.0.1:5000"  # where `mlflow ui` listens unless told otherwise
 
 
 def resolve_tracking_uri(explicit: str | None = None) -> str:
@@ -66,6 +68,17 @@ def _move_credentials(uri: str) -> str:
             os.environ["PGPASSWORD"] = unquote(parts.password)
         netloc = f"{parts.username}@{netloc}" if parts.username else netloc
     return urlunsplit(parts._replace(netloc=netloc))
+
+
+def ui_url(tracking_uri: str, experiment_id: str) -> str:
+    """Where the MLflow UI shows the experiment's runs table with the trials' f1: the tracking server
+    itself, else what `mlflow ui` serves by default. MLflow 3.17 opens an experiment on its GenAI
+    pages unless the URL asks for the machine-learning view; ``viewStateShareKey`` picks the
+    columns stored on the experiment (hpsweep.store.tags.RUNS_VIEW)."""
+    base = redact_uri(tracking_uri).rstrip("/") if tracking_uri.startswith(("http://", "https://")) \
+        else DEFAULT_UI
+    return (f"{base}/#/experiments/{experiment_id}/runs?viewStateShareKey={RUNS_VIEW_KEY}"
+            "&workflowType=machine_learning")
 
 
 def redact_uri(uri: str) -> str:
