@@ -48,7 +48,9 @@ def _run_flags(parser: argparse.ArgumentParser) -> None:
                       ("name", str), ("report_dir", Path), ("work_dir", Path), ("tracking_uri", str),
                       ("max_attempts", int), ("retry_delay_s", float), ("launcher", str), ("pool", str),
                       ("trial_deployment", str), ("quota_limit", str), ("grace_s", float),
-                      ("max_failures", int)):
+                      ("max_failures", int), ("early_stop", str), ("early_stop_metric", str),
+                      ("early_stop_min_steps", int), ("early_stop_reduction_factor", int),
+                      ("early_stop_max_steps", int), ("early_stop_grace_s", float)):
         parser.add_argument(f"--{name.replace('_', '-')}", type=typ, default=None, dest=name,
                             help=f"{fields[name].description} (default: params.yaml's sweep.{name}"
                                  f"{'' if fields[name].is_required() else f', else {fields[name].default}'})")
