@@ -194,8 +194,12 @@ def _print_summary(result: dict[str, Any]) -> None:
     out = Console()
     out.print(table)
     c = result["counts"]
-    out.print(f"{c['total']} trials: {c['finished']} trained, {c['reused']} reused (already FINISHED), "
+    stopped = f"{c['stopped']} stopped early (a rerun resumes them), " if c.get("stopped") else ""
+    out.print(f"{c['total']} trials: {c['finished']} trained, {c['reused']} reused (already FINISHED), {stopped}"
               f"{c['failed']} failed{' or interrupted' if result.get('interrupted') else ''}")
+    if result.get("gpu_hours_saved") is not None:
+        out.print(f"GPU-hours: {result['gpu_hours_used']:.3f} used, {result['gpu_hours_saved']:.3f} saved by early "
+                  "stopping (estimated)")
     for failure in result.get("failure_reasons", [])[:5]:  # a reason shared by many trials: once, with its count
         out.print(f"  {failure['trials']}× {cut_at_word(failure['reason'], 300)}", markup=False, highlight=False,
                   soft_wrap=True)
@@ -325,8 +329,11 @@ def _plan(args: argparse.Namespace) -> int:
     estimates = plan.estimate_durations(to_train, inputs.spec.expected_duration_s, history)
     host = host_gpus() if config.launcher == "local" else ()
     gpus = inputs.spec.resources.gpus
+    from hpsweep.config import early_stop_rule
+
     result = plan.make_plan(trials, reused, estimates, plan.slots_for(config.quota, gpus, host), gpus,
-                            plan.Prices(args.price, args.spot_price), why)
+                            plan.Prices(args.price, args.spot_price), why,
+                            early_stop_rule(config, dict(inputs.spec.settings)))
     result = {"name": name, "quota": config.quota, "launcher": config.launcher, "host_gpus": list(host),
               "trainer_interpreter": resolved_interpreter(inputs.spec),
               "planning_s": round(time.monotonic() - started, 3), **result}

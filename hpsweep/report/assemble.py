@@ -291,7 +291,8 @@ def sweep_summary(header: dict[str, Any], rows: Sequence[TrialRow], report_dir: 
     """What `hpsweep run` and `hpsweep report` print (and the sweep flow returns): the header, the
     counts, the top three leaderboard rows, each failure reason once with how many trials it ended
     (most frequent first), and where the files are."""
-    reasons = Counter(r.reason or f"run ended {r.state.value}" for r in rows if not r.has_f1)
+    reasons = Counter(r.reason or f"run ended {r.state.value}" for r in rows  # a stopped trial did not fail
+                      if not r.has_f1 and r.state is not TrialState.STOPPED)
     return {**header, "counts": counts(rows), "report_dir": str(report_dir),
             "top": [r.leaderboard() for r in rows[:3]],
             "failure_reasons": [{"reason": reason, "trials": n} for reason, n in reasons.most_common()],
