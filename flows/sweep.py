@@ -102,7 +102,7 @@ def _sweep(config: SweepConfig, stop: StopRequest) -> dict[str, Any]:
             else nullcontext,
             run_attempt=lambda job, gpu_ids: trial_attempt(job, gpu_ids, quote(launcher)), stop=stop,
             max_failures=config.max_failures)
-        with engine.parent_heartbeat(store, opened):
+        with engine.parent_heartbeat(store, opened), engine.early_stopper(store, opened):
             trials.run(opened.to_train, opened.parallel)
         if stop.requested:
             logger.warning("stopped by %s: reporting what finished", stop.signal_name)

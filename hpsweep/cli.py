@@ -48,7 +48,9 @@ def _run_flags(parser: argparse.ArgumentParser) -> None:
                       ("name", str), ("report_dir", Path), ("work_dir", Path), ("tracking_uri", str),
                       ("max_attempts", int), ("retry_delay_s", float), ("launcher", str), ("pool", str),
                       ("trial_deployment", str), ("quota_limit", str), ("grace_s", float),
-                      ("max_failures", int)):
+                      ("max_failures", int), ("early_stop", str), ("early_stop_metric", str),
+                      ("early_stop_min_steps", int), ("early_stop_reduction_factor", int),
+                      ("early_stop_max_steps", int), ("early_stop_grace_s", float)):
         parser.add_argument(f"--{name.replace('_', '-')}", type=typ, default=None, dest=name,
                             help=f"{fields[name].description} (default: params.yaml's sweep.{name}"
                                  f"{'' if fields[name].is_required() else f', else {fields[name].default}'})")
@@ -193,8 +195,12 @@ def _print_summary(result: dict[str, Any]) -> None:
     out = Console()
     out.print(table)
     c = result["counts"]
-    out.print(f"{c['total']} trials: {c['finished']} trained, {c['reused']} reused (already FINISHED), "
+    stopped = f"{c['stopped']} stopped early (a rerun resumes them), " if c.get("stopped") else ""
+    out.print(f"{c['total']} trials: {c['finished']} trained, {c['reused']} reused (already FINISHED), {stopped}"
               f"{c['failed']} failed{' or interrupted' if result.get('interrupted') else ''}")
+    if result.get("gpu_hours_saved") is not None:
+        out.print(f"GPU-hours: {result['gpu_hours_used']:.3f} used, {result['gpu_hours_saved']:.3f} saved by early "
+                  "stopping (estimated)")
     for failure in result.get("failure_reasons", [])[:5]:  # a reason shared by many trials: once, with its count
         out.print(f"  {failure['trials']}× {cut_at_word(failure['reason'], 300)}", markup=False, highlight=False,
                   soft_wrap=True)
@@ -330,8 +336,11 @@ def _plan(args: argparse.Namespace) -> int:
     estimates = plan.estimate_durations(to_train, inputs.spec.expected_duration_s, history)
     host = host_gpus() if config.launcher == "local" else ()
     gpus = inputs.spec.resources.gpus
+    from hpsweep.config import early_stop_rule
+
     result = plan.make_plan(trials, reused, estimates, plan.slots_for(config.quota, gpus, host), gpus,
-                            plan.Prices(args.price, args.spot_price), why)
+                            plan.Prices(args.price, args.spot_price), why,
+                            early_stop_rule(config, dict(inputs.spec.settings)))
     result = {"name": name, "quota": config.quota, "launcher": config.launcher, "host_gpus": list(host),
               "trainer_interpreter": resolved_interpreter(inputs.spec),
               "planning_s": round(time.monotonic() - started, 3), **result}

@@ -8,6 +8,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from hpsweep.engine.early_stop import EarlyStopRule
+
 from hpsweep.inputs import Problem, SweepInputError, SweepName, load_yaml, read_input_text
 
 DEFAULT_LIMIT_NAME = "hpsweep-gpus"
@@ -54,6 +56,20 @@ class SweepConfig(BaseModel):
                                      "finish and the rest are reported NOT STARTED (default: run them all)")
     grace_s: float = Field(default=30.0, ge=0, description="on Ctrl-C or SIGTERM: how long running trials get "
                                                             "to save a checkpoint and end before they are killed")
+    early_stop: Literal["none", "median", "asha"] = Field(
+        default="none", description="stop hopeless trials early: 'median' (below the median of the others' "
+        "running averages) or 'asha' (not in the top 1/reduction_factor at a rung); stopped trials are STOPPED "
+        "and a later sweep resumes them from their checkpoints ('none': train every trial to its end)")
+    early_stop_metric: str = Field(default="val_f1", description="the reported metric the rule reads "
+                                   "(higher is better); its best value is a stopped trial's F1")
+    early_stop_min_steps: int = Field(default=3, ge=1, description="no trial is stopped before it reported "
+                                      "this many steps (ASHA's first rung)")
+    early_stop_reduction_factor: int = Field(default=3, ge=2, description="ASHA: 1 in this many trials goes on "
+                                             "at each rung")
+    early_stop_max_steps: int | None = Field(default=None, ge=1, description="ASHA: the steps of a trial "
+                                             "never stopped (default: the spec's settings.epochs)")
+    early_stop_grace_s: float = Field(default=60.0, ge=0, description="a stopped trial's time to save a "
+                                      "checkpoint and exit before it gets SIGTERM, then SIGKILL")
     quota_limit: str = Field(default=DEFAULT_LIMIT_NAME, description="name of the Prefect global "
                                                                       "concurrency limit that holds the quota")
 
@@ -96,3 +112,12 @@ def _config_problem(err: Any, given: dict[str, Any], params_file: Path) -> Probl
     if field in given:
         return Problem(f"--{field.replace('_', '-')}", message)
     return Problem(str(params_file), message, key=".".join(["sweep", *map(str, err["loc"])]))
+
+
+def early_stop_rule(config: SweepConfig, settings: dict[str, Any]) -> EarlyStopRule:
+    """The sweep's early-stopping rule; ASHA's ``max_steps`` defaults to the spec's ``settings.epochs``."""
+    max_steps = config.early_stop_max_steps
+    if max_steps is None and isinstance(settings.get("epochs"), int) and not isinstance(settings["epochs"], bool):
+        max_steps = settings["epochs"]
+    return EarlyStopRule(config.early_stop, config.early_stop_metric, config.early_stop_min_steps,
+                         config.early_stop_reduction_factor, max_steps)

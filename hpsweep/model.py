@@ -33,6 +33,7 @@ class TrialState(str, Enum):
     REUSED = "REUSED"  # an earlier sweep's FINISHED run with the same trial key stands in
     NEVER_STARTED = "NEVER_STARTED"  # the sweep ended before this trial got a run
     INTERRUPTED = "INTERRUPTED"  # the sweep was stopped (Ctrl-C, SIGTERM) before this trial finished
+    STOPPED = "STOPPED"  # stopped early by the sweep's early-stopping rule; a later sweep resumes it
 
     @property
     def terminal(self) -> bool:
@@ -44,18 +45,21 @@ class TrialState(str, Enum):
 
     @property
     def report_status(self) -> str:
-        """The leaderboard's statuses (a public contract): FINISHED, REUSED, FAILED, and INTERRUPTED
-        for a trial a stopped sweep did not finish (a rerun trains it)."""
-        return self.value if self.has_f1 or self is TrialState.INTERRUPTED else "FAILED"
+        """The leaderboard's statuses (a public contract): FINISHED, REUSED, FAILED, INTERRUPTED
+        for a trial a stopped sweep did not finish (a rerun trains it), and STOPPED for one the
+        early-stopping rule stopped (a rerun resumes it)."""
+        return self.value if self.has_f1 or self in (TrialState.INTERRUPTED, TrialState.STOPPED) else "FAILED"
 
 
 # The legal moves. FINISHED and REUSED are final: a finished trial is never reopened. FAILED and
-# KILLED go back to RUNNING only for a retry (the same run, the next attempt).
+# KILLED go back to RUNNING only for a retry (the same run, the next attempt). STOPPED is never
+# retried by its own sweep; like INTERRUPTED it may run again (a later sweep resumes its checkpoints).
 TRANSITIONS: dict[TrialState, frozenset[TrialState]] = {
     TrialState.PLANNED: frozenset({TrialState.RUNNING, TrialState.REUSED, TrialState.NEVER_STARTED,
                                    TrialState.INTERRUPTED}),
     TrialState.RUNNING: frozenset({TrialState.FINISHED, TrialState.FAILED, TrialState.KILLED,
-                                   TrialState.INTERRUPTED}),
+                                   TrialState.INTERRUPTED, TrialState.STOPPED}),
+    TrialState.STOPPED: frozenset({TrialState.RUNNING}),
     TrialState.FAILED: frozenset({TrialState.RUNNING}),
     TrialState.KILLED: frozenset({TrialState.RUNNING}),
     TrialState.INTERRUPTED: frozenset({TrialState.RUNNING}),
@@ -116,6 +120,9 @@ class TrialJob:
     cwd: str = field(default_factory=lambda: str(Path.cwd()))
     # False: no unfinished attempt of this trial exists, so it starts from scratch (no checkpoints).
     resume: bool = True
+    # Early stopping is on: {"metric": ..., "grace_s": ...}; the trial's host then watches for the
+    # sweep's stop request (hpsweep.engine.process). None: the trial trains to its end.
+    early_stop: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -123,7 +130,8 @@ class TrialJob:
 
 @dataclass(frozen=True)
 class Outcome:
-    """How one attempt ended. ``f1`` is set exactly when ``ok``."""
+    """How one attempt ended. ``f1`` is set when ``ok``, and for a ``stopped`` trial: its best
+    reported value of the early-stopping metric (not comparable with a finished trial's)."""
 
     ok: bool
     f1: float | None
@@ -131,6 +139,8 @@ class Outcome:
     retryable: bool = False  # the machine failed it (signal, lost host, tracking down), not the hparams
     killed: bool = False
     interrupted: bool = False  # the sweep was stopped (Ctrl-C, SIGTERM) before the trial could finish
+    stopped: bool = False  # the early-stopping rule stopped it (``reason`` says why)
+    stopped_at_step: int | None = None
     started_at: float = 0.0
     ended_at: float = 0.0
 
@@ -138,6 +148,8 @@ class Outcome:
     def state(self) -> TrialState:
         if self.ok:
             return TrialState.FINISHED
+        if self.stopped:
+            return TrialState.STOPPED
         if self.interrupted:
             return TrialState.INTERRUPTED
         return TrialState.KILLED if self.killed else TrialState.FAILED
@@ -183,6 +195,7 @@ class TrialRow:
     duration_source: str | None = None
     dispatch_position: int | None = None
     reused_run_id: str | None = None
+    stopped_at_step: int | None = None  # STOPPED: the step the early-stopping rule stopped it at
 
     @property
     def has_f1(self) -> bool:
@@ -190,7 +203,7 @@ class TrialRow:
 
     @property
     def report_status(self) -> str:
-        """FINISHED or REUSED with an F1, INTERRUPTED, else FAILED."""
+        """FINISHED or REUSED with an F1, INTERRUPTED, STOPPED, else FAILED."""
         if self.state.has_f1 and self.f1 is None:
             return "FAILED"  # a finished run whose F1 is missing
         return self.state.report_status
@@ -203,6 +216,8 @@ class TrialRow:
                                "duration_s": self.duration_s}
         if not self.has_f1:
             row["reason"] = self.reason or f"run ended {self.state.value}"
+        if self.state is TrialState.STOPPED:  # its best reported value: shown, ranked below every FINISHED
+            row.update(f1=self.f1, stopped_at_step=self.stopped_at_step, stop_reason=self.reason)
         return row
 
     def plan_entry(self) -> dict[str, Any]:

@@ -24,6 +24,7 @@ import statistics
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Sequence
 
+from hpsweep.engine.early_stop import EarlyStopRule, expected_fraction
 from hpsweep.inputs import Hparams, ModelSpec, SweepInputs, canonical_json
 from hpsweep.model import PlannedTrial, TrialRow, TrialState
 
@@ -260,9 +261,11 @@ def plan_rows(trials: list[PlannedTrial], reused: dict[str, TrialRow], to_train:
 
 
 def make_plan(trials: list[PlannedTrial], reused: dict[str, TrialRow], estimates: list[Estimate],
-              slots: int, gpus_per_trial: int, prices: Prices, why: str | None = None) -> dict[str, Any]:
+              slots: int, gpus_per_trial: int, prices: Prices, why: str | None = None,
+              early_stop: EarlyStopRule = EarlyStopRule()) -> dict[str, Any]:
     """The plan as plain JSON-able data. ``estimates`` are for ``trials_to_train(trials, reused)``;
-    ``why``: ``why_not_reused``'s explanation of the trials not reused."""
+    ``why``: ``why_not_reused``'s explanation of the trials not reused; ``early_stop``: the rule the
+    sweep would run with (the expected GPU-hours range under it)."""
     to_train = trials_to_train(trials, reused)
     if len(estimates) != len(to_train):
         raise ValueError(f"{len(estimates)} estimates for {len(to_train)} trials to train")
@@ -292,8 +295,20 @@ def make_plan(trials: list[PlannedTrial], reused: dict[str, TrialRow], estimates
             "spot": gpu_hours * prices.spot if gpu_hours is not None else None,
         },
         "dispatch_order": order,
+        "early_stop": _early_stop_plan(early_stop, len(to_train), slots, gpu_hours),
         "rows": [r.plan_entry() for r in plan_rows(trials, reused, ordered, ordered_est)],
     }
+
+
+def _early_stop_plan(rule: EarlyStopRule, to_train: int, slots: int, gpu_hours: float | None) -> dict[str, Any] | None:
+    """The rule and the GPU-hours expected under it: [low, high] (``early_stop.expected_fraction``)."""
+    if not rule.enabled:
+        return None
+    known = gpu_hours is not None and rule.max_steps is not None
+    low, high = expected_fraction(rule, to_train, slots) if known else (None, None)
+    return {"rule": rule.rule, "metric": rule.metric, "min_steps": rule.min_steps,
+            "reduction_factor": rule.reduction_factor, "max_steps": rule.max_steps,
+            "gpu_hours_range": [gpu_hours * low, gpu_hours * high] if known else None}
 
 
 def human_duration(seconds: float | None) -> str:
@@ -340,6 +355,15 @@ def render_plan(plan: dict[str, Any], name: str, quota: int, host: tuple[int, ..
                      "rework after interruptions)")
     if not plan["to_train"]:
         lines.append("  GPU-hours   0: every trial is reused (--retrain trains them again)")
+    es = plan.get("early_stop")
+    if es and plan["to_train"]:
+        if es["gpu_hours_range"] is None:
+            lines.append(f"  early stop  {es['rule']}: expected GPU-hours unknown (needs the durations and max_steps: "
+                         "settings.epochs or --early-stop-max-steps)")
+        else:
+            low, high = es["gpu_hours_range"]
+            lines.append(f"  early stop  {es['rule']}: expected GPU-hours {_amount(low)} to {_amount(high)} (of "
+                         f"{_amount(plan['gpu_hours'])} exhaustive; stopped trials resume on a later sweep)")
     lines.append(f"  dispatch    {plan['dispatch_order']}")
     if plan.get("trainer_interpreter"):
         lines.append(f"  trainer     runs with {plan['trainer_interpreter']}")

@@ -98,7 +98,11 @@ class InMemoryStore:
 
     def finish_trial_run(self, run_id: str, outcome: Outcome, log_path: Path | None = None) -> None:
         run = self.runs[run_id]
-        self._move(run, outcome.state, f1=outcome.f1, reason=outcome.reason, duration_s=outcome.duration_s)
+        self._move(run, outcome.state, f1=outcome.f1, reason=outcome.reason, duration_s=outcome.duration_s,
+                   stopped_at_step=outcome.stopped_at_step)
+
+    def request_stop(self, run_id: str, step: int, reason: str) -> None:
+        self.runs[run_id].tags.update({"hpsweep.stop_request": reason, "hpsweep.stopped_at_step": str(step)})
 
     def sweep_trials(self, exp_id: str, sweep_id: str) -> list[TrialRow]:
         return [r.row for r in self._trials(exp_id) if r.sweep_id == sweep_id]

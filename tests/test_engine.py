@@ -52,7 +52,8 @@ def test_a_finished_trial_is_never_reopened_and_a_failed_one_is_for_a_retry():
 
 def test_the_report_speaks_three_statuses_and_interrupted_for_a_stopped_sweep():
     # INTERRUPTED (issue 14) extends the contract: a stopped sweep's unfinished rows; nothing else changed.
-    assert {s.report_status for s in TrialState} == {"FINISHED", "REUSED", "FAILED", "INTERRUPTED"}
+    # STOPPED (issue 17): a trial the early-stopping rule stopped.
+    assert {s.report_status for s in TrialState} == {"FINISHED", "REUSED", "FAILED", "INTERRUPTED", "STOPPED"}
 
 
 # ---------------------------------------------------------------- the retry policy
@@ -273,3 +274,49 @@ def test_no_trials_still_starts_and_ends_the_sweep():
     rec = Recorder()
     engine(ScriptedLauncher(InMemoryStore(), {}), callbacks=[rec]).run([], parallel=1)
     assert rec.events == [("start", 0, 1), ("sweep_end",)]
+
+
+# ---------------------------------------------------------------- early stopping (issue 17)
+
+STOPPED = Outcome(False, 0.41, "stopped at step 3: val_f1 0.4100 < median 0.7700 of 3 trials", killed=True,
+                  stopped=True, stopped_at_step=3)
+
+
+def test_a_stopped_trial_is_neither_retried_nor_counted_as_failed_and_keeps_its_best_value():
+    store = InMemoryStore()
+    launcher = ScriptedLauncher(store, {1: [STOPPED, OK]})
+    eng = engine(launcher, max_failures=1)
+    eng.run(trials(2), parallel=1)
+    assert len(launcher.jobs) == 2  # no retry of trial 1, and --max-failures 1 was not reached by it
+    assert eng.failed == 0 and not eng.stopped_after_failures
+    row = store.runs[eng.results[1][1].run_id].row
+    assert (row.state, row.f1, row.stopped_at_step) == (TrialState.STOPPED, 0.41, 3)
+    assert row.report_status == "STOPPED" and not row.has_f1
+
+
+def test_a_stopped_trial_may_run_again_in_a_later_sweep_but_a_finished_one_never():
+    check_transition(TrialState.RUNNING, TrialState.STOPPED)
+    check_transition(TrialState.STOPPED, TrialState.RUNNING)
+    with pytest.raises(IllegalTransition):
+        check_transition(TrialState.STOPPED, TrialState.FINISHED)
+
+
+def test_the_stopper_asks_to_stop_exactly_the_running_trial_below_the_median():
+    from hpsweep.engine.early_stop import EarlyStopRule
+    from hpsweep.engine.stopper import EarlyStopper
+
+    store = InMemoryStore()
+    finals = {1: 0.9, 2: 0.85, 3: 0.8, 4: 0.2, 5: 0.88}
+    ids = {i: store.start_trial_run("1", "s1", i, {"f1": f}, f"key{i}") for i, f in finals.items()}
+    for i in (1, 2, 3):  # three trials ended with their whole curves
+        for step in range(1, 6):
+            store.log_metric(ids[i], "val_f1", step, finals[i] * step / 5)
+        store.finish_trial_run(ids[i], Outcome(True, finals[i]))
+    stopper = EarlyStopper(store, EarlyStopRule("median", min_steps=2), "1", "s1")
+    for step in (1, 2):  # two running trials report steps 1 and 2
+        for i in (4, 5):
+            store.log_metric(ids[i], "val_f1", step, finals[i] * step / 5)
+    assert stopper.poll() == {ids[4]: (2, "stopped at step 2: val_f1 0.0800 < median 0.2595 of 4 trials")}
+    assert store.runs[ids[4]].tags["hpsweep.stop_request"].startswith("stopped at step 2")
+    assert "hpsweep.stop_request" not in store.runs[ids[5]].tags
+    assert stopper.poll() == {}  # asked once

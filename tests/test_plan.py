@@ -204,3 +204,21 @@ def test_the_dispatch_order_says_in_words_when_nothing_is_known_yet():
     assert describe_order(FILE_ORDER, [Estimate(None, "unknown")] * 16) == "file order (no durations known yet)"
     assert describe_order(LONGEST_FIRST, [Estimate(3.0, "measured")] * 2 + [Estimate(2.0, "median")]) == \
         "longest first (2 measured, 1 median)"
+
+
+def test_plan_with_asha_gives_the_expected_gpu_hours_range(project: Project):
+    write_inputs(project, [{"f1": 0.01 * i} for i in range(1, 82)],
+                 "name: asha-plan\ntrainer: {entrypoint: 'tests.trainers:sleepy'}\nsettings: {epochs: 18}\n"
+                 "resources: {gpus: 1}\nexpected_duration_s: 3600\n")
+    result = plan_cmd(project, "--quota", "4", "--json", "--early-stop", "asha", "--early-stop-min-steps", "2")
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    es = plan["early_stop"]
+    assert (es["rule"], es["max_steps"], es["reduction_factor"]) == ("asha", 18, 3)  # max_steps: settings.epochs
+    low, high = es["gpu_hours_range"]
+    # successive halving at best: 81 trials × 2 epochs, 27 × 4 more, 9 × 12 more, of 81 × 18 epochs
+    assert low == pytest.approx(81 * (81 * 2 + 27 * 4 + 9 * 12) / (81 * 18))
+    assert low < high < plan["gpu_hours"] == pytest.approx(81)
+    text = plan_cmd(project, "--quota", "4", "--early-stop", "asha", "--early-stop-min-steps", "2")
+    assert "early stop  asha: expected GPU-hours 21.00 to" in text.stdout, text.stdout
+    assert json.loads(plan_cmd(project, "--quota", "4", "--json").stdout)["early_stop"] is None

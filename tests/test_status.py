@@ -81,6 +81,14 @@ def test_every_trial_state_has_the_word_status_shows():
                           "reason"]
 
 
+def test_a_trial_early_stopping_stopped_is_counted_stopped_not_failed():
+    runs = [run_row(1, TrialState.FINISHED, f1=0.9, duration_s=5.0),
+            run_row(2, TrialState.STOPPED, f1=0.3, reason="stopped at step 3: val_f1 0.3000 < median 0.8000 of 3 trials")]
+    status = summarize(record("FINISHED"), plan_rows(2), runs, 1100.0, 120.0)
+    assert [t["state"] for t in status["trials"]] == ["done", "stopped"]
+    assert status["counts"]["stopped"] == 1 and status["counts"]["failed"] == 0
+
+
 def test_a_sweep_that_crashed_says_so_and_why():
     crash = "hpsweep failed: IsADirectoryError: [Errno 21] Is a directory: 'data/shards'"
     crashed = SweepRecord(**{**record("FAILED").__dict__, "tags": {"hpsweep.reason": crash}})

@@ -148,3 +148,21 @@ def rewrites_data(hparams: dict[str, Any], data: DataRefs, ctx: TrainContext) ->
         with open(target, "a") as f:
             f.write("a row added during the sweep\n")
     return float(hparams.get("f1", 0.5))
+
+
+def curve_command_main() -> int:
+    """A command trainer (tests/curve_cmd_trainer.py) that logs `val_f1` = f1·step/steps for `steps`
+    steps of `step_s` seconds to its MLflow run, and never looks at HPSWEEP_STOP_FILE."""
+    import mlflow
+
+    params = json.loads(Path(os.environ["HPSWEEP_HPARAMS"]).read_text())
+    steps, f1, step_s = int(params["steps"]), float(params["f1"]), float(params.get("step_s", 0.2))
+    record({"event": "start", "t": time.time(), "pid": os.getpid(), "hparams": params})
+    client = mlflow.tracking.MlflowClient()
+    for step in range(1, steps + 1):
+        client.log_metric(os.environ["MLFLOW_RUN_ID"], "val_f1", f1 * step / steps, step=step)
+        record({"event": "step", "step": step, "hparams": params,
+                "stop_file": Path(os.environ["HPSWEEP_STOP_FILE"]).exists()})
+        time.sleep(step_s)
+    Path(os.environ["HPSWEEP_RESULT"]).write_text(json.dumps({"f1": f1}))
+    return 0

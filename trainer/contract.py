@@ -25,6 +25,9 @@ ENV_CHECKPOINT_DIR = "HPSWEEP_CHECKPOINT_DIR"  # write checkpoints here; resume 
 ENV_MODEL_DIR = "HPSWEEP_MODEL_DIR"  # files left here become the trial's `model` artifact
 ENV_RESULT = "HPSWEEP_RESULT"  # path where the trainer writes {"f1": <float>}
 ENV_DEVICE = "HPSWEEP_DEVICE"  # "cuda" when the trial was given GPUs (see CUDA_VISIBLE_DEVICES), else "cpu"
+# A path that exists once the sweep's early-stopping rule stopped the trial (it holds the reason): save a
+# checkpoint and exit; a trainer still running a grace period later gets SIGTERM, then SIGKILL.
+ENV_STOP_FILE = "HPSWEEP_STOP_FILE"
 
 
 @dataclass(frozen=True)
@@ -42,7 +45,9 @@ class TrainContext:
     ``report(step, **metrics)`` logs step metrics to the trial's MLflow run.
     ``checkpoint_dir`` survives a retry of the same trial; ``resume_from`` is the newest
     checkpoint file found there (None on a fresh start): a trainer that resumes from it
-    loses at most one checkpoint interval when its process dies.
+    loses at most one checkpoint interval when its process dies. ``should_stop()`` turns True
+    when the sweep's early-stopping rule stopped the trial: return early (its checkpoint saved) with
+    the current F1; a trainer that goes on is ended after a grace period.
     """
 
     checkpoint_dir: Path
@@ -52,10 +57,15 @@ class TrainContext:
     settings: dict[str, Any] = field(default_factory=dict)
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger("hpsweep.trainer"))
     _reporter: Callable[[int, dict[str, float]], None] | None = None
+    stop_file: Path | None = None  # appears when the trial should stop (``should_stop``)
 
     @property
     def resume_from(self) -> Path | None:
         return latest_checkpoint(self.checkpoint_dir)
+
+    def should_stop(self) -> bool:
+        """True once the sweep's early-stopping rule stopped this trial (cheap: one stat)."""
+        return self.stop_file is not None and self.stop_file.exists()
 
     def report(self, step: int, **metrics: float) -> None:
         """Log per-step metrics (for example per-epoch validation F1) to MLflow."""

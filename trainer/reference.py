@@ -1,8 +1,8 @@
 """Reference trainer: a scikit-learn MLP on the digits data, trained epoch by epoch.
 
 It exercises the whole contract: per-epoch metrics via ``ctx.report``, an atomic
-checkpoint after every epoch, resuming from ``ctx.resume_from`` after a retry, and an
-MLflow model left in ``ctx.model_dir``. Runs on CPU whatever ``ctx.device`` says.
+checkpoint after every epoch, resuming from ``ctx.resume_from`` after a retry, returning
+early when ``ctx.should_stop()`` (early stopping), and an MLflow model left in ``ctx.model_dir``. Runs on CPU whatever ``ctx.device`` says.
 """
 
 from __future__ import annotations
@@ -56,6 +56,9 @@ def train(hparams: dict[str, Any], data: DataRefs, ctx: TrainContext) -> float:
         f1 = float(f1_score(y_val, model.predict(X_val), average=average))
         ctx.report(epoch, val_f1=f1, train_loss=model.loss_)
         _save_checkpoint(ctx.checkpoint_dir, epoch, model)
+        if ctx.should_stop():  # stopped early by the sweep: the checkpoint is saved, a later sweep resumes
+            ctx.logger.info("stopped early after epoch %d: %s", epoch, ctx.stop_file.read_text().strip())
+            return f1
         if sleep_s > 0:
             time.sleep(sleep_s)
 

@@ -48,6 +48,7 @@ class LogCallback(SweepCallback):
 
     def on_trial_end(self, trial: PlannedTrial, attempts: int, result: AttemptResult) -> None:
         self._log.info("trial %s %s: %s", run_name(trial.hparams), "finished" if result.outcome.ok else
+                       "STOPPED" if result.outcome.stopped else
                        "INTERRUPTED" if result.outcome.interrupted else "FAILED",
                        describe(result.outcome, attempts))
 

@@ -70,6 +70,7 @@ class SweepRun:
     versions: dict[str, str] = field(default_factory=dict)  # spec/data/code versions, tagged on every trial
     data_refs: dict[str, dict[str, Any]] = field(default_factory=dict)  # DVC refs: hosts without the files fetch
     resumable: frozenset[str] = frozenset()  # trial keys with an unfinished run: their checkpoints count
+    early_stop: dict[str, Any] | None = None  # {"metric", "grace_s"} when an early-stopping rule is on
 
     def job(self, trial: PlannedTrial, attempt: int, run_id: str | None) -> TrialJob:
         return TrialJob(
@@ -78,7 +79,7 @@ class SweepRun:
             attempt=attempt, settings=dict(self.settings), train=self.train, val=self.val, data=self.data_refs,
             entrypoint=self.entrypoint, command=self.command, time_limit_s=self.time_limit_s, gpus=self.gpus,
             run_id=run_id, work_dir=str(self.work_dir), versions=self.versions,
-            resume=attempt > 1 or trial.key in self.resumable)
+            resume=attempt > 1 or trial.key in self.resumable, early_stop=self.early_stop)
 
 
 AttemptRunner = Callable[[TrialJob, tuple[int, ...]], AttemptResult]
@@ -178,7 +179,7 @@ class SweepEngine:
             self._sleep(delay)
         with self._results_lock:
             self.results[trial.index] = (attempt, result)
-            if not result.outcome.ok and not result.outcome.interrupted:
+            if not result.outcome.ok and not result.outcome.interrupted and not result.outcome.stopped:
                 self.failed += 1
                 if self.max_failures is not None and self.failed >= self.max_failures and not self.stopping.is_set():
                     self.stopped_after_failures = True

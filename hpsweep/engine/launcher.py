@@ -10,6 +10,7 @@ recorded in MLflow the same way wherever it ran.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import time
@@ -58,7 +59,13 @@ def execute_trial(job: TrialJob, gpu_ids: tuple[int, ...], runner: ProcessRunner
             run_id = _create_run(client, job, gpu_ids, data)
         data = _prepare_run(client, job, run_id, data)
         request = _request(job, run_id, data, gpu_ids)
-        outcome = runner.run(request, job.time_limit_s, heartbeat=lambda: store.heartbeat(client, run_id))
+        stop_request = (lambda: store.stop_request(client, run_id)) if job.early_stop else None
+        outcome = runner.run(request, job.time_limit_s, heartbeat=lambda: store.heartbeat(client, run_id),
+                             stop_request=stop_request)
+        if outcome.stopped:  # its F1 is its best reported value of the rule's metric
+            metric = job.early_stop["metric"]  # type: ignore[index]
+            history = store.retrying(lambda: store.runs.metric_history(client, run_id, metric), "reading its metric")
+            outcome = replace(outcome, f1=max((v for _, v in history if math.isfinite(v)), default=None))
         store.retrying(lambda: store.finish_trial_run(client, run_id, outcome, request.paths.log),
                        "storing the trial's result")
         if outcome.ok:  # its checkpoints are in the artifact store; a finished trial never resumes

@@ -19,6 +19,7 @@ import time
 from typing import Any, Callable
 
 from hpsweep.engine.outcome import judge, read_result
+from hpsweep.engine.stopping import end_after_grace
 from hpsweep.model import HEARTBEAT_S, Outcome
 from hpsweep.periodic import Periodic
 from hpsweep.runtime.runner import TrialRequest, run_trial_process
@@ -28,6 +29,9 @@ CHECKPOINT_SYNC_S = float(os.environ.get("HPSWEEP_CHECKPOINT_SYNC_S", "30"))
 
 # Grace between SIGTERM and SIGKILL when a time limit hits: enough to save a checkpoint.
 KILL_GRACE_S = 5.0
+
+# How often a trial's host asks the tracking store whether the sweep's early-stopping rule stopped it.
+STOP_POLL_S = float(os.environ.get("HPSWEEP_STOP_POLL_S", "5"))
 
 
 # Set for the fork server only: the tracking store its trials will open (see hpsweep/runtime/_preload.py).
@@ -81,7 +85,10 @@ class ProcessRunner:
             timer.start()
 
     def run(self, request: TrialRequest, time_limit_s: float | None,
-            heartbeat: Callable[[], None] | None = None) -> Outcome:
+            heartbeat: Callable[[], None] | None = None,
+            stop_request: Callable[[], tuple[int, str] | None] | None = None) -> Outcome:
+        """``stop_request``: asks whether the sweep's early-stopping rule stopped the trial ((step,
+        reason) or None); polled every STOP_POLL_S while it runs (see ``_StopWatch``)."""
         with self._start_lock:  # the fork server starts with the first trial (`hpsweep run` starts it earlier)
             if not self._server_started:
                 start_fork_server(self._preload)
@@ -91,7 +98,7 @@ class ProcessRunner:
             return Outcome(False, None, f"not started: {self._stopped_by}", killed=True, interrupted=True,
                            started_at=now, ended_at=now)
         paths = request.paths
-        for stale in (paths.result, paths.outcome):
+        for stale in (paths.result, paths.outcome, paths.stop):
             stale.unlink(missing_ok=True)
         if not request.job.resume:  # a fresh start: nothing of an earlier, finished run carries over
             shutil.rmtree(paths.checkpoints, ignore_errors=True)
@@ -108,11 +115,15 @@ class ProcessRunner:
         started = time.time()
         # Heartbeats beat in their own thread: one stuck on a tracking outage never delays the time limit.
         beats = Periodic(HEARTBEAT_S, heartbeat, f"heartbeat-{request.run_id}").start() if heartbeat else None
+        grace_s = float((request.job.early_stop or {}).get("grace_s", 60.0))
+        watch = _StopWatch(stop_request, paths.stop, proc.pid, grace_s) if stop_request else None
         try:
             proc.join(time_limit_s)
         finally:
             if beats is not None:
                 beats.stop(timeout_s=0)
+            if watch is not None:
+                watch.close()
         timed_out = proc.is_alive()
         if timed_out:
             _kill_group(proc)
@@ -133,7 +144,41 @@ class ProcessRunner:
         proc.close()
         if stopped_by is not None and not outcome.ok:  # it ended because the sweep stopped it
             outcome = Outcome(False, None, stopped_by, killed=True, interrupted=True)
+        elif watch is not None and watch.told is not None and not timed_out:
+            # Told to stop: whether it returned early, was ended after the grace or went down with an
+            # error on the way, it is STOPPED (its checkpoints kept: a later sweep resumes it).
+            step, reason = watch.told
+            outcome = Outcome(False, None, reason, killed=True, stopped=True, stopped_at_step=step)
         return outcome.timed(started, ended)
+
+
+class _StopWatch:
+    """Polls the sweep's early-stopping decision for one running trial. Once it is there: writes the
+    stop file (the reason), which ``ctx.should_stop()`` and command trainers see, and ends the trial's
+    process group if it still runs ``grace_s`` later (SIGTERM, SIGKILL after KILL_GRACE_S)."""
+
+    def __init__(self, ask: Callable[[], tuple[int, str] | None], stop_file, pid: int, grace_s: float):
+        self._ask, self._stop_file, self._pid, self._grace_s = ask, stop_file, pid, grace_s
+        self.told: tuple[int, str] | None = None
+        self._ended = threading.Event()
+        self._poll = Periodic(STOP_POLL_S, self._check, f"stop-watch-{pid}").start()
+
+    def _check(self) -> None:
+        if self.told is not None:
+            return
+        decision = self._ask()
+        if decision is None:
+            return
+        tmp = self._stop_file.with_name(self._stop_file.name + ".tmp")
+        tmp.write_text(decision[1] + "\n")
+        os.replace(tmp, self._stop_file)  # whole or absent: a trainer never reads half a reason
+        self.told = decision
+        end_after_grace(lambda signum: _signal_group(self._pid, signum), self._grace_s, KILL_GRACE_S, self._ended,
+                        f"stop-grace-{self._pid}")
+
+    def close(self) -> None:
+        self._ended.set()
+        self._poll.stop(timeout_s=0)
 
 
 def _kill_group(proc: multiprocessing.process.BaseProcess) -> None:

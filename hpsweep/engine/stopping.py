@@ -128,3 +128,18 @@ def _watchdog(done: threading.Event, after_s: float, stop: StopRequest, exit_aft
             exit_after(stop.exit_code)
 
     threading.Thread(target=watch, name="hpsweep-stop-watchdog", daemon=True).start()
+
+
+def end_after_grace(send: Callable[[int], None], grace_s: float, kill_after_s: float,
+                    ended: threading.Event, name: str = "hpsweep-grace") -> threading.Thread:
+    """Unless ``ended`` is set first: ``send(SIGTERM)`` after ``grace_s``, then ``send(SIGKILL)``
+    ``kill_after_s`` later (a trial told to stop that does not, as with time limits)."""
+    def escalate() -> None:
+        for wait_s, signum in ((grace_s, signal.SIGTERM), (kill_after_s, signal.SIGKILL)):
+            if ended.wait(wait_s):
+                return
+            send(signum)
+
+    thread = threading.Thread(target=escalate, name=name, daemon=True)
+    thread.start()
+    return thread

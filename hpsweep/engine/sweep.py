@@ -11,13 +11,15 @@ import json
 import logging
 import time
 import uuid
-from contextlib import contextmanager
-from dataclasses import dataclass
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 from hpsweep import plan
-from hpsweep.config import SweepConfig
+from hpsweep.config import SweepConfig, early_stop_rule
+from hpsweep.engine.early_stop import EarlyStopRule
+from hpsweep.engine.stopper import EarlyStopper
 from hpsweep.dvcdata import data_ref
 from hpsweep.engine.callbacks import Callbacks, SweepCallback
 from hpsweep.engine.controller import SweepRun
@@ -27,8 +29,8 @@ from hpsweep.periodic import Periodic
 from hpsweep.report import assemble, folders
 from hpsweep.store import SweepStore, grants
 from hpsweep.store.runs import setting_params
-from hpsweep.store.tags import (TAG_DISPATCH, TAG_GIT_COMMIT, TAG_INTERPRETER, TAG_QUOTA, TAG_SETTINGS,
-                                TAG_SPEC_HASH)
+from hpsweep.store.tags import (TAG_DISPATCH, TAG_EARLY_STOP, TAG_GIT_COMMIT, TAG_GPUS_PER_TRIAL, TAG_INTERPRETER,
+                                TAG_QUOTA, TAG_SETTINGS, TAG_SPEC_HASH)
 from hpsweep.versions import code_manifest_tag, git_commit
 
 log = logging.getLogger("hpsweep")
@@ -48,6 +50,7 @@ class OpenedSweep:
     provenance: dict[str, str]  # versions, git commit, quota: the parent run's tags and the report's header
     zombies: list[str]  # runs of dead processes closed on the way
     why_not_reused: str | None = None  # what changed since the experiment's last trials, when anything did
+    early_stop: EarlyStopRule = EarlyStopRule()  # the rule stopping hopeless trials ("none": off)
 
 
 def new_sweep_id(name: str) -> str:
@@ -75,8 +78,12 @@ def open_sweep(config: SweepConfig, inputs: SweepInputs, store: SweepStore, capa
     parallel = max(1, min(len(to_train), queue_depth))
     to_train, estimates, order = _dispatch(store, experiment_id, inputs, versions, to_train, slots)
 
+    rule = early_stop_rule(config, dict(inputs.spec.settings))
     provenance = {**versions, TAG_GIT_COMMIT: git_commit(), TAG_QUOTA: str(config.quota),
-                  TAG_SETTINGS: json.dumps(dict(inputs.spec.settings), sort_keys=True, default=str)}
+                  TAG_SETTINGS: json.dumps(dict(inputs.spec.settings), sort_keys=True, default=str),
+                  TAG_GPUS_PER_TRIAL: str(inputs.spec.resources.gpus)}
+    if rule.enabled:  # the report's header names it and estimates the GPU-hours it saved
+        provenance[TAG_EARLY_STOP] = json.dumps(asdict(rule), sort_keys=True)
     data_refs = {"train": data_ref(inputs.train).as_dict(), "val": data_ref(inputs.val).as_dict()}
     sweep_id = new_sweep_id(name)
     gpus = inputs.spec.resources.gpus
@@ -98,8 +105,9 @@ def open_sweep(config: SweepConfig, inputs: SweepInputs, store: SweepStore, capa
         # The code manifest goes on trial runs only: a later plan names the files that changed.
         versions={**versions, TAG_GIT_COMMIT: provenance[TAG_GIT_COMMIT], **code_manifest_tag(inputs.spec)},
         data_refs=data_refs,
-        resumable=frozenset(resumable))
-    return OpenedSweep(run, trials, reused, to_train, parallel, slots, order, provenance, zombies, why)
+        resumable=frozenset(resumable),
+        early_stop={"metric": rule.metric, "grace_s": config.early_stop_grace_s} if rule.enabled else None)
+    return OpenedSweep(run, trials, reused, to_train, parallel, slots, order, provenance, zombies, why, rule)
 
 
 def _dispatch(store: SweepStore, experiment_id: str, inputs: SweepInputs, versions: dict[str, str],
@@ -140,6 +148,14 @@ def parent_heartbeat(store: SweepStore, opened: OpenedSweep) -> Periodic:
     return Periodic(HEARTBEAT_S, lambda: store.heartbeat(opened.run.parent_run_id), "hpsweep-heartbeat")
 
 
+def early_stopper(store: SweepStore, opened: OpenedSweep) -> AbstractContextManager[object]:
+    """While trials run: the sweep's early-stopping rule, polled in the background (nothing when off)."""
+    if not opened.early_stop.enabled:
+        return nullcontext()
+    return EarlyStopper(store, opened.early_stop, opened.run.experiment_id, opened.run.sweep_id,
+                        [r.run_id for r in opened.reused.values()]).periodic()
+
+
 def close_sweep(opened: OpenedSweep, store: SweepStore, report_dir: Path | None,
                 callbacks: list[SweepCallback] = (), register: bool = True,
                 stopped_by: str | None = None, never_started_reason: str | None = None) -> dict[str, Any]:
@@ -171,7 +187,7 @@ def close_sweep(opened: OpenedSweep, store: SweepStore, report_dir: Path | None,
         # Every file written, leaderboard.json again: a publish that failed gets a second chance here.
         store.finish_parent_run(run.parent_run_id, summary["counts"], best.f1 if best else None,
                                 [str(p) for p in paths.values()], ok=summary["counts"]["failed"] == 0,
-                                stopped_by=stopped_by)
+                                stopped_by=stopped_by, extra_metrics=assemble.gpu_hour_metrics(header))
     if assemble.LEADERBOARD_JSON not in paths:
         log.warning("the report of sweep %s is not in %s (see above); its leaderboard.json is on parent run %s in "
                     "MLflow (report/leaderboard.json), and `hpsweep report %s --report-dir DIR` writes it all again",

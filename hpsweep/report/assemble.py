@@ -20,8 +20,8 @@ from hpsweep.report.cells import short_text
 from hpsweep.report.leaderboard import (LEADERBOARD_JSON, counts, leaderboard_json, learning_curves, rank_rows,
                                         write_report)
 from hpsweep.store.registry import MLMODEL_FILE, RegisteredVersion, champion_uri
-from hpsweep.store.tags import (TAG_DATA_VERSION, TAG_GIT_COMMIT, TAG_INTERRUPTED, TAG_QUOTA, TAG_SETTINGS,
-                                TAG_SPEC_HASH)
+from hpsweep.store.tags import (TAG_DATA_VERSION, TAG_EARLY_STOP, TAG_GIT_COMMIT, TAG_GPUS_PER_TRIAL,
+                                TAG_INTERRUPTED, TAG_QUOTA, TAG_SETTINGS, TAG_SPEC_HASH)
 from hpsweep.store.uri import redact_uri
 
 if TYPE_CHECKING:
@@ -50,8 +50,49 @@ def sweep_meta(sweep_id: str, name: str, experiment_id: str, parent_run_id: str,
         "quota": int(quota) if quota is not None else None,
         "settings": _settings(provenance.get(TAG_SETTINGS)),
         "interrupted": provenance.get(TAG_INTERRUPTED),  # the signal that stopped the sweep, if one did
+        "early_stop": describe_early_stop(_settings(provenance.get(TAG_EARLY_STOP))),
+        "early_stop_max_steps": _settings(provenance.get(TAG_EARLY_STOP)).get("max_steps"),
+        "gpus_per_trial": _int(provenance.get(TAG_GPUS_PER_TRIAL)),
         "champion": None, "champion_moved": False, "champion_note": None,
     }
+
+
+def _int(text: str | None) -> int | None:
+    try:
+        return int(text) if text is not None else None
+    except ValueError:
+        return None
+
+
+def describe_early_stop(rule: Mapping[str, Any]) -> str | None:
+    """The rule in words for the header, e.g. ``asha (val_f1, min_steps 3, reduction_factor 3, max_steps 20)``."""
+    if not rule.get("rule") or rule["rule"] == "none":
+        return None
+    keys = ("min_steps", "reduction_factor", "max_steps") if rule["rule"] == "asha" else ("min_steps",)
+    return f"{rule['rule']} ({rule.get('metric')}, " + ", ".join(f"{k} {rule.get(k)}" for k in keys) + ")"
+
+
+def gpu_hours(rows: Sequence[TrialRow], gpus_per_trial: int | None, max_steps: int | None
+              ) -> tuple[float | None, float | None]:
+    """(used, saved): the GPU-hours of the trials this sweep ran (their measured durations), and an
+    estimate of what early stopping saved: each STOPPED trial's time per step times the steps it did
+    not train of ``max_steps``. None where it cannot be told (no GPUs per trial known; no stopped trial
+    or no ``max_steps``)."""
+    if gpus_per_trial is None:
+        return None, None
+    ran = [r for r in rows if r.state is not TrialState.REUSED and r.duration_s]
+    used = sum(r.duration_s for r in ran) * gpus_per_trial / 3600  # type: ignore[misc]
+    stopped = [r for r in ran if r.state is TrialState.STOPPED and r.stopped_at_step]
+    if not stopped or not max_steps:
+        return used, None
+    saved = sum(r.duration_s / r.stopped_at_step * max(0, max_steps - r.stopped_at_step)  # type: ignore[operator]
+                for r in stopped) * gpus_per_trial / 3600
+    return used, saved
+
+
+def gpu_hour_metrics(header: Mapping[str, Any]) -> dict[str, float]:
+    """The parent run's metrics ``gpu_hours_used`` and ``gpu_hours_saved`` (those the header has)."""
+    return {k: header[k] for k in ("gpu_hours_used", "gpu_hours_saved") if header.get(k) is not None}
 
 
 def _settings(tag: str | None) -> dict[str, Any]:
@@ -122,8 +163,9 @@ def _report(store: SweepStore, meta: dict[str, Any], trials: Sequence[PlannedTri
     rows = store.sweep_trials(meta["experiment_id"], meta["sweep_id"]) + reused_rows(trials, reused)
     ranked = rank_rows(rows + never_started(trials, rows, meta.get("interrupted"),
                                             meta.get("never_started_reason") or NEVER_STARTED_REASON))
-    best = next((r for r in ranked if r.has_f1), None)
-    header = {**meta, **settle(best)}
+    best = next((r for r in ranked if r.has_f1), None)  # only ever a FINISHED (or reused) trial
+    used, saved = gpu_hours(ranked, meta.get("gpus_per_trial"), meta.get("early_stop_max_steps"))
+    header = {**meta, "gpu_hours_used": used, "gpu_hours_saved": saved, **settle(best)}
     if publish is not None:
         publish(LEADERBOARD_JSON, leaderboard_json(header, ranked))
     paths = write_report(report_dir, header, ranked, curves=_curves(store, ranked))
@@ -250,7 +292,8 @@ def sweep_summary(header: dict[str, Any], rows: Sequence[TrialRow], report_dir: 
     """What `hpsweep run` and `hpsweep report` print (and the sweep flow returns): the header, the
     counts, the top three leaderboard rows, each failure reason once with how many trials it ended
     (most frequent first), and where the files are."""
-    reasons = Counter(r.reason or f"run ended {r.state.value}" for r in rows if not r.has_f1)
+    reasons = Counter(r.reason or f"run ended {r.state.value}" for r in rows  # a stopped trial did not fail
+                      if not r.has_f1 and r.state is not TrialState.STOPPED)
     return {**header, "counts": counts(rows), "report_dir": str(report_dir),
             "top": [r.leaderboard() for r in rows[:3]],
             "failure_reasons": [{"reason": reason, "trials": n} for reason, n in reasons.most_common()],

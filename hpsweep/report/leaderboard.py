@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 import pandas as pd
 
-from hpsweep.model import TrialRow
+from hpsweep.model import TrialRow, TrialState
 from hpsweep.report import plots
 from hpsweep.report.cells import csv_cell, md, short_text
 
@@ -46,10 +46,14 @@ class MetricHistories(Protocol):
 
 def rank_rows(rows: Sequence[TrialRow]) -> list[TrialRow]:
     """The rows with ``rank`` set: those with an F1 (finished or reused) best first, ties in file
-    order; then every row without an F1 (failed, killed, running, never started) in file order."""
+    order; then the trials early stopping STOPPED, by their best value so far (not comparable with a
+    finished trial's F1, so below every one); then every other row (failed, killed, running, never
+    started) in file order."""
     scored = sorted((r for r in rows if r.has_f1), key=lambda r: (-r.f1, r.index))  # type: ignore[operator]
-    unscored = sorted((r for r in rows if not r.has_f1), key=lambda r: r.index)
-    return [replace(r, rank=rank) for rank, r in enumerate(scored + unscored, start=1)]
+    stopped = sorted((r for r in rows if r.state is TrialState.STOPPED),
+                     key=lambda r: (r.f1 is None, -(r.f1 or 0.0), r.index))
+    unscored = sorted((r for r in rows if not r.has_f1 and r.state is not TrialState.STOPPED), key=lambda r: r.index)
+    return [replace(r, rank=rank) for rank, r in enumerate(scored + stopped + unscored, start=1)]
 
 
 def report_status(row: TrialRow) -> str:
@@ -58,9 +62,11 @@ def report_status(row: TrialRow) -> str:
 
 
 def counts(rows: Sequence[TrialRow]) -> dict[str, int]:
+    """total, finished, failed, reused; and stopped when early stopping stopped any (not a failure)."""
     out = {"total": len(rows), "finished": 0, "failed": 0, "reused": 0}
     for r in rows:
-        out[{"FINISHED": "finished", "REUSED": "reused"}.get(report_status(r), "failed")] += 1
+        key = {"FINISHED": "finished", "REUSED": "reused", "STOPPED": "stopped"}.get(report_status(r), "failed")
+        out[key] = out.get(key, 0) + 1
     return out
 
 
@@ -104,7 +110,16 @@ def render_markdown(sweep: dict[str, Any], rows: Sequence[TrialRow], plot_name: 
         lines.append("- settings: " + ", ".join(md(f"{k}={short_text(v)}", code=True)
                                                for k, v in sorted(sweep["settings"].items())))
     lines += _champion_lines(sweep)
-    lines.append(f"- trials: {c['total']} ({c['finished']} finished, {c['reused']} reused, {c['failed']} failed)")
+    stopped = f", {c['stopped']} stopped early" if c.get("stopped") else ""
+    lines.append(f"- trials: {c['total']} ({c['finished']} finished, {c['reused']} reused{stopped}, "
+                 f"{c['failed']} failed)")
+    if sweep.get("early_stop"):
+        lines.append(f"- early stopping: {md(sweep['early_stop'], code=True)}")
+    if sweep.get("gpu_hours_used") is not None:
+        saved = sweep.get("gpu_hours_saved")
+        lines.append(f"- GPU-hours: {sweep['gpu_hours_used']:.3f} used" +
+                     (f", {saved:.3f} saved by early stopping (estimated from the stopped trials' planned steps)"
+                      if saved is not None else ""))
     figures = ([("F1 per combination", plot_name)] if plot_name else []) + list(images)
     if figures or notes:
         lines += ["", "## Plots", ""]

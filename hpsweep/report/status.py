@@ -30,7 +30,9 @@ PARENT_STATES = {"FINISHED": "finished", "FAILED": "finished with failures", "KI
 INTERRUPTED = "interrupted"  # counted only in a sweep stopped by a signal: other sweeps' counts keep their keys
 STATE_WORDS = {TrialState.PLANNED: "queued", TrialState.RUNNING: "running", TrialState.FINISHED: "done",
                TrialState.FAILED: "failed", TrialState.KILLED: "failed", TrialState.REUSED: "reused",
-               TrialState.NEVER_STARTED: "never started", TrialState.INTERRUPTED: INTERRUPTED}
+               TrialState.NEVER_STARTED: "never started", TrialState.INTERRUPTED: INTERRUPTED,
+               TrialState.STOPPED: "stopped"}
+OPTIONAL_WORDS = (INTERRUPTED, "stopped")  # counted only when some trial is: other sweeps' counts keep their keys
 STALE = "stale"
 WORDS = ("running", STALE, "queued", "done", "failed", "reused", "never started")  # the order of the counts
 
@@ -165,9 +167,10 @@ def summarize(record: SweepRecord, plan: list[TrialRow] | None, runs: list[Trial
               for p in sorted(plan, key=lambda p: (p.dispatch_position or 10**9, p.index))]
     if over and record.tags.get(TAG_INTERRUPTED):  # a stopped sweep's never-started trials were interrupted
         trials = [{**t, "state": INTERRUPTED} if t["state"] == "never started" else t for t in trials]
-    counts = {word: sum(1 for t in trials if t["state"] == word) for word in WORDS + (INTERRUPTED,)}
-    if not counts[INTERRUPTED]:
-        del counts[INTERRUPTED]
+    counts = {word: sum(1 for t in trials if t["state"] == word) for word in WORDS + OPTIONAL_WORDS}
+    for word in OPTIONAL_WORDS:
+        if not counts[word]:
+            del counts[word]
     parent_beat = float(record.tags.get(TAG_HEARTBEAT, record.started_at))
     reason = record.tags.get(TAG_REASON) if over else None  # why it ended: a crash, a reaped zombie
     if over and record.tags.get(TAG_INTERRUPTED):

@@ -106,6 +106,11 @@ class TrialPaths:
     def metrics_journal(self) -> Path:
         return self.root / "metrics.jsonl"
 
+    @property
+    def stop(self) -> Path:
+        """Written (with the reason) when the early-stopping rule stops the trial: HPSWEEP_STOP_FILE."""
+        return self.root / "stop"
+
 
 def trial_env(req: TrialRequest) -> dict[str, str]:
     """The documented environment of a trial (the command trainer's contract)."""
@@ -118,6 +123,7 @@ def trial_env(req: TrialRequest) -> dict[str, str]:
         contract.ENV_MODEL_DIR: str(paths.model),
         contract.ENV_RESULT: str(paths.result),
         contract.ENV_DEVICE: "cuda" if req.gpu_ids else "cpu",
+        contract.ENV_STOP_FILE: str(paths.stop),
         "CUDA_VISIBLE_DEVICES": ",".join(str(g) for g in req.gpu_ids),
         "MLFLOW_TRACKING_URI": req.job.tracking_uri,
         "MLFLOW_RUN_ID": req.run_id,
@@ -255,6 +261,7 @@ def _run_entrypoint(req: TrialRequest, metrics: MetricsLogger) -> dict[str, Any]
         gpu_ids=tuple(req.gpu_ids),
         settings=dict(req.job.settings),
         _reporter=metrics.log,
+        stop_file=paths.stop,
     )
     data = contract.DataRefs(Path(req.train), Path(req.val))
     f1 = train(dict(req.job.hparams), data, ctx)

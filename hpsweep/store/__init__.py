@@ -26,8 +26,8 @@ from hpsweep.store.registry import (RegisteredVersion, champion, champion_uri, h
 from hpsweep.store.retry import TRACKING_PATIENCE_S, cap_client_backoff, refused_by_store, retrying
 from hpsweep.store.runs import (create_trial_run, ensure_experiment, find_trial_run, finish_trial_run, heartbeat,
                                 latest_parent_run, log_trial_params, mark_failed, open_trial_run, outcome_of,
-                                reap_zombies, reopen_trial_run, set_tags, start_parent_run, start_trial_run, state_of,
-                                sweep_trials, trial_row, trials_by_run_id)
+                                reap_zombies, reopen_trial_run, request_stop, set_tags, start_parent_run,
+                                start_trial_run, state_of, stop_request, sweep_trials, trial_row, trials_by_run_id)
 from hpsweep.store.tags import *  # noqa: F401,F403  (the tag names)
 from hpsweep.store.uri import redact_uri, resolve_tracking_uri, ui_url
 
@@ -116,6 +116,10 @@ class SweepStore:
         runs.heartbeat(self.client, run_id)
 
     @_patient
+    def request_stop(self, run_id: str, step: int, reason: str) -> None:
+        runs.request_stop(self.client, run_id, step, reason)
+
+    @_patient
     def finish_trial_run(self, run_id: str, outcome: Outcome, log_path: Path | None = None) -> None:
         runs.finish_trial_run(self.client, run_id, outcome, log_path)
 
@@ -160,8 +164,9 @@ class SweepStore:
 
     @_patient
     def finish_parent_run(self, parent_run_id: str, counts: dict[str, int], best_f1: float | None,
-                          files: list[str], ok: bool, stopped_by: str | None = None) -> None:
-        runs.finish_parent_run(self.client, parent_run_id, counts, best_f1, files, ok, stopped_by)
+                          files: list[str], ok: bool, stopped_by: str | None = None,
+                          extra_metrics: dict[str, float] | None = None) -> None:
+        runs.finish_parent_run(self.client, parent_run_id, counts, best_f1, files, ok, stopped_by, extra_metrics)
 
     @_patient
     def close_sweep_runs(self, exp_id: str, sweep_id: str, parent_run_id: str, reason: str) -> list[str]:

@@ -22,7 +22,8 @@ from hpsweep.model import Hparams, IllegalTransition, Outcome, TrialRow, TrialSt
 from hpsweep.store.filters import all_of, run_id_in, tag_equals
 from hpsweep.store.tags import (EXPERIMENT_KIND, RUNS_VIEW, TAG_ATTEMPT, TAG_ATTEMPT_LOG, TAG_DURATION, TAG_HEARTBEAT,
                                 TAG_HPARAMS, TAG_INDEX, TAG_INTERRUPTED, TAG_OWNER, TAG_REASON, TAG_RETRYABLE, TAG_ROLE,
-                                TAG_SPEC_HASH, TAG_STATUS, TAG_SWEEP_ID, TAG_TRIAL_KEY, SETTINGS_PARAM_PREFIX)
+                                TAG_SPEC_HASH, TAG_STATUS, TAG_STOP_REQUEST, TAG_STOPPED_AT, TAG_SWEEP_ID,
+                                TAG_TRIAL_KEY, SETTINGS_PARAM_PREFIX)
 
 MAX_PARAM_LEN = 6000
 MAX_TAG_LEN = 5000
@@ -68,6 +69,8 @@ def state_of(run: Run) -> TrialState:
         return TrialState.RUNNING
     if status == "FINISHED" and run.data.tags.get(TAG_STATUS) == "FINISHED" and "f1" in run.data.metrics:
         return TrialState.FINISHED
+    if status == "KILLED" and run.data.tags.get(TAG_STATUS) == TrialState.STOPPED.value:
+        return TrialState.STOPPED
     if status == "KILLED":
         return TrialState.INTERRUPTED if run.data.tags.get(TAG_INTERRUPTED) else TrialState.KILLED
     return TrialState.FAILED
@@ -82,6 +85,7 @@ def trial_row(run: Run) -> TrialRow:
         duration_s=float(tags[TAG_DURATION]) if TAG_DURATION in tags else _run_wall_time(run),
         started_at=(run.info.start_time or 0) / 1000,
         heartbeat=float(tags[TAG_HEARTBEAT]) if TAG_HEARTBEAT in tags else None,
+        stopped_at_step=_int_or_none(tags.get(TAG_STOPPED_AT)),
     )
 
 
@@ -91,13 +95,24 @@ def _run_wall_time(run: Run) -> float | None:
     return max(0.0, (end - start) / 1000) if start and end else None
 
 
+def _int_or_none(text: str | None) -> int | None:
+    try:
+        return int(text) if text is not None else None
+    except ValueError:
+        return None
+
+
 def outcome_of(run: Run) -> Outcome:
     """A terminal trial run read back as an outcome (how a pool trial's result comes home)."""
     tags = run.data.tags
     end = (run.info.end_time or 0) / 1000
     start = end - float(tags.get(TAG_DURATION, 0) or 0)
-    if state_of(run) is TrialState.FINISHED:
+    state = state_of(run)
+    if state is TrialState.FINISHED:
         return Outcome(True, run.data.metrics["f1"], started_at=start, ended_at=end)
+    if state is TrialState.STOPPED:
+        return Outcome(False, run.data.metrics.get("f1"), tags.get(TAG_REASON), killed=True, stopped=True,
+                       stopped_at_step=_int_or_none(tags.get(TAG_STOPPED_AT)), started_at=start, ended_at=end)
     return Outcome(False, None, tags.get(TAG_REASON) or f"run ended {run.info.status}",
                    retryable=tags.get(TAG_RETRYABLE) == "true", killed=run.info.status == "KILLED",
                    interrupted=bool(tags.get(TAG_INTERRUPTED)), started_at=start, ended_at=end)
@@ -177,23 +192,25 @@ def _move(client: MlflowClient, run_id: str, new: TrialState) -> Run:
 
 
 def finish_trial_run(client: MlflowClient, run_id: str, outcome: Outcome, log_path: Path | None = None) -> None:
-    """RUNNING → FINISHED, FAILED or KILLED, with the trial log. The F1 is stored before the status:
-    a FINISHED run always has one."""
+    """RUNNING → FINISHED, FAILED, KILLED or STOPPED, with the trial log. The F1 is stored before the
+    status: a FINISHED run always has one (a STOPPED one has its best reported value, when it reported)."""
     _move(client, run_id, outcome.state)
     if log_path is not None and log_path.is_file():
         client.log_artifact(run_id, str(log_path))
-    tags = [RunTag(TAG_STATUS, "FINISHED" if outcome.ok else "FAILED"),
-            RunTag(TAG_DURATION, f"{outcome.duration_s:.3f}")]
+    status_tag = "FINISHED" if outcome.ok else TrialState.STOPPED.value if outcome.stopped else "FAILED"
+    tags = [RunTag(TAG_STATUS, status_tag), RunTag(TAG_DURATION, f"{outcome.duration_s:.3f}")]
     if outcome.reason:
         tags.append(RunTag(TAG_REASON, outcome.reason[:MAX_TAG_LEN]))
     if not outcome.ok:
         tags.append(RunTag(TAG_RETRYABLE, str(outcome.retryable).lower()))
     if outcome.interrupted:
         tags.append(RunTag(TAG_INTERRUPTED, "true"))
-    metrics = [Metric("f1", outcome.f1, int(time.time() * 1000), 0)] if outcome.ok else []
+    if outcome.stopped and outcome.stopped_at_step is not None:
+        tags.append(RunTag(TAG_STOPPED_AT, str(outcome.stopped_at_step)))
+    metrics = [Metric("f1", outcome.f1, int(time.time() * 1000), 0)] if outcome.f1 is not None else []
     client.log_batch(run_id, metrics=metrics, tags=tags)
-    # MLflow has no INTERRUPTED: such a run is KILLED, and its hpsweep.interrupted tag says why.
-    status = "KILLED" if outcome.state is TrialState.INTERRUPTED else outcome.state.value
+    # MLflow has neither INTERRUPTED nor STOPPED: such a run is KILLED, and its tags say why.
+    status = "KILLED" if outcome.state in (TrialState.INTERRUPTED, TrialState.STOPPED) else outcome.state.value
     client.set_terminated(run_id, status, end_time=int(outcome.ended_at * 1000) or None)
 
 
@@ -240,6 +257,20 @@ def close_sweep_runs(client: MlflowClient, exp_id: str, sweep_id: str, parent_ru
         client.set_terminated(parent_run_id, "FAILED")
         closed.append(parent_run_id)
     return closed
+
+
+def request_stop(client: MlflowClient, run_id: str, step: int, reason: str) -> None:
+    """The sweep's early-stopping decision on a running trial run: the trial's host polls for it
+    (``stop_request``), tells the trainer (its stop file) and ends it after the grace."""
+    client.log_batch(run_id, tags=[RunTag(TAG_STOPPED_AT, str(step)), RunTag(TAG_STOP_REQUEST, reason[:MAX_TAG_LEN])])
+
+
+def stop_request(client: MlflowClient, run_id: str) -> tuple[int, str] | None:
+    """(step, reason) when the sweep asked this trial run to stop, else None."""
+    tags = client.get_run(run_id).data.tags
+    if TAG_STOP_REQUEST not in tags:
+        return None
+    return _int_or_none(tags.get(TAG_STOPPED_AT)) or 0, tags[TAG_STOP_REQUEST]
 
 
 def set_tags(client: MlflowClient, run_id: str, tags: dict[str, str]) -> None:
@@ -409,7 +440,8 @@ def metric_history(client: MlflowClient, run_id: str, metric: str) -> list[tuple
 
 
 def finish_parent_run(client: MlflowClient, parent_run_id: str, counts: dict[str, int], best_f1: float | None,
-                      files: list[str], ok: bool, stopped_by: str | None = None) -> None:
+                      files: list[str], ok: bool, stopped_by: str | None = None,
+                      extra_metrics: dict[str, float] | None = None) -> None:
     """Log the report files and the counts to the parent run, then close it: KILLED (tagged with the
     signal) when ``stopped_by`` a signal, else FINISHED, or FAILED when ``ok`` is False."""
     for path in files:
@@ -417,6 +449,7 @@ def finish_parent_run(client: MlflowClient, parent_run_id: str, counts: dict[str
     metrics = [Metric(f"trials_{k}", v, int(time.time() * 1000), 0) for k, v in counts.items()]
     if best_f1 is not None:
         metrics.append(Metric("best_f1", best_f1, int(time.time() * 1000), 0))
+    metrics += [Metric(k, float(v), int(time.time() * 1000), 0) for k, v in (extra_metrics or {}).items()]
     tags = [RunTag(TAG_INTERRUPTED, stopped_by), RunTag(TAG_REASON, interrupted_note(stopped_by))] if stopped_by else []
     client.log_batch(parent_run_id, metrics=metrics, tags=tags)
     client.set_terminated(parent_run_id, "KILLED" if stopped_by else "FINISHED" if ok else "FAILED")

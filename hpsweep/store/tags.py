@@ -8,7 +8,7 @@ TAG_TRIAL_KEY = "hpsweep.trial_key"
 TAG_HPARAMS = "hpsweep.hparams"  # canonical JSON: typed hparams (MLflow params are strings)
 TAG_INDEX = "hpsweep.index"  # the combination's row number in the file order
 TAG_ATTEMPT = "hpsweep.attempt"
-TAG_STATUS = "hpsweep.status"  # RUNNING, FINISHED or FAILED (MLflow's status says KILLED)
+TAG_STATUS = "hpsweep.status"  # RUNNING, FINISHED, FAILED or STOPPED (MLflow's status says KILLED)
 TAG_REASON = "hpsweep.reason"
 TAG_DURATION = "hpsweep.duration_s"
 TAG_RETRYABLE = "hpsweep.retryable"  # "true" when the machine, not the trainer, failed the attempt
@@ -26,6 +26,12 @@ TAG_GPUS = "hpsweep.gpus"
 TAG_INTERPRETER = "hpsweep.trainer_interpreter"  # on the parent run: the program the trials run, as PATH found it
 TAG_SETTINGS = "hpsweep.settings"  # on the parent run: the spec's settings, canonical JSON (the report header)
 TAG_INTERRUPTED = "hpsweep.interrupted"  # on a trial or parent run stopped by a signal to the sweep: its name
+# Early stopping: the sweep's decision on a running trial run (its reason; the trial's host polls it and
+# stops the trainer), the step it was taken at, and on the parent run the rule's settings (JSON).
+TAG_STOP_REQUEST = "hpsweep.stop_request"
+TAG_STOPPED_AT = "hpsweep.stopped_at_step"
+TAG_EARLY_STOP = "hpsweep.early_stop"
+TAG_GPUS_PER_TRIAL = "hpsweep.gpus_per_trial"  # on the parent run: the spec's GPUs per trial (GPU-hours)
 TAG_ADOPTED_FROM = "hpsweep.adopted_from_sweep"
 CHAMPION_ALIAS = "champion"
 SETTINGS_PARAM_PREFIX = "settings."  # the spec's settings as params of the parent and every trial run
