@@ -31,22 +31,25 @@ from hpsweep.model import AttemptResult, TrialJob, TrialRow
 from hpsweep.plan import describe_reuse
 from hpsweep.report.cells import short_text
 from hpsweep.report.leaderboard import render_markdown
+from hpsweep.report.links import mlflow_ui_note, run_url
 from hpsweep.store import SweepStore, resolve_tracking_uri
 
 
-@task(name="trial", persist_result=False, cache_policy=NO_CACHE,
-      task_run_name="trial {job.index} attempt {job.attempt}: {job.trial_key}")
+# Named like the trial's MLflow run (its hparams), not Prefect's random two words.
+@task(name="trial", persist_result=False, cache_policy=NO_CACHE, task_run_name="{job.display_name}")
 def trial_attempt(job: TrialJob, gpu_ids: tuple[int, ...], launcher: TrialLauncher) -> AttemptResult:
     """One attempt of one combination, wherever the launcher runs it (a failure is an outcome)."""
     return launcher.launch(job, gpu_ids)
 
 
 class PrefectArtifacts(SweepCallback):
-    """The leaderboard as a markdown and a table artifact of the flow run."""
+    """The leaderboard as a markdown (each run linked to the MLflow UI) and a table artifact of the flow run."""
 
     def on_report(self, header: dict[str, Any], rows: list[TrialRow]) -> None:
         key = "".join(ch if ch.isalnum() else "-" for ch in header["name"].lower()).strip("-") or "sweep"
-        create_markdown_artifact(render_markdown(header, rows), key=f"{key}-leaderboard",
+        uri, experiment = header["tracking_uri"], header["experiment_id"]
+        board = render_markdown(header, rows, run_link=lambda run_id: run_url(uri, experiment, run_id))
+        create_markdown_artifact(f"{board}\n{mlflow_ui_note(uri, experiment)}\n", key=f"{key}-leaderboard",
                                  description=f"Leaderboard of sweep {header['sweep_id']}")
         shown = lambda v: v if isinstance(v, (int, float)) else short_text(v)  # noqa: E731 - numbers stay numbers
         create_table_artifact([{"rank": r.rank, **{k: shown(v) for k, v in r.hparams.items()},
