@@ -7,7 +7,8 @@ retries, ranking) is the engine's (``hpsweep.engine``), which knows nothing of P
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import chdir, nullcontext
+from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -16,7 +17,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from prefect.utilities.annotations import quote
 
-from hpsweep.config import SweepConfig
+from hpsweep.config import SweepConfig, SweepOverrides, build_config
 from hpsweep.engine import sweep as engine
 from hpsweep.engine.callbacks import LogCallback, SweepCallback, observers
 from hpsweep.engine.controller import RetryPolicy, SweepEngine
@@ -59,14 +60,25 @@ class PrefectArtifacts(SweepCallback):
 
 
 @flow(name="sweep", persist_result=False, log_prints=True)
-def sweep(config: SweepConfig) -> dict[str, Any]:
+def sweep(config: SweepOverrides | None = None, project_dir: Path | None = None,
+          params: Path | None = Path("params.yaml")) -> dict[str, Any]:
     """Train every combination once, at most quota/gpus at a time, and report them ranked by F1.
 
     Idempotent: a rerun reuses every trial that has a FINISHED run with the same trial key.
     Returns the leaderboard summary: sweep id, counts, report paths, champion.
+
+    Args:
+        config: any of `hpsweep run`'s settings (combinations, spec, train, val, quota, launcher, pool, ...);
+            what it leaves out comes from the `sweep:` section of `params`, as for `hpsweep run`.
+        project_dir: the folder relative paths (`params` too) are read in, and where the MLflow store, the
+            reports and the trial folders go by default; default: the flow run's working directory (a
+            deployment's is prefect.yaml's $HPSWEEP_HOME, as it was at `prefect deploy`).
+        params: the YAML file whose `sweep:` section gives the defaults; null: none.
     """
-    with stop_on_signals(StopRequest(config.grace_s)) as stop:
-        return _sweep(config, stop)
+    with chdir(project_dir) if project_dir else nullcontext():
+        settings = build_config((config or SweepOverrides()).model_dump(), params, named=lambda k: f"config.{k}")
+        with stop_on_signals(StopRequest(settings.grace_s)) as stop:
+            return _sweep(settings, stop)
 
 
 def _sweep(config: SweepConfig, stop: StopRequest) -> dict[str, Any]:
