@@ -7,7 +7,8 @@ retries, ranking) is the engine's (``hpsweep.engine``), which knows nothing of P
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import chdir, nullcontext
+from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -16,7 +17,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from prefect.utilities.annotations import quote
 
-from hpsweep.config import SweepConfig
+from hpsweep.config import SweepConfig, SweepOverrides, build_config
 from hpsweep.engine import sweep as engine
 from hpsweep.engine.callbacks import LogCallback, SweepCallback, observers
 from hpsweep.engine.controller import RetryPolicy, SweepEngine
@@ -31,22 +32,25 @@ from hpsweep.model import AttemptResult, TrialJob, TrialRow
 from hpsweep.plan import describe_reuse
 from hpsweep.report.cells import short_text
 from hpsweep.report.leaderboard import render_markdown
+from hpsweep.report.links import mlflow_ui_note, run_url
 from hpsweep.store import SweepStore, resolve_tracking_uri
 
 
-@task(name="trial", persist_result=False, cache_policy=NO_CACHE,
-      task_run_name="trial {job.index} attempt {job.attempt}: {job.trial_key}")
+# Named like the trial's MLflow run (its hparams), not Prefect's random two words.
+@task(name="trial", persist_result=False, cache_policy=NO_CACHE, task_run_name="{job.display_name}")
 def trial_attempt(job: TrialJob, gpu_ids: tuple[int, ...], launcher: TrialLauncher) -> AttemptResult:
     """One attempt of one combination, wherever the launcher runs it (a failure is an outcome)."""
     return launcher.launch(job, gpu_ids)
 
 
 class PrefectArtifacts(SweepCallback):
-    """The leaderboard as a markdown and a table artifact of the flow run."""
+    """The leaderboard as a markdown (each run linked to the MLflow UI) and a table artifact of the flow run."""
 
     def on_report(self, header: dict[str, Any], rows: list[TrialRow]) -> None:
         key = "".join(ch if ch.isalnum() else "-" for ch in header["name"].lower()).strip("-") or "sweep"
-        create_markdown_artifact(render_markdown(header, rows), key=f"{key}-leaderboard",
+        uri, experiment = header["tracking_uri"], header["experiment_id"]
+        board = render_markdown(header, rows, run_link=lambda run_id: run_url(uri, experiment, run_id))
+        create_markdown_artifact(f"{board}\n{mlflow_ui_note(uri, experiment)}\n", key=f"{key}-leaderboard",
                                  description=f"Leaderboard of sweep {header['sweep_id']}")
         shown = lambda v: v if isinstance(v, (int, float)) else short_text(v)  # noqa: E731 - numbers stay numbers
         create_table_artifact([{"rank": r.rank, **{k: shown(v) for k, v in r.hparams.items()},
@@ -56,14 +60,25 @@ class PrefectArtifacts(SweepCallback):
 
 
 @flow(name="sweep", persist_result=False, log_prints=True)
-def sweep(config: SweepConfig) -> dict[str, Any]:
+def sweep(config: SweepOverrides | None = None, project_dir: Path | None = None,
+          params: Path | None = Path("params.yaml")) -> dict[str, Any]:
     """Train every combination once, at most quota/gpus at a time, and report them ranked by F1.
 
     Idempotent: a rerun reuses every trial that has a FINISHED run with the same trial key.
     Returns the leaderboard summary: sweep id, counts, report paths, champion.
+
+    Args:
+        config: any of `hpsweep run`'s settings (combinations, spec, train, val, quota, launcher, pool, ...);
+            what it leaves out comes from the `sweep:` section of `params`, as for `hpsweep run`.
+        project_dir: the folder relative paths (`params` too) are read in, and where the MLflow store, the
+            reports and the trial folders go by default; default: the flow run's working directory (a
+            deployment's is prefect.yaml's $HPSWEEP_HOME, as it was at `prefect deploy`).
+        params: the YAML file whose `sweep:` section gives the defaults; null: none.
     """
-    with stop_on_signals(StopRequest(config.grace_s)) as stop:
-        return _sweep(config, stop)
+    with chdir(project_dir) if project_dir else nullcontext():
+        settings = build_config((config or SweepOverrides()).model_dump(), params, named=lambda k: f"config.{k}")
+        with stop_on_signals(StopRequest(settings.grace_s)) as stop:
+            return _sweep(settings, stop)
 
 
 def _sweep(config: SweepConfig, stop: StopRequest) -> dict[str, Any]:

@@ -25,7 +25,9 @@ def train_trial(job: dict[str, Any]) -> dict[str, Any]:
     """Train one combination and log it to MLflow; returns the run id, F1 and reason."""
     # The sweep's folder, when this worker shares its disk; else the worker's own.
     cwd = job.get("cwd") if Path(job.get("cwd", "")).is_dir() else os.getcwd()
-    trial = TrialJob(**{**job, "cwd": cwd, "work_dir": os.environ.get("HPSWEEP_WORK_DIR", job["work_dir"])})
+    # A relative work dir is the sweep's (under its folder), not this flow run's working directory's.
+    work_dir = os.environ.get("HPSWEEP_WORK_DIR") or str(Path(cwd) / job["work_dir"])
+    trial = TrialJob(**{**job, "cwd": cwd, "work_dir": work_dir})
     # The GPUs this worker's container (or host) was given are the trial's. A process worker
     # runs several flow runs on one host: the pool's host-wide locks give each its own GPUs
     # (waiting while others hold them); an ECS container sees only its own anyway.

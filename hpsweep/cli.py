@@ -288,7 +288,7 @@ def _run(args: argparse.Namespace) -> int:
     logging.getLogger("prefect.task_runs").setLevel(logging.WARNING)  # one line per trial comes from us
     try:
         with quota.dead_sweeps_slots_returned(config.launcher == "local"), observing(RichProgress()):
-            result = sweep(config)
+            result = sweep(config, params=None)  # params.yaml's defaults are in config already
     except SweepInputError as e:  # found only once Prefect is up (e.g. a quota limit too small for a trial)
         return _input_errors(e)
     except KeyboardInterrupt:  # Ctrl-C before the sweep could take signals over (Prefect starting up)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from hpsweep.engine.early_stop import EarlyStopRule
 
@@ -15,7 +15,7 @@ from hpsweep.inputs import Problem, SweepInputError, SweepName, load_yaml, read_
 DEFAULT_LIMIT_NAME = "hpsweep-gpus"
 PARAMS_MAX_DEPTH = 32
 # The `register` field "shadows" ABCMeta.register, a metaclass method no instance sees: nothing to warn about.
-warnings.filterwarnings("ignore", r'Field name "register" in "SweepConfig" shadows', UserWarning)
+warnings.filterwarnings("ignore", r'Field name "register" in "Sweep(Config|Overrides)" shadows', UserWarning)
 
 
 class SweepConfig(BaseModel):
@@ -74,6 +74,15 @@ class SweepConfig(BaseModel):
                                                                       "concurrency limit that holds the quota")
 
 
+# What a `sweep` flow run is given: any of SweepConfig's fields (same names and meanings), the rest
+# from params.yaml, as `hpsweep run`'s flags. Types are checked here, values (ranges) by SweepConfig;
+# a whole SweepConfig is one too (read from its attributes).
+SweepOverrides = create_model(
+    "SweepOverrides", __config__=ConfigDict(frozen=True, extra="forbid", from_attributes=True),
+    **{name: (field.annotation | None, Field(default=None, description=field.description))
+       for name, field in SweepConfig.model_fields.items()})
+
+
 def read_params(path: Path) -> dict[str, Any]:
     """The `sweep:` section of params.yaml (what `dvc repro` passes); {} when there is no file."""
     if not path.is_file():
@@ -89,28 +98,36 @@ def read_params(path: Path) -> dict[str, Any]:
     return section
 
 
-def build_config(flags: dict[str, Any], params_file: Path) -> SweepConfig:
-    """Flags given on the command line win over params.yaml; a missing required one is an input error."""
+def flag(field: str) -> str:
+    return f"--{field.replace('_', '-')}"
+
+
+def build_config(flags: dict[str, Any], params_file: Path | None,
+                 named: Callable[[str], str] = flag) -> SweepConfig:
+    """Flags given on the command line win over params.yaml (None: no file); a missing required one is an
+    input error. ``named(field)``: how problems name a given value (``--spec``, or a flow's ``config.spec``)."""
     given = {k: v for k, v in flags.items() if v is not None}
-    values = {**read_params(params_file), **given}
+    values = {**(read_params(params_file) if params_file else {}), **given}
     missing = [k for k in ("combinations", "spec", "train", "val") if k not in values]
     if missing:
-        raise SweepInputError([Problem(f"--{k.replace('_', '-')}", f"required (no flag given and no "
-                                       f"sweep.{k} in {params_file})") for k in missing])
+        what = "flag" if named is flag else "value"
+        raise SweepInputError([Problem(named(k), f"required (no {what} given and no sweep.{k} in {params_file})")
+                               for k in missing])
     from pydantic import ValidationError
 
     try:
         return SweepConfig.model_validate(values)
     except ValidationError as e:
-        raise SweepInputError([_config_problem(err, given, params_file) for err in e.errors()]) from e
+        raise SweepInputError([_config_problem(err, given, params_file, named) for err in e.errors()]) from e
 
 
-def _config_problem(err: Any, given: dict[str, Any], params_file: Path) -> Problem:
+def _config_problem(err: Any, given: dict[str, Any], params_file: Path | None, named: Callable[[str], str]
+                    ) -> Problem:
     """Name where the bad value came from: the flag if one was given, else params.yaml's key."""
     field = str(err["loc"][0]) if err["loc"] else ""
     message = err["msg"].removeprefix("Value error, ")
     if field in given:
-        return Problem(f"--{field.replace('_', '-')}", message)
+        return Problem(named(field), message)
     return Problem(str(params_file), message, key=".".join(["sweep", *map(str, err["loc"])]))
 
 

@@ -127,6 +127,11 @@ class TrialJob:
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @property
+    def display_name(self) -> str:
+        """The attempt's name in Prefect: its MLflow run's (the hparams), plus the attempt from the second on."""
+        return run_name(self.hparams) + (f" (attempt {self.attempt})" if self.attempt > 1 else "")
+
 
 @dataclass(frozen=True)
 class Outcome:

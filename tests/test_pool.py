@@ -4,16 +4,22 @@ started by a real process worker; the pool's concurrency limit is the quota."""
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 import time
+from uuid import UUID
 
 import pytest
+from mlflow.tracking import MlflowClient
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName, FlowRunFilter
+from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName, FlowRunFilter, \
+    FlowRunFilterId, FlowRunFilterTags
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from tests.conftest import Project, prefect_cli
+from tests.test_prefect_views import flow_run_views
 from tests.test_sweep_e2e import leaderboard, peak_concurrency, records
 
 pytestmark = pytest.mark.slow
@@ -65,19 +71,39 @@ def test_pool_sweep_runs_at_most_the_pool_limit_and_a_rerun_launches_nothing(ser
     assert leaderboard(project, "pooled")["counts"]["reused"] == 5
 
 
-def test_sweep_deployment_runs_a_whole_sweep(served_project: Project, gpu_pool):
+def test_sweep_deployment_takes_its_defaults_and_paths_from_the_project(served_project: Project, gpu_pool):
+    """`prefect deployment run` with only the settings that differ from params.yaml, as the README shows."""
     project = served_project
     write_inputs(project, "deployed", [{"f1": 0.3}, {"f1": 0.8}, {"f1": 0.5}])
-    root = project.root
-    config = {"combinations": str(root / "params/combinations.yaml"), "spec": str(root / "params/spec.yaml"),
-              "train": str(root / "data/train.csv"), "val": str(root / "data/val.csv"), "quota": 2,
-              "launcher": "pool", "pool": gpu_pool.name, "report_dir": str(root / "reports/deployed"),
-              "work_dir": str(root / ".hpsweep"), "tracking_uri": f"sqlite:///{root / 'mlflow.db'}"}
-    out = prefect_cli(gpu_pool.api_url, "deployment", "run", "sweep/hpsweep", "--param",
-                      f"config={json.dumps(config)}", "--watch", "--watch-timeout", "600")
+    project.write("params.yaml", "sweep:\n  combinations: params/combinations.yaml\n  spec: params/spec.yaml\n"
+                                 "  train: data/train.csv\n  val: data/val.csv\n  quota: 2\n")
+    config = {"launcher": "pool", "pool": gpu_pool.name}
+    out = prefect_cli(gpu_pool.api_url, "deployment", "run", "sweep/hpsweep", "--param", f"config={json.dumps(config)}",
+                      "--param", f"project_dir={project.root}", "--watch", "--watch-timeout", "600")
     assert "Completed" in out.stdout, out.stdout
-    rows = json.loads((root / "reports/deployed/leaderboard.json").read_text())["rows"]  # exactly its report_dir
-    assert [r["f1"] for r in rows] == [0.8, 0.5, 0.3]
+    board = leaderboard(project, "deployed")  # the report, MLflow store and trial folders are the project's
+    assert [r["f1"] for r in board["rows"]] == [0.8, 0.5, 0.3]
+    assert (project.root / "mlflow.db").is_file() and (project.root / ".hpsweep" / "trials").is_dir()
+    with temporary_settings(updates={PREFECT_API_URL: gpu_pool.api_url}), get_client(sync_client=True) as client:
+        trials = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            tags=FlowRunFilterTags(all_=[f"sweep:{board['sweep_id']}"])))
+    assert sorted(r.name for r in trials) == ["f1=0.3", "f1=0.5", "f1=0.8"]  # named like their MLflow runs
+    parent = MlflowClient(f"sqlite:///{project.root / 'mlflow.db'}").get_run(board["parent_run_id"])
+    _, messages, _ = flow_run_views(gpu_pool.api_url, parent.data.tags["hpsweep.flow_run_id"])
+    assert any("f1=0.8" in m and "F1 0.8000" in m for m in messages), messages
+
+
+def test_a_deployment_run_missing_a_required_setting_names_it(served_project: Project, gpu_pool):
+    config = {"launcher": "pool", "pool": gpu_pool.name, "spec": "params/spec.yaml"}
+    out = subprocess.run([sys.executable, "-m", "prefect", "deployment", "run", "sweep/hpsweep", "--param",
+                          f"config={json.dumps(config)}", "--param", f"project_dir={served_project.root}",
+                          "--watch", "--watch-timeout", "300"], capture_output=True, text=True, timeout=400,
+                         env={**os.environ, "PREFECT_API_URL": gpu_pool.api_url})
+    assert out.returncode == 1 and "Failed" in out.stdout + out.stderr, out.stdout + out.stderr
+    with temporary_settings(updates={PREFECT_API_URL: gpu_pool.api_url}), get_client(sync_client=True) as client:
+        run = client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[
+            UUID(re.search(r"UUID: ([0-9a-f-]{36})", out.stdout).group(1))])))[0]
+    assert "config.combinations: required" in run.state.message, run.state.message
 
 
 @pytest.mark.parametrize("limit, message", [(None, "has no concurrency limit"), (5, "allows 5 runs at once")])

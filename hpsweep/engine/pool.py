@@ -72,6 +72,8 @@ class PoolLauncher:
                                                      interrupted=True, started_at=now, ended_at=now))
         flow_run = run_deployment(
             self.deployment, parameters={"job": job.as_dict()}, idempotency_key=idempotency_key(job, self.salt),
+            # Named like the trial's MLflow run (its hparams), not Prefect's random two words.
+            flow_run_name=job.display_name,
             timeout=0, as_subflow=True, tags=["hpsweep", f"sweep:{job.sweep_id}"],
             # The ECS template's GPU request per trial (a string: ECS takes the count as one).
             job_variables={"gpus": str(job.gpus)},

@@ -91,12 +91,14 @@ def leaderboard_frame(rows: Sequence[TrialRow]) -> pd.DataFrame:
 
 
 def render_markdown(sweep: dict[str, Any], rows: Sequence[TrialRow], plot_name: str | None = None, *,
-                    images: Sequence[tuple[str, str]] = (), notes: Sequence[str] = ()) -> str:
+                    images: Sequence[tuple[str, str]] = (), notes: Sequence[str] = (),
+                    run_link: Callable[[str], str] | None = None) -> str:
     """The leaderboard as markdown: sweep header, plots (``plot_name`` and ``images``: (caption,
     relative link) pairs, shown before the table so a long table never hides them), then every trial.
 
     Every value from the sweep (names, hparam keys and values, reasons, settings) goes through
     ``cells.md``: shortened, one line, no HTML or markdown it did not mean. ``notes`` are written as given.
+    ``run_link(run_id)``: the address each run id links to (none: plain ids).
     """
     c = counts(rows)
     lines = [f"# Sweep {md(sweep['name'], code=True)} — {md(sweep['sweep_id'])}", ""]
@@ -134,6 +136,8 @@ def render_markdown(sweep: dict[str, Any], rows: Sequence[TrialRow], plot_name: 
         f1 = f"{r['f1']:.4f}" if r["f1"] is not None else "—"
         status = r["status"] + (f": {md(r['reason'], REASON_CHARS)}" if r.get("reason") else "")
         run = md((r["run_id"] or "")[:8], code=True) if r["run_id"] else ""
+        if run and run_link:
+            run = f"[{run}]({run_link(r['run_id'])})"
         lines.append(f"| {r['rank']} | {hp} | {f1} | {status} | {r['attempts']} | {duration(r['duration_s'])} "
                      f"| {run} |")
     return "\n".join(lines) + "\n"
