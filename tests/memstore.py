@@ -144,13 +144,14 @@ class InMemoryStore:
         self.runs[parent_run_id].artifacts[f"report/{name}"] = text
 
     def finish_parent_run(self, parent_run_id: str, counts: dict[str, int], best_f1: float | None,
-                          files: list[str], ok: bool, stopped_by: str | None = None) -> None:
+                          files: list[str], ok: bool, stopped_by: str | None = None,
+                          extra_metrics: dict[str, float] | None = None) -> None:
         run = self.runs[parent_run_id]
         for path in files:
             run.artifacts[f"report/{Path(path).name}"] = Path(path).read_text(errors="replace") \
                 if Path(path).suffix != ".png" else "<png>"
         run.status = "KILLED" if stopped_by else "FINISHED" if ok else "FAILED"
-        run.params.update({f"trials_{k}": v for k, v in counts.items()}, best_f1=best_f1)
+        run.params.update({f"trials_{k}": v for k, v in counts.items()}, best_f1=best_f1, **(extra_metrics or {}))
 
     def close_sweep_runs(self, exp_id: str, sweep_id: str, parent_run_id: str, reason: str) -> list[str]:
         closed = []
