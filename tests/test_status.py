@@ -60,6 +60,32 @@ def test_summary_counts_every_state_and_schedules_the_rest_for_the_eta():
     assert over["counts"]["never started"] == 3
 
 
+def test_the_best_trial_is_shown_with_its_rank_and_its_place_in_the_file():
+    runs = [run_row(i, TrialState.FINISHED, f1=f1, duration_s=5.0) for i, f1 in ((1, 0.5), (2, 0.7), (3, 0.9))]
+    status = summarize(record(), plan_rows(4), runs, now=1100.0, stale_after_s=120.0)
+    assert (status["best"]["index"], status["best"]["ranked"]) == (3, 3)
+    assert "  best        F1 0.9000, rank 1 of 3 finished: i=3 (combination 3 in the file)" in render(status)
+    assert "#" not in render(status)  # a bare `#3` reads like a rank
+
+
+def test_a_sweep_silent_for_two_of_its_heartbeats_is_not_responding():
+    """The sweep's own interval (on its parent run), not the reader's: kill -9 shows within two beats."""
+    tags = {"hpsweep.heartbeat": "1000", "hpsweep.heartbeat_s": "5"}
+    beating = SweepRecord(**{**record().__dict__, "tags": tags})
+    assert summarize(beating, plan_rows(2), [], now=1009.0, stale_after_s=120.0)["state"] == "running"
+    status = summarize(beating, plan_rows(2), [], now=1011.0, stale_after_s=120.0)
+    assert status["state"] == "not responding (no heartbeat for 11 s: orchestrator killed?)"
+    assert "ETA" in render(status)  # still what was left when it went silent
+
+
+def test_a_starting_sweep_says_so():
+    starting = SweepRecord(**{**record().__dict__, "tags": {"hpsweep.heartbeat": "1095", "hpsweep.status": "STARTING"}})
+    status = summarize(starting, None, [], now=1100.0, stale_after_s=120.0)
+    assert status["state"] == "starting" and status["eta_s"] is None
+    assert render(status).splitlines()[:2] == ["sweep s-1 (s): starting, 100.0 s elapsed",
+                                               "  trials      not planned yet (Prefect and the plan are being set up)"]
+
+
 def test_every_trial_state_has_the_word_status_shows():
     assert set(STATE_WORDS) == set(TrialState)
     plan = plan_rows(7, reused=7)
