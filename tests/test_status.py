@@ -295,3 +295,42 @@ def test_status_while_a_sweep_runs_in_another_process(served_project: Project):
     assert done.returncode == 0, done.stderr
     assert "watched" in done.stdout and ": finished" in done.stdout
     assert "3: 0 running, 0 queued, 3 done, 0 failed" in done.stdout
+
+
+@pytest.mark.slow
+def test_status_sees_a_sweep_from_its_start_and_a_start_that_fails_closes_it(project: Project):
+    """The parent run is written before Prefect is asked anything. Here Prefect's API accepts the
+    connection and never answers, so the sweep stays in its start-up for as long as the test wants."""
+    import socket
+
+    write_inputs(project, [{"f1": 0.5, "sleep_s": 0}], SLEEPY_SPEC.format(name="early", sleep_s=0, gpus=1))
+    silent = socket.create_server(("127.0.0.1", 0), backlog=16)  # listens, never accepts
+    env = {**project.env, "PREFECT_API_URL": f"http://127.0.0.1:{silent.getsockname()[1]}/api",
+           "PREFECT_API_REQUEST_TIMEOUT": "600", "PREFECT_CLIENT_MAX_RETRIES": "0"}
+    sweep = subprocess.Popen(
+        [sys.executable, "-m", "hpsweep.cli", "run", "--combinations", "params/combinations.yaml", "--spec",
+         "params/spec.yaml", "--train", "data/train.csv", "--val", "data/val.csv"],
+        cwd=project.root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    answers: list[str] = []
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and sweep.poll() is None:
+            result = status(project, "early")
+            answers.append(result.stdout + result.stderr)
+            if result.returncode == 0:
+                break
+            time.sleep(0.5)
+        seen = answers[-1] if answers else ""
+        assert "sweep early-" in seen and ": starting, " in seen and "not planned yet" in seen, \
+            f"{answers[-3:]}\nthe sweep (exit {sweep.poll()}): {sweep.stdout.read() if sweep.poll() is not None else ''}"
+        sweep_id = seen.split()[1]
+        assert status(project, "early").stdout.startswith(f"sweep {sweep_id} (early): starting, ")  # still there
+    finally:
+        silent.close()  # Prefect's API goes away: the start-up fails
+    output, _ = sweep.communicate(timeout=300)
+    assert sweep.returncode == 3, output
+    after = status(project, "early")
+    assert ": crashed: hpsweep failed: " in after.stdout, after.stdout + after.stderr + output
+    client = MlflowClient(f"sqlite:///{project.root / 'mlflow.db'}")
+    [parent] = client.search_runs([client.get_experiment_by_name("early").experiment_id])
+    assert (parent.info.status, parent.data.tags["hpsweep.status"]) == ("FAILED", "FAILED")
