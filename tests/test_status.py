@@ -321,8 +321,9 @@ def test_status_sees_a_sweep_from_its_start_and_a_start_that_fails_closes_it(pro
                 break
             time.sleep(0.5)
         seen = answers[-1] if answers else ""
+        told = sweep.stdout.read() if sweep.poll() is not None else ""
         assert "sweep early-" in seen and ": starting, " in seen and "not planned yet" in seen, \
-            f"{answers[-3:]}\nthe sweep (exit {sweep.poll()}): {sweep.stdout.read() if sweep.poll() is not None else ''}"
+            f"{answers[-3:]}\nthe sweep (exit {sweep.poll()}): {told}"
         sweep_id = seen.split()[1]
         assert status(project, "early").stdout.startswith(f"sweep {sweep_id} (early): starting, ")  # still there
     finally:

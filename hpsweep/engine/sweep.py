@@ -160,7 +160,8 @@ def closed_on_crash(store: SweepStore, experiment_id: str, sweep_id: str, parent
 
 def _close_crashed(store: SweepStore, experiment_id: str, sweep_id: str, parent_run_id: str,
                    error: BaseException) -> None:
-    reason = "interrupted" if isinstance(error, KeyboardInterrupt) else f"hpsweep failed: {type(error).__name__}: {error}"
+    reason = ("interrupted" if isinstance(error, KeyboardInterrupt)
+              else f"hpsweep failed: {type(error).__name__}: {error}")
     try:
         closed = store.close_sweep_runs(experiment_id, sweep_id, parent_run_id, reason)
         if closed:  # none: an inner block closed them already

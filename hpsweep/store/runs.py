@@ -21,9 +21,10 @@ from hpsweep.identity import identity_is_dead, process_identity
 from hpsweep.model import (HEARTBEAT_S, Hparams, IllegalTransition, Outcome, TrialRow, TrialState, check_transition,
                            run_name)
 from hpsweep.store.filters import all_of, run_id_in, tag_equals
-from hpsweep.store.tags import (EXPERIMENT_KIND, TAG_ATTEMPT, TAG_ATTEMPT_LOG, TAG_DURATION, TAG_HEARTBEAT, TAG_HEARTBEAT_S,
-                                TAG_HPARAMS, TAG_INDEX, TAG_INTERRUPTED, TAG_OWNER, TAG_REASON, TAG_RETRYABLE, TAG_ROLE,
-                                TAG_SPEC_HASH, TAG_STATUS, TAG_SWEEP_ID, TAG_TRIAL_KEY, SETTINGS_PARAM_PREFIX)
+from hpsweep.store.tags import (EXPERIMENT_KIND, TAG_ATTEMPT, TAG_ATTEMPT_LOG, TAG_DURATION, TAG_HEARTBEAT,
+                                TAG_HEARTBEAT_S, TAG_HPARAMS, TAG_INDEX, TAG_INTERRUPTED, TAG_OWNER, TAG_REASON,
+                                TAG_RETRYABLE, TAG_ROLE, TAG_SPEC_HASH, TAG_STATUS, TAG_SWEEP_ID, TAG_TRIAL_KEY,
+                                SETTINGS_PARAM_PREFIX)
 
 MAX_PARAM_LEN = 6000
 MAX_TAG_LEN = 5000
