@@ -226,7 +226,7 @@ def test_two_sweeps_together_never_hold_more_than_the_limit(embedded_prefect):
 def test_trials_of_several_gpus_count_gpus_against_the_limit(embedded_prefect, caplog):
     name = limit_name()
     quota.ensure_quota_limit(name, 4)
-    with caplog.at_level(logging.WARNING, logger="hpsweep"):
+    with caplog.at_level(logging.INFO, logger="hpsweep"):
         limit = quota.ensure_quota_limit(name, 8, gpus_per_trial=2)
     assert limit.usable(8) == 4
     assert "at most 4 GPUs at once (2 trials of 2 GPUs)" in caplog.text
