@@ -61,9 +61,11 @@ class PrefectArtifacts(SweepCallback):
 
 @flow(name="sweep", persist_result=False, log_prints=True)
 def sweep(config: SweepOverrides | None = None, project_dir: Path | None = None,
-          params: Path | None = Path("params.yaml")) -> dict[str, Any]:
+          params: Path | None = Path("params.yaml"), started: engine.StartedSweep | None = None) -> dict[str, Any]:
     """Train every combination once, at most quota/gpus at a time, and report them ranked by F1.
 
+    ``started``: the parent run `hpsweep run` wrote (STARTING) before Prefect started, and keeps
+    beating; None (a deployment's run): the flow starts one and beats it itself.
     Idempotent: a rerun reuses every trial that has a FINISHED run with the same trial key.
     Returns the leaderboard summary: sweep id, counts, report paths, champion.
 
@@ -78,10 +80,10 @@ def sweep(config: SweepOverrides | None = None, project_dir: Path | None = None,
     with chdir(project_dir) if project_dir else nullcontext():
         settings = build_config((config or SweepOverrides()).model_dump(), params, named=lambda k: f"config.{k}")
         with stop_on_signals(StopRequest(settings.grace_s)) as stop:
-            return _sweep(settings, stop)
+            return _sweep(settings, stop, started)
 
 
-def _sweep(config: SweepConfig, stop: StopRequest) -> dict[str, Any]:
+def _sweep(config: SweepConfig, stop: StopRequest, started: engine.StartedSweep | None) -> dict[str, Any]:
     logger = get_run_logger()
     local = config.launcher == "local"
     host = host_gpus() if local else ()
@@ -98,17 +100,22 @@ def _sweep(config: SweepConfig, stop: StopRequest) -> dict[str, Any]:
     else:
         capacity = check_pool_limit(config.pool, config.quota)
         depth = 2 * capacity + 2  # enough flow runs waiting in the pool that a freed slot is taken at once
-    opened = engine.open_sweep(config, inputs, store, capacity, depth,
-                               {"hpsweep.flow_run_id": str(flow_run.id)} if flow_run.id else {})
-    if opened.zombies:
-        logger.warning("closed %d zombie run(s) left RUNNING by a dead process: %s", len(opened.zombies),
-                       opened.zombies)
-    where = (f"{gpus} GPU(s) per trial, host GPUs {list(host)}" if host else
-             "CPU only: no GPU on this host" if local else f"{gpus} GPU(s) per trial on pool {config.pool}")
-    logger.info("sweep %s: %d combinations, %s, %d at once (quota %d; %s), %s", opened.run.sweep_id,
-                len(opened.trials), describe_reuse(len(opened.to_train), len(opened.reused), opened.why_not_reused),
-                opened.parallel, config.quota, where, opened.order)
-    with engine.closed_on_crash(store, opened.run.experiment_id, opened.run.sweep_id, opened.run.parent_run_id):
+    keeper = nullcontext()  # `hpsweep run` started the parent run before Prefect, and keeps it alive
+    if started is None:  # a deployment's flow run: it starts its own
+        started = engine.start_sweep(config, inputs, store)
+        keeper = engine.kept_alive(store, started)
+    with keeper, engine.closed_on_crash(store, started.experiment_id, started.sweep_id, started.parent_run_id):
+        opened = engine.open_sweep(config, inputs, store, capacity, depth,
+                                   {"hpsweep.flow_run_id": str(flow_run.id)} if flow_run.id else {}, started)
+        if opened.zombies:
+            logger.warning("closed %d zombie run(s) left RUNNING by a dead process: %s", len(opened.zombies),
+                           opened.zombies)
+        where = (f"{gpus} GPU(s) per trial, host GPUs {list(host)}" if host else
+                 "CPU only: no GPU on this host" if local else f"{gpus} GPU(s) per trial on pool {config.pool}")
+        logger.info("sweep %s: %d combinations, %s, %d at once (quota %d; %s), %s", opened.run.sweep_id,
+                    len(opened.trials), describe_reuse(len(opened.to_train), len(opened.reused),
+                                                       opened.why_not_reused),
+                    opened.parallel, config.quota, where, opened.order)
         launcher = _launcher(config, opened)
         trials = SweepEngine(
             opened.run, launcher, RetryPolicy(config.max_attempts, config.retry_delay_s),
@@ -117,7 +124,7 @@ def _sweep(config: SweepConfig, stop: StopRequest) -> dict[str, Any]:
             else nullcontext,
             run_attempt=lambda job, gpu_ids: trial_attempt(job, gpu_ids, quote(launcher)), stop=stop,
             max_failures=config.max_failures)
-        with engine.parent_heartbeat(store, opened), engine.early_stopper(store, opened):
+        with engine.early_stopper(store, opened):
             trials.run(opened.to_train, opened.parallel)
         if stop.requested:
             logger.warning("stopped by %s: reporting what finished", stop.signal_name)

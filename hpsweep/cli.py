@@ -39,7 +39,26 @@ COMMAND_PATIENCE_S = 60.0
 SWEEP_FLOW = "flows.sweep:sweep"  # the flow `hpsweep run` runs (prefect.yaml deploys the same one)
 DEMO_DATA = Path("data")
 
-console = Console(stderr=True)
+# soft_wrap: a long line stays one line (a terminal wraps it itself; a CI log keeps it whole).
+console = Console(stderr=True, soft_wrap=True)
+
+
+def stdout_console() -> Console:
+    """Where results go. Not a terminal (CI logs, `| tee`): full lines, since Rich would otherwise
+    lay tables and lines out for 80 columns."""
+    out = Console(soft_wrap=True)
+    if not out.is_terminal:
+        out.width = 10_000  # tables are sized to their content; only a wider one wraps
+    return out
+
+
+def _log_handler() -> logging.Handler:
+    """Rich's columns on a terminal; elsewhere one plain line per record, never wrapped."""
+    if console.is_terminal:
+        return RichHandler(console=console, show_path=False)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(message)s", "%H:%M:%S"))
+    return handler
 
 
 def _run_flags(parser: argparse.ArgumentParser) -> None:
@@ -130,11 +149,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class RichProgress(SweepCallback):
-    """The terminal view of a running sweep: one live line with ended / finished / failed / running / ETA."""
+    """The terminal view of a running sweep: one live line with ended / finished / failed / running / ETA.
+    Not on a terminal (``live=False``): that line printed plainly each time a trial ends."""
 
-    def __init__(self) -> None:
+    def __init__(self, live: bool = True) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+        self._live = live
         self._progress = Progress(TextColumn("[bold]sweep"), BarColumn(), MofNCompleteColumn(),
                                   TimeElapsedColumn(), TextColumn("{task.description}"), console=console)
         self._lock = threading.Lock()
@@ -158,10 +179,12 @@ class RichProgress(SweepCallback):
             self.done += result.outcome.ok
             self.failed += not result.outcome.ok
             self._durations.append(result.outcome.duration_s)
+        if not self._live:
+            console.print(f"sweep {self.summary()}", markup=False, highlight=False)
         self._render()
 
     def on_sweep_end(self) -> None:
-        if self._task is not None:
+        if self._task is not None and self._live:
             self._render()
             self._progress.stop()
 
@@ -175,6 +198,8 @@ class RichProgress(SweepCallback):
                     f"{self.running} running · ETA {'?' if eta is None else f'{eta:.0f}s'}")
 
     def _render(self) -> None:
+        if not self._live:
+            return
         if self._task is None:
             self._progress.start()
             self._task = self._progress.add_task(self.summary(), total=self.total or None)
@@ -192,7 +217,7 @@ def _print_summary(result: dict[str, Any]) -> None:
     for r in result["top"]:
         table.add_row(str(r["rank"]), " ".join(f"{k}={v}" for k, v in r["hparams"].items()),
                       "—" if r["f1"] is None else f"{r['f1']:.4f}", r["status"])
-    out = Console()
+    out = stdout_console()
     out.print(table)
     c = result["counts"]
     stopped = f"{c['stopped']} stopped early (a rerun resumes them), " if c.get("stopped") else ""
@@ -202,8 +227,7 @@ def _print_summary(result: dict[str, Any]) -> None:
         out.print(f"GPU-hours: {result['gpu_hours_used']:.3f} used, {result['gpu_hours_saved']:.3f} saved by early "
                   "stopping (estimated)")
     for failure in result.get("failure_reasons", [])[:5]:  # a reason shared by many trials: once, with its count
-        out.print(f"  {failure['trials']}× {cut_at_word(failure['reason'], 300)}", markup=False, highlight=False,
-                  soft_wrap=True)
+        out.print(f"  {failure['trials']}× {cut_at_word(failure['reason'], 300)}", markup=False, highlight=False)
     report = Path(result["report_dir"]) / "leaderboard.md"
     latest = f" (also {result['latest']}{os.sep})" if result.get("latest") else ""
     out.print(f"report: {report}{latest}" if report.is_file() else f"report: not written to {result['report_dir']} "
@@ -254,21 +278,43 @@ def _run(args: argparse.Namespace) -> int:
         config, inputs = _validated(args)
     except SweepInputError as e:
         return _input_errors(e)
+    from hpsweep import store
+    from hpsweep.engine import sweep as engine
+
+    try:
+        tracking_uri = store.resolve_tracking_uri(config.tracking_uri)
+    except SweepInputError as e:  # an empty or damaged SQLite store
+        return _input_errors(e)
     if config.launcher == "local":
         # Preloading the trials' fork server takes seconds: now, behind Prefect's start-up.
-        from hpsweep import store
         from hpsweep.engine.process import start_fork_server
 
         entry_module = (inputs.spec.trainer.entrypoint or "").partition(":")[0]
-        try:
-            tracking_uri = store.resolve_tracking_uri(config.tracking_uri)
-        except SweepInputError as e:  # an empty or damaged SQLite store
-            return _input_errors(e)
         start_fork_server([entry_module] if entry_module else [], tracking_uri)
 
-    logging.basicConfig(level=logging.WARNING, format="%(message)s",
-                        handlers=[RichHandler(console=console, show_path=False)])
+    # Before Prefect is imported: Prefect then leaves the root logger's handler alone.
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", handlers=[_log_handler()])
     logging.getLogger("hpsweep").setLevel(logging.INFO)
+    # The parent run first (STARTING): `hpsweep status` sees the sweep while Prefect starts.
+    sweep_store = store.SweepStore.at(tracking_uri)
+    started = engine.start_sweep(config, inputs, sweep_store)
+    try:
+        with engine.kept_alive(sweep_store, started):
+            result = _sweep_flow(config, started)
+    except SweepInputError as e:  # found only once Prefect is up (e.g. a quota limit too small for a trial)
+        return _input_errors(e)
+    except KeyboardInterrupt:  # Ctrl-C before the sweep could take signals over (Prefect starting up)
+        return 128 + signal.SIGINT
+    _print_summary(result)
+    if result.get("interrupted"):  # stopped by a signal: the shell's 128 + its number (130, 143)
+        console.print(f"interrupted by {result['interrupted']}: rerun the same command to train the rest")
+        return 128 + signal.Signals[result["interrupted"]].value
+    return EXIT_OK if result["counts"]["failed"] == 0 else EXIT_TRIALS_FAILED
+
+
+def _sweep_flow(config: SweepConfig, started: Any) -> dict[str, Any]:
+    """Start Prefect (the embedded default: its temporary server) and run the `sweep` flow on the
+    sweep ``started`` (``hpsweep.engine.sweep.StartedSweep``), with the terminal's progress."""
     # The embedded default starts Prefect's temporary API; its 20 s start-up budget is too
     # short on a busy 2-core machine (seen in CI), so give it two minutes unless told otherwise.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
@@ -286,18 +332,9 @@ def _run(args: argparse.Namespace) -> int:
     # code never imports the flows layer that is built on it.
     sweep = load_flow_from_entrypoint(SWEEP_FLOW, use_placeholder_flow=False)
     logging.getLogger("prefect.task_runs").setLevel(logging.WARNING)  # one line per trial comes from us
-    try:
-        with quota.dead_sweeps_slots_returned(config.launcher == "local"), observing(RichProgress()):
-            result = sweep(config, params=None)  # params.yaml's defaults are in config already
-    except SweepInputError as e:  # found only once Prefect is up (e.g. a quota limit too small for a trial)
-        return _input_errors(e)
-    except KeyboardInterrupt:  # Ctrl-C before the sweep could take signals over (Prefect starting up)
-        return 128 + signal.SIGINT
-    _print_summary(result)
-    if result.get("interrupted"):  # stopped by a signal: the shell's 128 + its number (130, 143)
-        console.print(f"interrupted by {result['interrupted']}: rerun the same command to train the rest")
-        return 128 + signal.Signals[result["interrupted"]].value
-    return EXIT_OK if result["counts"]["failed"] == 0 else EXIT_TRIALS_FAILED
+    with observing(RichProgress(live=console.is_terminal)), \
+            quota.dead_sweeps_slots_returned(config.launcher == "local"):
+        return sweep(config, started=started, params=None)  # params.yaml's defaults are in config already
 
 
 def _plan(args: argparse.Namespace) -> int:

@@ -499,7 +499,9 @@ def check_trainer(name: str, trainer: TrainerSpec, cwd: Path | None = None) -> l
 
 
 def resolve_entrypoint(entrypoint: str):
-    """Import ``package.module:function`` (the working directory is importable, like `python -m`)."""
+    """Import ``package.module:function`` as `python -m` would from the working directory: the
+    working directory first, then PYTHONPATH, then the installed packages (not the spec's folder).
+    Trials run in the sweep's working directory, so they find the same module."""
     module_name, sep, attr = entrypoint.partition(":")
     if not sep or not module_name or not attr:
         raise ValueError(f"entry point '{shortened(entrypoint)}' must look like 'package.module:function'")
@@ -509,13 +511,33 @@ def resolve_entrypoint(entrypoint: str):
         module = importlib.import_module(module_name)
     except Exception as e:  # an import error inside the user's module is still "cannot import"
         raise ImportError(f"cannot import module '{shortened(module_name)}': {type(e).__name__}: "
-                          f"{shortened(str(e))}") from e
+                          f"{shortened(str(e))}{_import_hint(module_name, e)}") from e
     fn = getattr(module, attr, None)
     if fn is None:
         raise AttributeError(f"module '{shortened(module_name)}' has no attribute '{shortened(attr)}'")
     if not callable(fn):
         raise TypeError(f"'{shortened(entrypoint)}' is not callable")
     return fn
+
+
+def _import_hint(module_name: str, error: Exception) -> str:
+    """Where the module was looked for, when it is the module itself (or its package) that is missing;
+    when something it imports is missing, which Python lacks it."""
+    if not isinstance(error, ModuleNotFoundError) or not error.name:
+        return ""
+    parts = module_name.split(".")
+    if error.name not in {".".join(parts[:i]) for i in range(1, len(parts) + 1)}:
+        return f" (imported by '{shortened(module_name)}': install it for {sys.executable})"
+    top = parts[0]
+    found = sys.modules.get(top)
+    if error.name != top and found is not None:  # the package is there, not this module of it
+        where = list(getattr(found, "__path__", [])) or [getattr(found, "__file__", "?")]
+        return f" (package '{shortened(top)}' was found in {shortened(str(where[0]))}, without '{error.name}')"
+    pythonpath = os.environ.get("PYTHONPATH")
+    return (f" (looked in the working directory {os.getcwd()}, then PYTHONPATH "
+            f"({shortened(pythonpath) if pythonpath else 'not set'}), then the installed packages; the spec's "
+            f"folder is not searched: run hpsweep from the folder that holds '{shortened(top)}', or add that "
+            "folder to PYTHONPATH)")
 
 
 # An argv element naming a script the command runs: it must exist before any trial starts.

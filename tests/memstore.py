@@ -87,6 +87,15 @@ class InMemoryStore:
         self.runs[run.run_id] = run
         return run.run_id
 
+    def describe_parent_run(self, parent_run_id: str, tags: dict[str, str], params: dict) -> None:
+        run = self.runs[parent_run_id]
+        assert not set(params) & set(run.params), "MLflow refuses to log a param twice"
+        run.tags.update(tags)
+        run.params.update(params)
+
+    def delete_parent_run(self, parent_run_id: str) -> None:
+        del self.runs[parent_run_id]
+
     def log_plan(self, parent_run_id: str, rows: list[TrialRow]) -> None:
         self.runs[parent_run_id].artifacts["plan.json"] = rows  # type: ignore[assignment]
 
@@ -162,7 +171,7 @@ class InMemoryStore:
         parent = self.runs[parent_run_id]
         if parent.status == "RUNNING":
             parent.status = "FAILED"
-            parent.tags["hpsweep.reason"] = reason
+            parent.tags.update({"hpsweep.reason": reason, "hpsweep.status": "FAILED"})
             closed.append(parent_run_id)
         return closed
 

@@ -275,3 +275,21 @@ def test_a_validation_file_without_rows_is_refused(project: Project, data: str):
     result = run(project, put(project, VALID / VALID_COMBOS), put(project, VALID / VALID_SPEC))
     (line,) = assert_rejected(project, result)
     assert line.startswith("error: data/val.csv: --val data file has ")
+
+
+def test_a_trainer_module_that_cannot_be_imported_says_where_it_was_looked_for(project: Project):
+    # The trainer sits beside the spec, but modules are found from the working directory (as `python -m`).
+    project.write("params/my_trainer.py", "def train(hparams, data, ctx):\n    return 0.5\n")
+    spec = project.write("params/spec.yaml", "trainer: {entrypoint: 'my_trainer:train'}\n")
+    combos = project.write("params/combos.yaml", "combinations:\n  - {lr: 0.1}\n")
+    result = run(project, str(combos.relative_to(project.root)), str(spec.relative_to(project.root)))
+    [line] = assert_rejected(project, result)  # caught before anything starts: exit 2
+    assert line.startswith(f"error: params/spec.yaml: key 'trainer.entrypoint': cannot import module 'my_trainer': "
+                           "ModuleNotFoundError: No module named 'my_trainer' (looked in the working directory "
+                           f"{project.root}, then PYTHONPATH ({project.env['PYTHONPATH']}), then the installed "
+                           "packages; the spec's folder is not searched"), line
+    # As it says: the spec's folder on PYTHONPATH finds it.
+    env = {"PYTHONPATH": f"{project.root / 'params'}:{project.env['PYTHONPATH']}"}
+    plan = project.hpsweep("plan", "--combinations", "params/combos.yaml", "--spec", "params/spec.yaml",
+                           "--train", "data/train.csv", "--val", "data/val.csv", timeout=120, env=env)
+    assert plan.returncode == 0, plan.stdout + plan.stderr

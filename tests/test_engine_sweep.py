@@ -205,3 +205,39 @@ def test_a_cut_reason_never_ends_mid_word():
     reason = "could not load the model: set the 'skops_trusted_types' parameter to trust these types"
     cut = bounded(reason, 60)
     assert cut.endswith("…") and len(cut) <= 60 and reason.startswith(cut[:-1]) and reason[len(cut) - 1] == " "
+
+
+def test_a_started_sweep_is_opened_in_the_same_parent_run(project):
+    """`hpsweep run` starts the parent run (STARTING) before Prefect; the flow opens that run, never a second."""
+    store = InMemoryStore()
+    cfg = config(project)
+    inputs = load_inputs(cfg.combinations, cfg.spec, cfg.train, cfg.val, cfg.quota)
+    started = engine.start_sweep(cfg, inputs, store)
+    parent = store.runs[started.parent_run_id]
+    assert parent.tags["hpsweep.status"] == "STARTING" and parent.params == {}
+    opened = engine.open_sweep(cfg, inputs, store, capacity=2, queue_depth=2, started=started)
+    assert (opened.run.parent_run_id, opened.run.sweep_id) == (started.parent_run_id, started.sweep_id)
+    assert [r.run_id for r in store.runs.values() if r.role == "sweep"] == [started.parent_run_id]
+    assert parent.tags["hpsweep.status"] == "RUNNING" and parent.params["trials"] == 4
+    assert store.load_plan(started.parent_run_id) is not None
+
+
+def test_a_sweep_that_dies_while_starting_is_closed_and_one_with_bad_input_is_deleted(project):
+    store = InMemoryStore()
+    cfg = config(project)
+    inputs = load_inputs(cfg.combinations, cfg.spec, cfg.train, cfg.val, cfg.quota)
+    started = engine.start_sweep(cfg, inputs, store)
+    with pytest.raises(ConnectionError):
+        with engine.kept_alive(store, started):  # e.g. Prefect's temporary server never came up
+            raise ConnectionError("Prefect is not answering")
+    parent = store.runs[started.parent_run_id]
+    assert parent.status == "FAILED"
+    assert parent.tags["hpsweep.reason"] == "hpsweep failed: ConnectionError: Prefect is not answering"
+
+    from hpsweep.inputs import Problem, SweepInputError
+
+    started = engine.start_sweep(cfg, inputs, store)
+    with pytest.raises(SweepInputError):
+        with engine.kept_alive(store, started):  # found once Prefect is up: a quota limit too small
+            raise SweepInputError([Problem("--quota-limit", "too small")])
+    assert started.parent_run_id not in store.runs  # invalid input writes nothing (exit 2)

@@ -199,8 +199,10 @@ def test_sigterm_to_the_sweep_process_stops_it_like_ctrl_c(project: Project):
 
 
 @pytest.mark.slow
-def test_kill_9_of_the_sweep_leaves_no_prefect_server_behind(project: Project):
+def test_kill_9_of_the_sweep_leaves_no_prefect_server_behind_and_status_says_not_responding(project: Project):
+    project.env["HPSWEEP_HEARTBEAT_S"] = "1"  # the sweep's interval; `status` below runs with the default 30 s
     sweep = start_sweep(project, combos=2)
+    del project.env["HPSWEEP_HEARTBEAT_S"]
     wait_for_trials(project, sweep, 1)
     servers = temporary_servers(sweep)
     assert servers
@@ -210,3 +212,7 @@ def test_kill_9_of_the_sweep_leaves_no_prefect_server_behind(project: Project):
     assert gone(servers), [p.cmdline() for p in servers if p.is_running()]
     assert gone(others, 60), [p.cmdline() for p in others if p.is_running()]  # fork server, trials
     sweep.communicate(timeout=60)
+    time.sleep(2.5)  # more than two of the sweep's heartbeat intervals since it died
+    result = project.hpsweep("status", "stopped")
+    assert result.returncode == 0, result.stderr
+    assert ": not responding (no heartbeat for " in result.stdout.splitlines()[0], result.stdout

@@ -60,6 +60,32 @@ def test_summary_counts_every_state_and_schedules_the_rest_for_the_eta():
     assert over["counts"]["never started"] == 3
 
 
+def test_the_best_trial_is_shown_with_its_rank_and_its_place_in_the_file():
+    runs = [run_row(i, TrialState.FINISHED, f1=f1, duration_s=5.0) for i, f1 in ((1, 0.5), (2, 0.7), (3, 0.9))]
+    status = summarize(record(), plan_rows(4), runs, now=1100.0, stale_after_s=120.0)
+    assert (status["best"]["index"], status["best"]["ranked"]) == (3, 3)
+    assert "  best        F1 0.9000, rank 1 of 3 finished: i=3 (combination 3 in the file)" in render(status)
+    assert "#" not in render(status)  # a bare `#3` reads like a rank
+
+
+def test_a_sweep_silent_for_two_of_its_heartbeats_is_not_responding():
+    """The sweep's own interval (on its parent run), not the reader's: kill -9 shows within two beats."""
+    tags = {"hpsweep.heartbeat": "1000", "hpsweep.heartbeat_s": "5"}
+    beating = SweepRecord(**{**record().__dict__, "tags": tags})
+    assert summarize(beating, plan_rows(2), [], now=1009.0, stale_after_s=120.0)["state"] == "running"
+    status = summarize(beating, plan_rows(2), [], now=1011.0, stale_after_s=120.0)
+    assert status["state"] == "not responding (no heartbeat for 11 s: orchestrator killed?)"
+    assert "ETA" in render(status)  # still what was left when it went silent
+
+
+def test_a_starting_sweep_says_so():
+    starting = SweepRecord(**{**record().__dict__, "tags": {"hpsweep.heartbeat": "1095", "hpsweep.status": "STARTING"}})
+    status = summarize(starting, None, [], now=1100.0, stale_after_s=120.0)
+    assert status["state"] == "starting" and status["eta_s"] is None
+    assert render(status).splitlines()[:2] == ["sweep s-1 (s): starting, 100.0 s elapsed",
+                                               "  trials      not planned yet (Prefect and the plan are being set up)"]
+
+
 def test_every_trial_state_has_the_word_status_shows():
     assert set(STATE_WORDS) == set(TrialState)
     plan = plan_rows(7, reused=7)
@@ -277,3 +303,43 @@ def test_status_while_a_sweep_runs_in_another_process(served_project: Project):
     assert done.returncode == 0, done.stderr
     assert "watched" in done.stdout and ": finished" in done.stdout
     assert "3: 0 running, 0 queued, 3 done, 0 failed" in done.stdout
+
+
+@pytest.mark.slow
+def test_status_sees_a_sweep_from_its_start_and_a_start_that_fails_closes_it(project: Project):
+    """The parent run is written before Prefect is asked anything. Here Prefect's API accepts the
+    connection and never answers, so the sweep stays in its start-up for as long as the test wants."""
+    import socket
+
+    write_inputs(project, [{"f1": 0.5, "sleep_s": 0}], SLEEPY_SPEC.format(name="early", sleep_s=0, gpus=1))
+    silent = socket.create_server(("127.0.0.1", 0), backlog=16)  # listens, never accepts
+    env = {**project.env, "PREFECT_API_URL": f"http://127.0.0.1:{silent.getsockname()[1]}/api",
+           "PREFECT_API_REQUEST_TIMEOUT": "600", "PREFECT_CLIENT_MAX_RETRIES": "0"}
+    sweep = subprocess.Popen(
+        [sys.executable, "-m", "hpsweep.cli", "run", "--combinations", "params/combinations.yaml", "--spec",
+         "params/spec.yaml", "--train", "data/train.csv", "--val", "data/val.csv"],
+        cwd=project.root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    answers: list[str] = []
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and sweep.poll() is None:
+            result = status(project, "early")
+            answers.append(result.stdout + result.stderr)
+            if result.returncode == 0:
+                break
+            time.sleep(0.5)
+        seen = answers[-1] if answers else ""
+        told = sweep.stdout.read() if sweep.poll() is not None else ""
+        assert "sweep early-" in seen and ": starting, " in seen and "not planned yet" in seen, \
+            f"{answers[-3:]}\nthe sweep (exit {sweep.poll()}): {told}"
+        sweep_id = seen.split()[1]
+        assert status(project, "early").stdout.startswith(f"sweep {sweep_id} (early): starting, ")  # still there
+    finally:
+        silent.close()  # Prefect's API goes away: the start-up fails
+    output, _ = sweep.communicate(timeout=300)
+    assert sweep.returncode == 3, output
+    after = status(project, "early")
+    assert ": crashed: hpsweep failed: " in after.stdout, after.stdout + after.stderr + output
+    client = MlflowClient(f"sqlite:///{project.root / 'mlflow.db'}")
+    [parent] = client.search_runs([client.get_experiment_by_name("early").experiment_id])
+    assert (parent.info.status, parent.data.tags["hpsweep.status"]) == ("FAILED", "FAILED")

@@ -92,7 +92,7 @@ def _at_once(gpus: int, gpus_per_trial: int) -> str:
 def ensure_quota_limit(name: str, quota: int, gpus_per_trial: int = 1) -> QuotaLimit:
     """The shared limit, created with ``quota`` slots when absent and otherwise left as it is.
 
-    A sweep whose ``quota`` differs from the limit warns (once: call this once per sweep) and
+    A sweep whose ``quota`` differs from the limit says so (at INFO: call this once per sweep) and
     may use ``QuotaLimit.usable(quota)`` GPUs at once. An inactive limit is left inactive (someone
     switched it off; `hpsweep quota N` switches it on) with a warning: Prefect then limits nothing
     and sweeps sharing it are not held together. Raises SweepInputError when the (active) limit is
@@ -110,8 +110,8 @@ def ensure_quota_limit(name: str, quota: int, gpus_per_trial: int = 1) -> QuotaL
     elif limit.limit < gpus_per_trial:
         raise SweepInputError([Problem("--quota-limit", f"quota limit {name!r} is {limit.limit} but a trial needs "
                                        f"{gpus_per_trial} GPUs: raise it with `hpsweep quota {gpus_per_trial}`")])
-    elif limit.limit != quota:
-        log.warning("quota limit %r is %d; this sweep's --quota %d: %s", name, limit.limit, quota,
+    elif limit.limit != quota:  # the organisation's limit, set once: an ordinary run, not a problem
+        log.info("quota limit %r is %d; this sweep's --quota %d: %s", name, limit.limit, quota,
                     _at_once(limit.usable(quota), gpus_per_trial))
     return limit
 

@@ -1,5 +1,6 @@
-"""One sweep execution around the controller: open it (keys, reuse, zombies, dispatch order, the
-parent run and its plan.json), run its trials, close it (report, champion, the parent run's end).
+"""One sweep execution around the controller: start it (its parent run, STARTING, before anything
+slow), open it (keys, reuse, zombies, dispatch order, the parent run's tags and its plan.json), run
+its trials, close it (report, champion, the parent run's end).
 
 Prefect-free: the `sweep` flow supplies the quota slot, the attempt wrapper and its callbacks.
 Rerunning the same sweep after any crash is the resume mechanism: FINISHED trials are reused by key.
@@ -16,6 +17,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from pydantic import BaseModel, ConfigDict
+
 from hpsweep import plan
 from hpsweep.config import SweepConfig, early_stop_rule
 from hpsweep.engine.early_stop import EarlyStopRule
@@ -23,14 +26,14 @@ from hpsweep.engine.stopper import EarlyStopper
 from hpsweep.dvcdata import data_ref
 from hpsweep.engine.callbacks import Callbacks, SweepCallback
 from hpsweep.engine.controller import SweepRun
-from hpsweep.inputs import SweepInputs, resolved_interpreter
+from hpsweep.inputs import SweepInputError, SweepInputs, resolved_interpreter
 from hpsweep.model import HEARTBEAT_S, ZOMBIE_AFTER_S, PlannedTrial, TrialRow
 from hpsweep.periodic import Periodic
 from hpsweep.report import assemble, folders
 from hpsweep.store import SweepStore, grants
 from hpsweep.store.runs import setting_params
 from hpsweep.store.tags import (TAG_DISPATCH, TAG_EARLY_STOP, TAG_GIT_COMMIT, TAG_GPUS_PER_TRIAL, TAG_INTERPRETER,
-                                TAG_QUOTA, TAG_SETTINGS, TAG_SPEC_HASH)
+                                TAG_QUOTA, TAG_SETTINGS, TAG_SPEC_HASH, TAG_STATUS)
 from hpsweep.versions import code_manifest_tag, git_commit
 
 log = logging.getLogger("hpsweep")
@@ -53,6 +56,17 @@ class OpenedSweep:
     early_stop: EarlyStopRule = EarlyStopRule()  # the rule stopping hopeless trials ("none": off)
 
 
+class StartedSweep(BaseModel):
+    """A sweep execution whose parent run exists, STARTING (``start_sweep``): what `hpsweep run`
+    hands the `sweep` flow, which opens that same run (a flow parameter: data only)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    name: str
+    experiment_id: str
+    sweep_id: str
+    parent_run_id: str
+
+
 def new_sweep_id(name: str) -> str:
     return f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
 
@@ -61,41 +75,55 @@ def sweep_name(config: SweepConfig, inputs: SweepInputs) -> str:
     return config.name or inputs.spec.name or config.spec.stem
 
 
-def open_sweep(config: SweepConfig, inputs: SweepInputs, store: SweepStore, capacity: int, queue_depth: int,
-               tags: dict[str, str] | None = None) -> OpenedSweep:
-    """Plan the sweep and start its parent run. ``capacity``: trials that can run at once (quota,
-    host or pool limit); ``queue_depth``: trials kept in flight (a pool's queue: more than run)."""
+def start_sweep(config: SweepConfig, inputs: SweepInputs, store: SweepStore) -> StartedSweep:
+    """The sweep's parent run, STARTING: written first, so that `hpsweep status` sees the sweep from
+    its first second (Prefect's start-up and the planning take seconds to minutes). Whoever starts
+    it keeps it beating (``parent_heartbeat``) until the sweep ends."""
     name = sweep_name(config, inputs)
-    trials, versions = plan.plan_trials(inputs)
     experiment_id = store.ensure_experiment(name)
-    grants.grant_trainer(store.tracking_uri, experiment_id)  # its trials write as the trainer account
-    zombies = store.reap_zombies(experiment_id, ZOMBIE_AFTER_S)
-    reused = plan.reusable_runs(store, experiment_id, trials, versions, config.retrain)
-    why = plan.why_not_reused(store, experiment_id, inputs.spec, versions, config.retrain)
-    to_train = plan.trials_to_train(trials, reused)
-    resumable = store.unfinished_trial_keys(experiment_id, {t.key for t in to_train}, versions)
-    slots = max(1, min(len(to_train), capacity))
-    parallel = max(1, min(len(to_train), queue_depth))
-    to_train, estimates, order = _dispatch(store, experiment_id, inputs, versions, to_train, slots)
-
-    rule = early_stop_rule(config, dict(inputs.spec.settings))
-    provenance = {**versions, TAG_GIT_COMMIT: git_commit(), TAG_QUOTA: str(config.quota),
-                  TAG_SETTINGS: json.dumps(dict(inputs.spec.settings), sort_keys=True, default=str),
-                  TAG_GPUS_PER_TRIAL: str(inputs.spec.resources.gpus)}
-    if rule.enabled:  # the report's header names it and estimates the GPU-hours it saved
-        provenance[TAG_EARLY_STOP] = json.dumps(asdict(rule), sort_keys=True)
-    data_refs = {"train": data_ref(inputs.train).as_dict(), "val": data_ref(inputs.val).as_dict()}
     sweep_id = new_sweep_id(name)
-    gpus = inputs.spec.resources.gpus
-    parent_run_id = store.start_parent_run(
-        experiment_id, sweep_id, {**provenance, TAG_DISPATCH: order, **(tags or {}),
-                                  TAG_INTERPRETER: resolved_interpreter(inputs.spec) or ""},
-        params={"combinations": config.combinations, "spec": config.spec, "train": config.train,
-                "val": config.val, "quota": config.quota, "gpus_per_trial": gpus, "trials": len(trials),
-                "reused": len(reused), "max_attempts": config.max_attempts, "slots": slots,
-                **setting_params(inputs.spec.settings)})
+    parent_run_id = store.start_parent_run(experiment_id, sweep_id, {TAG_STATUS: "STARTING"}, params={})
+    return StartedSweep(name=name, experiment_id=experiment_id, sweep_id=sweep_id, parent_run_id=parent_run_id)
+
+
+def open_sweep(config: SweepConfig, inputs: SweepInputs, store: SweepStore, capacity: int, queue_depth: int,
+               tags: dict[str, str] | None = None, started: StartedSweep | None = None) -> OpenedSweep:
+    """Plan the sweep and describe its parent run (``started``'s, else one started now), which moves
+    STARTING → RUNNING. ``capacity``: trials that can run at once (quota, host or pool limit);
+    ``queue_depth``: trials kept in flight (a pool's queue: more than run)."""
+    started = started or start_sweep(config, inputs, store)
+    name, experiment_id, sweep_id, parent_run_id = (started.name, started.experiment_id, started.sweep_id,
+                                                    started.parent_run_id)
     with closed_on_crash(store, experiment_id, sweep_id, parent_run_id):
+        trials, versions = plan.plan_trials(inputs)
+        grants.grant_trainer(store.tracking_uri, experiment_id)  # its trials write as the trainer account
+        zombies = store.reap_zombies(experiment_id, ZOMBIE_AFTER_S)
+        reused = plan.reusable_runs(store, experiment_id, trials, versions, config.retrain)
+        why = plan.why_not_reused(store, experiment_id, inputs.spec, versions, config.retrain)
+        to_train = plan.trials_to_train(trials, reused)
+        resumable = store.unfinished_trial_keys(experiment_id, {t.key for t in to_train}, versions)
+        slots = max(1, min(len(to_train), capacity))
+        parallel = max(1, min(len(to_train), queue_depth))
+        to_train, estimates, order = _dispatch(store, experiment_id, inputs, versions, to_train, slots)
+
+        rule = early_stop_rule(config, dict(inputs.spec.settings))
+        provenance = {**versions, TAG_GIT_COMMIT: git_commit(), TAG_QUOTA: str(config.quota),
+                      TAG_SETTINGS: json.dumps(dict(inputs.spec.settings), sort_keys=True, default=str),
+                      TAG_GPUS_PER_TRIAL: str(inputs.spec.resources.gpus)}
+        if rule.enabled:  # the report's header names it and estimates the GPU-hours it saved
+            provenance[TAG_EARLY_STOP] = json.dumps(asdict(rule), sort_keys=True)
+        data_refs = {"train": data_ref(inputs.train).as_dict(), "val": data_ref(inputs.val).as_dict()}
+        gpus = inputs.spec.resources.gpus
+        store.describe_parent_run(
+            parent_run_id, {**provenance, TAG_DISPATCH: order, **(tags or {}),
+                            TAG_INTERPRETER: resolved_interpreter(inputs.spec) or ""},
+            params={"combinations": config.combinations, "spec": config.spec, "train": config.train,
+                    "val": config.val, "quota": config.quota, "gpus_per_trial": gpus, "trials": len(trials),
+                    "reused": len(reused), "max_attempts": config.max_attempts, "slots": slots,
+                    **setting_params(inputs.spec.settings)})
         store.log_plan(parent_run_id, plan.plan_rows(trials, reused, to_train, estimates))
+        # Last: `status` reads a RUNNING sweep's plan.json.
+        store.describe_parent_run(parent_run_id, {TAG_STATUS: "RUNNING"}, params={})
     spec = inputs.spec
     run = SweepRun(
         sweep_id=sweep_id, name=name, experiment_id=experiment_id, parent_run_id=parent_run_id,
@@ -134,18 +162,43 @@ def closed_on_crash(store: SweepStore, experiment_id: str, sweep_id: str, parent
     try:
         yield
     except BaseException as e:
-        reason = "interrupted" if isinstance(e, KeyboardInterrupt) else f"hpsweep failed: {type(e).__name__}: {e}"
-        try:
-            closed = store.close_sweep_runs(experiment_id, sweep_id, parent_run_id, reason)
-            log.warning("closed %d run(s) of sweep %s: %s", len(closed), sweep_id, reason)
-        except Exception:  # noqa: BLE001 - never hide the original error behind the tracking store's
-            log.warning("could not close the runs of sweep %s", sweep_id, exc_info=True)
+        _close_crashed(store, experiment_id, sweep_id, parent_run_id, e)
         raise
 
 
-def parent_heartbeat(store: SweepStore, opened: OpenedSweep) -> Periodic:
-    """Keeps the parent run visibly alive while trials run (so no other sweep reaps it as a zombie)."""
-    return Periodic(HEARTBEAT_S, lambda: store.heartbeat(opened.run.parent_run_id), "hpsweep-heartbeat")
+def _close_crashed(store: SweepStore, experiment_id: str, sweep_id: str, parent_run_id: str,
+                   error: BaseException) -> None:
+    reason = ("interrupted" if isinstance(error, KeyboardInterrupt)
+              else f"hpsweep failed: {type(error).__name__}: {error}")
+    try:
+        closed = store.close_sweep_runs(experiment_id, sweep_id, parent_run_id, reason)
+        if closed:  # none: an inner block closed them already
+            log.warning("closed %d run(s) of sweep %s: %s", len(closed), sweep_id, reason)
+    except Exception:  # noqa: BLE001 - never hide the original error behind the tracking store's
+        log.warning("could not close the runs of sweep %s", sweep_id, exc_info=True)
+
+
+@contextmanager
+def kept_alive(store: SweepStore, started: StartedSweep) -> Iterator[None]:
+    """Around a started sweep, from its start to its end: its parent run beats, so `status` and
+    other sweeps know it is alive. An input error found late (once Prefect is up: a quota limit
+    too small for a trial) deletes the run, since invalid input writes nothing (exit 2); anything
+    else that ends it early closes it FAILED with the reason (``closed_on_crash``)."""
+    with parent_heartbeat(store, started.parent_run_id):
+        try:
+            yield
+        except SweepInputError:
+            store.delete_parent_run(started.parent_run_id)
+            raise
+        except BaseException as e:
+            _close_crashed(store, started.experiment_id, started.sweep_id, started.parent_run_id, e)
+            raise
+
+
+def parent_heartbeat(store: SweepStore, parent_run_id: str) -> Periodic:
+    """Keeps the parent run visibly alive (so `status` does not call it not responding, and no other
+    sweep reaps it as a zombie)."""
+    return Periodic(HEARTBEAT_S, lambda: store.heartbeat(parent_run_id), "hpsweep-heartbeat")
 
 
 def early_stopper(store: SweepStore, opened: OpenedSweep) -> AbstractContextManager[object]:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
-from hpsweep.model import TrialRow, TrialState, run_name
+from hpsweep.model import HEARTBEAT_S, TrialRow, TrialState, run_name
 from hpsweep.plan import list_schedule
 
 if TYPE_CHECKING:
@@ -34,6 +34,10 @@ STATE_WORDS = {TrialState.PLANNED: "queued", TrialState.RUNNING: "running", Tria
                TrialState.STOPPED: "stopped"}
 OPTIONAL_WORDS = (INTERRUPTED, "stopped")  # counted only when some trial is: other sweeps' counts keep their keys
 STALE = "stale"
+STARTING = "starting"  # the parent run exists; Prefect and the trial plan are not ready yet
+# A sweep's parent run beats every heartbeat interval from its first second; silent for this many
+# intervals, its process is taken for dead (a kill -9, a lost host).
+SILENT_BEATS = 2
 WORDS = ("running", STALE, "queued", "done", "failed", "reused", "never started")  # the order of the counts
 
 
@@ -156,8 +160,10 @@ def trial_word(plan: TrialRow, run: TrialRow | None, over: bool, now: float, sta
 def summarize(record: SweepRecord, plan: list[TrialRow] | None, runs: list[TrialRow],
               now: float, stale_after_s: float, prefect: str | None = None) -> dict[str, Any]:
     """Counts, one line per trial and an ETA. ``plan``: the sweep's plan.json (``store.load_plan``;
-    None for an older sweep: its runs alone); ``runs``: its trial runs (``store.sweep_trials``)."""
-    from hpsweep.store import TAG_DISPATCH, TAG_HEARTBEAT, TAG_INTERRUPTED, TAG_REASON
+    None for an older sweep: its runs alone); ``runs``: its trial runs (``store.sweep_trials``).
+    ``stale_after_s``: a trial silent this long is stale; the sweep itself is "not responding"
+    after SILENT_BEATS of its own heartbeat intervals (the parent run's ``hpsweep.heartbeat_s``)."""
+    from hpsweep.store import TAG_DISPATCH, TAG_HEARTBEAT, TAG_HEARTBEAT_S, TAG_INTERRUPTED, TAG_REASON, TAG_STATUS
 
     by_index = {r.index: r for r in runs}
     if plan is None:
@@ -179,19 +185,23 @@ def summarize(record: SweepRecord, plan: list[TrialRow] | None, runs: list[Trial
         state = f"crashed: {_first_line(reason, 300)}"
     elif over:
         state = PARENT_STATES.get(record.parent_status, record.parent_status.lower())
-    elif now - parent_beat > stale_after_s:
+    elif now - parent_beat > SILENT_BEATS * float(record.tags.get(TAG_HEARTBEAT_S, HEARTBEAT_S)):
         state = f"not responding (no heartbeat for {now - parent_beat:.0f} s: orchestrator killed?)"
+    elif record.tags.get(TAG_STATUS) == "STARTING":
+        state = STARTING
     else:
         state = "running"
+    finished = sorted((t for t in trials if t["state"] == "done" and t["f1"] is not None), key=lambda t: -t["f1"])
     return {
         "sweep_id": record.sweep_id, "name": record.name, "parent_run_id": record.parent_run_id,
         "experiment_id": record.experiment_id, "state": state, "prefect": prefect,
         "dispatch_order": record.tags.get(TAG_DISPATCH),
         "started_at": record.started_at, "ended_at": record.ended_at,
         "elapsed_s": (record.ended_at or now) - record.started_at,
-        "total": len(trials), "counts": counts, "eta_s": None if over else eta_s(trials, _slots(record)),
-        "best": max((t for t in trials if t["state"] == "done" and t["f1"] is not None), key=lambda t: t["f1"],
-                    default=None),
+        "total": len(trials), "counts": counts,
+        "eta_s": None if over or state == STARTING else eta_s(trials, _slots(record)),
+        # The best trial, with how many it was ranked against (`index` is its place in the file, not a rank).
+        "best": {**finished[0], "ranked": len(finished)} if finished else None,
         "trials": trials, "reason": reason,
     }
 
@@ -256,13 +266,15 @@ def render(status: dict[str, Any]) -> str:
              f"  Prefect     {status['prefect']}" if status["prefect"] else None,
              f"  why         {status['reason'].strip()[:2000]}"  # what the state line could not hold
              if status.get("reason") and status["reason"].strip() not in status["state"] else None,
-             f"  trials      {status['total']}: {c['running']} running, {c['queued']} queued, {c['done']} done, "
+             "  trials      not planned yet (Prefect and the plan are being set up)" if status["state"] == STARTING
+             else f"  trials      {status['total']}: {c['running']} running, {c['queued']} queued, {c['done']} done, "
              f"{c['failed']} failed, {c['reused']} reused"
              + (f", {c['stale']} stale (no heartbeat)" if c["stale"] else "")
              + (f", {c['never started']} never started" if c["never started"] else ""),
              f"  dispatch    {status['dispatch_order']}" if status["dispatch_order"] else None,
-             f"  best        F1 {status['best']['f1']:.4f}: #{status['best']['index']} "
-             f"{run_name(status['best']['hparams'])}" if status["best"] else None]
+             f"  best        F1 {status['best']['f1']:.4f}, rank 1 of {status['best']['ranked']} finished: "
+             f"{run_name(status['best']['hparams'])} (combination {status['best']['index']} in the file)"
+             if status["best"] else None]
     if status["state"] == "running" or status["state"].startswith("not responding"):
         lines.append(f"  ETA         {human_duration(status['eta_s'])}" if status["eta_s"] is not None
                      else "  ETA         unknown (no trial has finished yet and the plan has no estimates)")
@@ -273,6 +285,6 @@ def render(status: dict[str, Any]) -> str:
             detail = {"running": f"for {human_duration(t.get('elapsed_s'))}, attempt {t['attempt']}",
                       "stale": "no heartbeat: its process may be dead",
                       "failed": (t["reason"] or "")[:160]}[t["state"]]
-            lines.append(f"  {t['state']:<8} #{t['index']} {hp}: {detail}")
+            lines.append(f"  {t['state']:<8} {hp} (combination {t['index']}): {detail}")
     return "\n".join(lines)
 

@@ -108,6 +108,15 @@ class SweepStore:
         return runs.start_parent_run(self.client, exp_id, sweep_id, tags, params)
 
     @_patient
+    def describe_parent_run(self, parent_run_id: str, tags: dict[str, str], params: dict) -> None:
+        runs.describe_parent_run(self.client, parent_run_id, tags, params)
+
+    @_patient
+    def delete_parent_run(self, parent_run_id: str) -> None:
+        """Gone from every search (MLflow's deleted stage): for a sweep that never got past its input checks."""
+        self.client.delete_run(parent_run_id)
+
+    @_patient
     def log_plan(self, parent_run_id: str, rows: list[TrialRow]) -> None:
         runs.log_plan(self.client, parent_run_id, rows)
 

@@ -18,12 +18,13 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from hpsweep.identity import identity_is_dead, process_identity
-from hpsweep.model import Hparams, IllegalTransition, Outcome, TrialRow, TrialState, check_transition, run_name
+from hpsweep.model import (HEARTBEAT_S, Hparams, IllegalTransition, Outcome, TrialRow, TrialState, check_transition,
+                           run_name)
 from hpsweep.store.filters import all_of, run_id_in, tag_equals
 from hpsweep.store.tags import (EXPERIMENT_KIND, RUNS_VIEW, TAG_ATTEMPT, TAG_ATTEMPT_LOG, TAG_DURATION, TAG_HEARTBEAT,
-                                TAG_HPARAMS, TAG_INDEX, TAG_INTERRUPTED, TAG_OWNER, TAG_REASON, TAG_RETRYABLE, TAG_ROLE,
-                                TAG_SPEC_HASH, TAG_STATUS, TAG_STOP_REQUEST, TAG_STOPPED_AT, TAG_SWEEP_ID,
-                                TAG_TRIAL_KEY, SETTINGS_PARAM_PREFIX)
+                                TAG_HEARTBEAT_S, TAG_HPARAMS, TAG_INDEX, TAG_INTERRUPTED, TAG_OWNER, TAG_REASON,
+                                TAG_RETRYABLE, TAG_ROLE, TAG_SPEC_HASH, TAG_STATUS, TAG_STOP_REQUEST, TAG_STOPPED_AT,
+                                TAG_SWEEP_ID, TAG_TRIAL_KEY, SETTINGS_PARAM_PREFIX)
 
 MAX_PARAM_LEN = 6000
 MAX_TAG_LEN = 5000
@@ -123,11 +124,22 @@ def outcome_of(run: Run) -> Outcome:
 
 def start_parent_run(client: MlflowClient, exp_id: str, sweep_id: str, tags: dict[str, str],
                      params: dict[str, Any]) -> str:
+    """A sweep's parent run, owned by this process, which beats every HEARTBEAT_S (recorded on it, so
+    that `status` can tell a silent sweep by the sweep's own interval)."""
     run = client.create_run(exp_id, run_name=f"sweep {sweep_id}",
                             tags={TAG_SWEEP_ID: sweep_id, TAG_ROLE: "sweep", TAG_OWNER: process_identity(),
-                                  TAG_HEARTBEAT: f"{time.time():.0f}", **tags})
-    client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
+                                  TAG_HEARTBEAT: f"{time.time():.0f}", TAG_HEARTBEAT_S: f"{HEARTBEAT_S:g}", **tags})
+    if params:
+        client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
     return run.info.run_id
+
+
+def describe_parent_run(client: MlflowClient, parent_run_id: str, tags: dict[str, str],
+                        params: dict[str, Any]) -> None:
+    """The tags and params of a parent run started before its sweep was planned (each param is
+    logged once: MLflow refuses to change one)."""
+    client.log_batch(parent_run_id, params=[Param(k, str(v)) for k, v in params.items()],
+                     tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
 
 def setting_params(settings: dict[str, Any]) -> dict[str, Any]:
@@ -253,7 +265,7 @@ def close_sweep_runs(client: MlflowClient, exp_id: str, sweep_id: str, parent_ru
             continue
         closed.append(run.info.run_id)
     if client.get_run(parent_run_id).info.status == "RUNNING":
-        client.log_batch(parent_run_id, tags=[RunTag(TAG_REASON, reason[:MAX_TAG_LEN])])
+        client.log_batch(parent_run_id, tags=[RunTag(TAG_REASON, reason[:MAX_TAG_LEN]), RunTag(TAG_STATUS, "FAILED")])
         client.set_terminated(parent_run_id, "FAILED")
         closed.append(parent_run_id)
     return closed
@@ -450,9 +462,10 @@ def finish_parent_run(client: MlflowClient, parent_run_id: str, counts: dict[str
     if best_f1 is not None:
         metrics.append(Metric("best_f1", best_f1, int(time.time() * 1000), 0))
     metrics += [Metric(k, float(v), int(time.time() * 1000), 0) for k, v in (extra_metrics or {}).items()]
+    status = "KILLED" if stopped_by else "FINISHED" if ok else "FAILED"
     tags = [RunTag(TAG_INTERRUPTED, stopped_by), RunTag(TAG_REASON, interrupted_note(stopped_by))] if stopped_by else []
-    client.log_batch(parent_run_id, metrics=metrics, tags=tags)
-    client.set_terminated(parent_run_id, "KILLED" if stopped_by else "FINISHED" if ok else "FAILED")
+    client.log_batch(parent_run_id, metrics=metrics, tags=[*tags, RunTag(TAG_STATUS, status)])
+    client.set_terminated(parent_run_id, status)
 
 
 def interrupted_note(signal_name: str) -> str:

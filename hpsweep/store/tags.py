@@ -8,12 +8,14 @@ TAG_TRIAL_KEY = "hpsweep.trial_key"
 TAG_HPARAMS = "hpsweep.hparams"  # canonical JSON: typed hparams (MLflow params are strings)
 TAG_INDEX = "hpsweep.index"  # the combination's row number in the file order
 TAG_ATTEMPT = "hpsweep.attempt"
-TAG_STATUS = "hpsweep.status"  # RUNNING, FINISHED, FAILED or STOPPED (MLflow's status says KILLED)
+TAG_STATUS = "hpsweep.status"  # RUNNING, FINISHED, FAILED or STOPPED (MLflow's status says KILLED); a parent run
+# is STARTING from its first second (before Prefect starts) until its trials are planned
 TAG_REASON = "hpsweep.reason"
 TAG_DURATION = "hpsweep.duration_s"
 TAG_RETRYABLE = "hpsweep.retryable"  # "true" when the machine, not the trainer, failed the attempt
 TAG_OWNER = "hpsweep.owner"  # host:pid:start of the process that runs (or ran) this run
 TAG_HEARTBEAT = "hpsweep.heartbeat"  # unix time of the owner's last sign of life
+TAG_HEARTBEAT_S = "hpsweep.heartbeat_s"  # on the parent run: seconds between its owner's heartbeats
 TAG_ATTEMPT_LOG = "hpsweep.attempt_log"  # one line per failed attempt: why it was retried
 TAG_SPEC_HASH = "hpsweep.spec_hash"
 TAG_DATA_VERSION = "hpsweep.data_version"
