@@ -25,7 +25,7 @@ from rich.logging import RichHandler
 from rich.markup import escape
 from rich.table import Table
 
-from hpsweep.config import SweepConfig, build_config, read_params
+from hpsweep.config import SweepConfig, build_config, read_params, tie_break_problems
 from hpsweep.engine.gpus import host_gpus
 from hpsweep.inputs import Problem, SweepInputError, SweepInputs, load_inputs, resolved_interpreter
 from hpsweep.limits import cut_at_word
@@ -48,7 +48,7 @@ def _run_flags(parser: argparse.ArgumentParser) -> None:
                       ("name", str), ("report_dir", Path), ("work_dir", Path), ("tracking_uri", str),
                       ("max_attempts", int), ("retry_delay_s", float), ("launcher", str), ("pool", str),
                       ("trial_deployment", str), ("quota_limit", str), ("grace_s", float),
-                      ("max_failures", int)):
+                      ("max_failures", int), ("tie_break", str)):
         parser.add_argument(f"--{name.replace('_', '-')}", type=typ, default=None, dest=name,
                             help=f"{fields[name].description} (default: params.yaml's sweep.{name}"
                                  f"{'' if fields[name].is_required() else f', else {fields[name].default}'})")
@@ -185,12 +185,18 @@ def _print_summary(result: dict[str, Any]) -> None:
     table.add_column("rank", justify="right")
     table.add_column("hparams")
     table.add_column("F1", justify="right")
+    intervals = any(r.get("f1_ci_low") is not None for r in result["top"])
+    if intervals:
+        table.add_column("95% CI", justify="right")
     table.add_column("status")
     for r in result["top"]:
+        ci = [f"[{r['f1_ci_low']:.4f}, {r['f1_ci_high']:.4f}]" if r.get("f1_ci_low") is not None else ""]
         table.add_row(str(r["rank"]), " ".join(f"{k}={v}" for k, v in r["hparams"].items()),
-                      "—" if r["f1"] is None else f"{r['f1']:.4f}", r["status"])
+                      "—" if r["f1"] is None else f"{r['f1']:.4f}", *(ci if intervals else []), r["status"])
     out = Console()
     out.print(table)
+    if result.get("tie_note"):  # the leaderboard's order among the top is noise: say so first
+        out.print(result["tie_note"], markup=False, highlight=False, soft_wrap=True)
     c = result["counts"]
     out.print(f"{c['total']} trials: {c['finished']} trained, {c['reused']} reused (already FINISHED), "
               f"{c['failed']} failed{' or interrupted' if result.get('interrupted') else ''}")
@@ -206,6 +212,8 @@ def _print_summary(result: dict[str, Any]) -> None:
                   soft_wrap=True)
     if result.get("champion_note"):
         out.print(result["champion_note"], markup=False, highlight=False, soft_wrap=True)
+    if result.get("champion_rule") and result["champion_rule"] != "highest F1":
+        out.print(f"champion picked by: {result['champion_rule']}", markup=False, highlight=False, soft_wrap=True)
     uri = result["tracking_uri"]
     ui = f"mlflow ui --backend-store-uri {uri}" if not uri.startswith("http") else uri
     out.print(f"MLflow UI: {ui}  (experiment {result['experiment_id']}, parent run {result['parent_run_id']})")
@@ -223,6 +231,9 @@ def _validated(args: argparse.Namespace) -> tuple[SweepConfig, SweepInputs]:
     # Trials on this host cannot use more GPUs than it has (a CPU host, or a pool: no check).
     host = host_gpus() if config.launcher == "local" else ()
     inputs = load_inputs(config.combinations, config.spec, config.train, config.val, config.quota, host)
+    problems = tie_break_problems(config, list(inputs.combinations[0]))
+    if problems:
+        raise SweepInputError(problems)
     if config.launcher == "pool":
         from hpsweep.engine.pool import check_pool_limit
 

@@ -19,6 +19,10 @@ ENV_VAL_DATA = "HPSWEEP_VAL_DATA"
 ENV_CHECKPOINT_DIR = "HPSWEEP_CHECKPOINT_DIR"  # write checkpoints here; resume from what is found
 ENV_MODEL_DIR = "HPSWEEP_MODEL_DIR"  # files left here become the trial's `model` artifact
 ENV_RESULT = "HPSWEEP_RESULT"  # path where the trainer writes {"f1": <float>}
+# Optional: where the trainer may write its validation predictions, one line per validation example in
+# the same order every trial: CSV with the header `y_true,y_pred`, or a NumPy .npz (numpy.savez) with
+# arrays `y_true` and `y_pred` (told apart by content). hpsweep then gives the F1 an interval.
+ENV_PREDICTIONS = "HPSWEEP_PREDICTIONS"
 ENV_DEVICE = "HPSWEEP_DEVICE"  # "cuda" when the trial was given GPUs (see CUDA_VISIBLE_DEVICES), else "cpu"
 
 
@@ -34,7 +38,8 @@ class DataRefs:
 class TrainContext:
     """What hpsweep offers a running Python trainer.
 
-    ``report(step, **metrics)`` logs step metrics to the trial's MLflow run.
+    ``report(step, **metrics)`` logs step metrics to the trial's MLflow run; ``log_predictions(y_true,
+y_pred)`` hands over the validation predictions (optional).
     ``checkpoint_dir`` survives a retry of the same trial; ``resume_from`` is the newest
     checkpoint file found there (None on a fresh start): a trainer that resumes from it
     loses at most one checkpoint interval when its process dies.
@@ -47,6 +52,7 @@ class TrainContext:
     settings: dict[str, Any] = field(default_factory=dict)
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger("hpsweep.trainer"))
     _reporter: Callable[[int, dict[str, float]], None] | None = None
+    _predictions: Callable[[Any, Any], None] | None = None
 
     @property
     def resume_from(self) -> Path | None:
@@ -56,6 +62,14 @@ class TrainContext:
         """Log per-step metrics (for example per-epoch validation F1) to MLflow."""
         if self._reporter is not None:
             self._reporter(step, {k: float(v) for k, v in metrics.items()})
+
+    def log_predictions(self, y_true: Any, y_pred: Any) -> None:
+        """Hand over the validation set's labels and this trial's predicted labels (array-likes of class
+        labels, one per validation example, in the same order for every trial), once, before returning.
+        Optional: hpsweep recomputes the F1 from them and gives it a confidence interval, comparing the
+        trials example by example. A length mismatch raises ValueError."""
+        if self._predictions is not None:
+            self._predictions(y_true, y_pred)
 
 
 class TrainFunction(Protocol):

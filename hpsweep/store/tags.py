@@ -24,6 +24,10 @@ TAG_GPUS = "hpsweep.gpus"
 TAG_INTERPRETER = "hpsweep.trainer_interpreter"  # on the parent run: the program the trials run, as PATH found it
 TAG_SETTINGS = "hpsweep.settings"  # on the parent run: the spec's settings, canonical JSON (the report header)
 TAG_INTERRUPTED = "hpsweep.interrupted"  # on a trial or parent run stopped by a signal to the sweep: its name
+# On a trial run: its reported F1 is not what its own predictions give under the spec's metric (why, in words).
+TAG_F1_MISMATCH = "hpsweep.warning.f1_mismatch"
+TAG_METRIC = "hpsweep.metric"  # on the parent run: the spec's metric block, canonical JSON (what `report` recomputes)
+TAG_TIE_BREAK = "hpsweep.tie_break"  # on the parent run: the tie-break rule the champion was picked by
 TAG_ADOPTED_FROM = "hpsweep.adopted_from_sweep"
 CHAMPION_ALIAS = "champion"
 SETTINGS_PARAM_PREFIX = "settings."  # the spec's settings as params of the parent and every trial run
