@@ -6,19 +6,22 @@ trials are compared on exactly the same examples each time. Per trial: the F1's 
 the share of resamples where it beats the leader, and whether the interval of its paired difference
 to the leader holds 0 (tied).
 
-The cost is in one matrix product per block: resample-count weights ``W`` (resamples × examples)
-times 0/1 indicator columns (examples × per-class true positives and predictions of each trial) give
-every resample's confusion counts at once; F1 follows from the counts. No Python loop runs over
-examples or resamples. Pure numpy: no MLflow, no files.
+The cost is in per-resample confusion counts: resample-count weights (how often each example is drawn
+in each resample) summed over each trial's mistakes by class give every resample's counts at once;
+F1 follows from the counts. No Python loop runs over examples or resamples. Pure numpy: no MLflow,
+no files.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from hpsweep.model import Significance, TrialRow
 
@@ -33,7 +36,8 @@ CONFIDENCE = 0.95
 # Bytes of float weights held at once (a resample block of W, and a trial chunk of indicators):
 # a 1M-example validation set is resampled a few rows at a time instead of 8 GB at once.
 _BLOCK_BYTES = 64 * 2**20
-_EXACT_FLOAT32 = 2**24  # float32 sums of integer counts are exact below this
+_EXACT_FLOAT32 = 2**24
+MAX_WORKERS = 8  # threads counting trials at once (at most the cores this process may use)  # float32 sums of integer counts are exact below this
 
 
 # ---------------------------------------------------------------- labels and F1 from counts
@@ -103,20 +107,39 @@ def resample_indices(n: int, resamples: int, seed: int) -> Iterator[np.ndarray]:
     rng = np.random.default_rng(seed)
     block = max(1, min(resamples, _BLOCK_BYTES // (4 * max(n, 1))))
     for start in range(0, resamples, block):
-        yield rng.integers(0, n, size=(min(block, resamples - start), n))
+        yield rng.integers(0, n, size=(min(block, resamples - start), n), dtype=np.int32 if n < 2**31 else np.int64)
 
 
 def _weights(indices: np.ndarray, dtype: type) -> np.ndarray:
-    """How often each example is drawn in each resample (rows of ``indices``): one bincount for the block."""
+    """How often each example is drawn in each resample, examples × resamples (a row per example, so
+    gathering examples reads contiguous rows): one bincount for the block of ``indices`` rows."""
     b, n = indices.shape
-    flat = indices + (np.arange(b) * n)[:, None]  # row r's examples counted in bins r·n … r·n + n - 1
-    return np.bincount(flat.ravel(), minlength=b * n).reshape(b, n).astype(dtype)
+    flat = indices * b + np.arange(b)[:, None]  # example i of resample r is bin i·b + r
+    return np.bincount(flat.ravel(), minlength=n * b).reshape(n, b).astype(dtype)
+
+
+def _class_sums(weights: np.ndarray, examples: np.ndarray, classes: Sequence[np.ndarray], k: int) -> list[np.ndarray]:
+    """Per resample, how many of ``examples`` were drawn, by class, for each labelling in ``classes``
+    (each (resamples, k)): one gather of the examples' weights, one matrix product with their classes."""
+    b = weights.shape[1]
+    if not len(examples):
+        return [np.zeros((b, k)) for _ in classes]
+    onehot = np.zeros((k * len(classes), len(examples)), dtype=weights.dtype)
+    for i, c in enumerate(classes):
+        onehot[i * k + c, np.arange(len(examples))] = 1
+    sums = (onehot @ weights[examples]).astype(np.float64)  # (k·len(classes), b)
+    return [sums[i * k:(i + 1) * k].T for i in range(len(classes))]
 
 
 def bootstrap_f1(y_true: Any, y_preds: Sequence[Any], average: str = "macro", pos_label: Any = 1,
                  resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED) -> tuple[np.ndarray, np.ndarray]:
     """(F1 of each trial on the whole set, shape (T,); F1 of each trial on each resample, shape
-    (resamples, T)). Every trial is scored against the same ``y_true`` on the same resamples."""
+    (resamples, T)). Every trial is scored against the same ``y_true`` on the same resamples.
+
+    Per resample, a trial's confusion counts come from its wrong predictions alone: the drawn
+    examples of each true class (shared by all trials) minus those it got wrong give its true
+    positives; plus its wrong predictions of each class, its predictions. The cost per trial is two
+    passes over its mistakes, not over the whole set."""
     t = np.asarray(y_true)
     preds = [np.asarray(p) for p in y_preds]
     n = len(t)
@@ -127,45 +150,32 @@ def bootstrap_f1(y_true: Any, y_preds: Sequence[Any], average: str = "macro", po
     labels, ti, pis = _encode(t, preds)
     k, n_trials = len(labels), len(preds)
     pos = _positive(labels, pos_label) if average == "binary" else 0
-    # The indicator columns each trial needs: correct predictions per class, predictions per class
-    # (micro: correct ones only), in chunks of trials that keep the block under _BLOCK_BYTES.
-    per_trial = 1 if average == "micro" else 2 * k
-    dtype = np.float32 if n < _EXACT_FLOAT32 else np.float64
-    true_onehot = np.zeros((n, k), dtype=dtype)
-    true_onehot[np.arange(n), ti] = 1
-    chunk = max(1, _BLOCK_BYTES // (np.dtype(dtype).itemsize * n * per_trial))
-
-    def indicators(first: int) -> np.ndarray:
-        cols = np.zeros((n, per_trial * min(chunk, n_trials - first)), dtype=dtype)
-        for j, pi in enumerate(pis[first:first + chunk]):
-            correct = pi == ti
-            if average == "micro":
-                cols[:, j] = correct
-            else:
-                base = j * per_trial
-                cols[np.flatnonzero(correct), base + pi[correct]] = 1
-                cols[np.arange(n), base + k + pi] = 1
-        return cols
-
-    chunks = [indicators(first) for first in range(0, n_trials, chunk)] \
-        if n * per_trial * n_trials * np.dtype(dtype).itemsize <= 4 * _BLOCK_BYTES else None
+    dtype = np.float32 if n < _EXACT_FLOAT32 else np.float64  # counts summed exactly either way
+    wrongs = [np.flatnonzero(pi != ti) for pi in pis]
     boot = np.empty((resamples, n_trials))
     row = 0
-    for indices in resample_indices(n, resamples, seed):
-        w = _weights(indices, dtype)
-        b = len(w)
-        true = w @ true_onehot  # (b, k): per-class support of each resample, shared by every trial
-        for c, first in enumerate(range(0, n_trials, chunk)):
-            cols = chunks[c] if chunks is not None else indicators(first)
-            counts = (w @ cols).astype(np.float64)
-            m = cols.shape[1] // per_trial
-            if average == "micro":
-                boot[row:row + b, first:first + m] = counts / n
-                continue
-            counts = counts.reshape(b, m, 2, k)
-            boot[row:row + b, first:first + m] = _f1_from_counts(counts[:, :, 0], counts[:, :, 1],
-                                                                 true[:, None, :].astype(np.float64), average, pos)
-        row += b
+    # Trials are split over the cores (numpy's gathers and products release the GIL); BLAS itself
+    # gets one thread, as its own threads only fight these on small products.
+    workers = max(1, min(len(os.sched_getaffinity(0)), n_trials, MAX_WORKERS))
+    with threadpool_limits(1, "blas"), ThreadPoolExecutor(workers) as pool:
+        for indices in resample_indices(n, resamples, seed):
+            w = _weights(indices, dtype)
+            b = w.shape[1]
+            (true,) = _class_sums(w, np.arange(n), [ti], k)  # (b, k): each resample's examples per true class
+            tp = np.empty((b, n_trials, k))
+            pred = np.empty((b, n_trials, k))
+
+            def count(trials: range) -> None:
+                for j in trials:
+                    # The trial's drawn mistakes by true class (missed) and by predicted class (wrongly claimed).
+                    wrong = wrongs[j]
+                    missed, claimed = _class_sums(w, wrong, [ti[wrong], pis[j][wrong]], k)
+                    tp[:, j] = true - missed
+                    pred[:, j] = tp[:, j] + claimed
+
+            list(pool.map(count, [range(i, n_trials, workers) for i in range(workers)]))
+            boot[row:row + b] = _f1_from_counts(tp, pred, true[:, None, :], average, pos)
+            row += b
     point = np.array([f1_from_labels(t, p, average, pos_label) for p in preds])
     return point, boot
 
