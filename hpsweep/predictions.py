@@ -92,4 +92,7 @@ def _read_csv(path: Path, data: bytes) -> Predictions:
     if missing:
         raise PredictionsError(f"{path.name}: the header must name y_true and y_pred (missing: {', '.join(missing)}; "
                                f"found: {', '.join(map(str, frame.columns[:5]))})")
+    empty = (frame[["y_true", "y_pred"]].astype(str).apply(lambda c: c.str.strip()) == "").any(axis=1)
+    if empty.any():  # a short line: a label is missing, and "" is no class
+        raise PredictionsError(f"{path.name}: line {int(empty.to_numpy().argmax()) + 2}: a label is missing")
     return checked(frame["y_true"].to_numpy(), frame["y_pred"].to_numpy())

@@ -30,6 +30,7 @@ def test_stored_predictions_are_compressed_and_keep_text_labels(tmp_path):
 @pytest.mark.parametrize("text, message", [
     ("truth,guess\n1,1\n", "the header must name y_true and y_pred"),
     ("y_true,y_pred\n", "no predictions"),
+    ("y_true,y_pred\n1,1\n2\n", "line 3: a label is missing"),
 ])
 def test_unusable_csv_says_why(tmp_path, text, message):
     path = tmp_path / "p.csv"
@@ -41,3 +42,19 @@ def test_unusable_csv_says_why(tmp_path, text, message):
 def test_lengths_must_match():
     with pytest.raises(PredictionsError, match="y_true has 3 labels but y_pred has 2"):
         predictions.checked([1, 2, 3], [1, 2])
+
+
+def test_a_command_trainers_file_is_stored_compressed_and_an_unusable_one_is_left_out(tmp_path, caplog):
+    from hpsweep.runtime.runner import TrialPaths, _stored_predictions
+
+    paths = TrialPaths(tmp_path)
+    assert not _stored_predictions(paths)  # the trainer wrote none: nothing to upload
+    paths.trainer_predictions.write_text("y_true,y_pred\n1,1\n2,1\n")
+    assert _stored_predictions(paths)
+    assert predictions.load(paths.predictions)[1].tolist() == [1, 1]
+
+    other = TrialPaths(tmp_path / "other")
+    other.root.mkdir()
+    other.trainer_predictions.write_text("y_true,y_pred\n1\n")
+    assert not _stored_predictions(other) and not other.predictions.exists()
+    assert "predictions in HPSWEEP_PREDICTIONS left out" in caplog.text
