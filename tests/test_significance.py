@@ -56,6 +56,9 @@ def test_string_labels_and_a_binary_pos_label():
     assert f1_from_labels(y, p, "binary", "dog") == pytest.approx(f1_score(y, p, pos_label="dog"))
     with pytest.raises(ValueError, match="pos_label 1 is not one of the labels"):
         f1_from_labels(y, p, "binary", 1)
+    mixed = bootstrap_f1(np.array([1, 2] * 20), [np.array([1, 2] * 20), np.array(["1", "1"] * 20)], "macro",
+                         resamples=100)[0]
+    assert mixed.tolist() == pytest.approx([1.0, f1_score([1, 2] * 20, [1, 1] * 20, average="macro")])
     with pytest.raises(ValueError, match="needs two classes"):
         bootstrap_f1(np.arange(30) % 3, [np.arange(30) % 3], "binary")
 

@@ -45,7 +45,11 @@ MAX_WORKERS = 8  # threads counting trials at once (at most the cores this proce
 
 def _encode(y_true: np.ndarray, y_preds: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
     """The labels seen anywhere (sorted), and every array as indices into them."""
-    labels = np.unique(np.concatenate([y_true, *y_preds]))
+    arrays = [y_true, *y_preds]
+    if len({a.dtype.kind for a in arrays}) > 1:  # 1 and "1" name the same class
+        arrays = [a.astype(str) for a in arrays]
+        y_true, y_preds = arrays[0], arrays[1:]
+    labels = np.unique(np.concatenate(arrays))
     return labels, np.searchsorted(labels, y_true), [np.searchsorted(labels, p) for p in y_preds]
 
 
