@@ -130,3 +130,23 @@ def test_top_k_tied_sentence():
                                     "among them is noise")
     assert tie_sentence({**header, "tied_with_best_count": 1, "tied_ranks": [1]}) is None
     assert tie_sentence(None) is None
+
+
+def test_the_f1_bars_get_error_bars_from_the_intervals():
+    import matplotlib.pyplot as plt
+    from matplotlib.container import ErrorbarContainer
+
+    from hpsweep.report import plots
+
+    y = np.arange(200) % 3
+    preds = {"a": _noisy(y, 0.9, 3, 1), "b": _noisy(y, 0.7, 3, 2)}
+    rows = rank_rows([_row(i, f1_score(y, p, average="macro"), k) for i, (k, p) in enumerate(preds.items(), 1)]
+                     + [_row(3, 0.5, "c")])
+    result = assess(rows, {k: (y, p) for k, p in preds.items()}, resamples=200)
+    fig = plots.f1_by_combination_figure(result.rows)
+    (ax,) = fig.axes
+    assert any(isinstance(c, ErrorbarContainer) for c in ax.containers) and "95% bootstrap interval" in ax.get_xlabel()
+    plt.close(fig)
+    fig = plots.f1_by_combination_figure(rows)  # no predictions: plain bars
+    assert not any(isinstance(c, ErrorbarContainer) for c in fig.axes[0].containers)
+    plt.close(fig)

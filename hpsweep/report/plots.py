@@ -72,7 +72,7 @@ def f1_by_combination_figure(rows: Sequence[TrialRow]) -> Figure:
                    error_kw={"elinewidth": 0.8, "capsize": 2, "ecolor": "#333"})
     ax.set_yticks(range(len(shown)), [_label(r) for r in shown], fontsize=7)
     ax.set_xlim(0, 1)
-    ax.set_xlabel("validation F1" + (" (bars: 95% bootstrap interval)" if any(r.significance for r in shown) else ""))
+    ax.set_xlabel("validation F1" + (" (whiskers: 95% bootstrap interval)" if any(r.significance for r in shown) else ""))
     ax.bar_label(bars, fmt="%.3f", fontsize=6, padding=2)
     failed = len(rows) - len(done)
     ax.set_title(f"F1 per combination (top {len(shown)} of {len(rows)} trials"
