@@ -150,3 +150,27 @@ def test_the_f1_bars_get_error_bars_from_the_intervals():
     fig = plots.f1_by_combination_figure(rows)  # no predictions: plain bars
     assert not any(isinstance(c, ErrorbarContainer) for c in fig.axes[0].containers)
     plt.close(fig)
+
+
+def test_the_tie_break_picks_among_the_tied_trials_only():
+    from hpsweep.config import SweepConfig, parse_tie_break
+    from hpsweep.model import Significance
+    from hpsweep.report.assemble import pick_champion
+
+    def row(index, f1, hidden, lr, tied):
+        sig = Significance(f1 - 0.01, f1 + 0.01, 0.0, tied, f1)
+        return TrialRow(index=index, hparams={"hidden": hidden, "lr": lr}, state=TrialState.FINISHED,
+                        run_id=f"r{index}", f1=f1, significance=sig)
+
+    ranked = rank_rows([row(1, 0.95, 64, 0.1, True), row(2, 0.949, 16, 0.01, True), row(3, 0.948, 16, 0.1, True),
+                        row(4, 0.90, 8, 0.1, False)])
+    assert pick_champion(ranked, None) == (ranked[0], "highest F1")
+    pick, rule = pick_champion(ranked, "hidden:asc,lr:desc")
+    assert pick.index == 3 and rule == ("tie-break hidden:asc,lr:desc among the 3 trials statistically tied with "
+                                        "the best (ranks 1, 2, 3): rank 3")  # never the untied smaller model
+    assert pick_champion(ranked, "hidden:desc")[0].index == 1
+    alone = rank_rows([row(1, 0.95, 64, 0.1, True), row(4, 0.90, 8, 0.1, False)])
+    assert pick_champion(alone, "hidden:asc")[1].startswith("highest F1 (tie-break hidden:asc unused")
+    assert parse_tie_break(" hidden:asc , lr:desc") == [("hidden", False), ("lr", True)]
+    with pytest.raises(ValueError, match="write hparam:asc or hparam:desc"):
+        SweepConfig(combinations="c", spec="s", train="t", val="v", tie_break="hidden:up")
