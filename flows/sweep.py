@@ -17,7 +17,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from prefect.utilities.annotations import quote
 
-from hpsweep.config import SweepConfig, SweepOverrides, build_config
+from hpsweep.config import SweepConfig, SweepOverrides, build_config, tie_break_problems
 from hpsweep.engine import sweep as engine
 from hpsweep.engine.callbacks import LogCallback, SweepCallback, observers
 from hpsweep.engine.controller import RetryPolicy, SweepEngine
@@ -27,7 +27,7 @@ from hpsweep.engine.pool import PoolLauncher, check_pool_limit
 from hpsweep.engine.quota import REPOSSESS_EVERY_S, SLOT_LEASE_S, ensure_quota_limit
 from hpsweep.engine.quota import hold_slot as hold_quota_slot
 from hpsweep.engine.stopping import StopRequest, stop_on_signals
-from hpsweep.inputs import load_inputs
+from hpsweep.inputs import SweepInputError, load_inputs
 from hpsweep.model import AttemptResult, TrialJob, TrialRow
 from hpsweep.plan import describe_reuse
 from hpsweep.report.cells import short_text
@@ -54,9 +54,17 @@ class PrefectArtifacts(SweepCallback):
                                  description=f"Leaderboard of sweep {header['sweep_id']}")
         shown = lambda v: v if isinstance(v, (int, float)) else short_text(v)  # noqa: E731 - numbers stay numbers
         create_table_artifact([{"rank": r.rank, **{k: shown(v) for k, v in r.hparams.items()},
-                                "f1": r.leaderboard()["f1"], "status": r.report_status, "attempts": r.attempt,
+                                "f1": r.leaderboard()["f1"], **_interval(r), "status": r.report_status,
+                                "attempts": r.attempt,
                                 "reason": short_text(r.reason or "") if not r.has_f1 else ""} for r in rows],
                               key=f"{key}-table", description=f"Trials of sweep {header['sweep_id']}")
+
+
+def _interval(row: TrialRow) -> dict[str, str]:
+    """The F1's 95% bootstrap interval and the tie mark (≈: statistically tied with the best)."""
+    sig = row.significance
+    return {"f1_95%_ci": f"[{sig.ci_low:.4f}, {sig.ci_high:.4f}]" if sig else "",
+            "tied_with_best": "≈" if sig and sig.tied_with_best else ""}
 
 
 @flow(name="sweep", persist_result=False, log_prints=True)
@@ -88,6 +96,9 @@ def _sweep(config: SweepConfig, stop: StopRequest, started: engine.StartedSweep 
     local = config.launcher == "local"
     host = host_gpus() if local else ()
     inputs = load_inputs(config.combinations, config.spec, config.train, config.val, config.quota, host)
+    problems = tie_break_problems(config, list(inputs.combinations[0]))
+    if problems:
+        raise SweepInputError(problems)
     store = SweepStore.at(resolve_tracking_uri(config.tracking_uri))
     gpus = inputs.spec.resources.gpus
     if local:

@@ -25,7 +25,7 @@ from rich.logging import RichHandler
 from rich.markup import escape
 from rich.table import Table
 
-from hpsweep.config import SweepConfig, build_config, read_params
+from hpsweep.config import SweepConfig, build_config, read_params, tie_break_problems
 from hpsweep.engine.gpus import host_gpus
 from hpsweep.inputs import Problem, SweepInputError, SweepInputs, load_inputs, resolved_interpreter
 from hpsweep.limits import cut_at_word
@@ -69,7 +69,8 @@ def _run_flags(parser: argparse.ArgumentParser) -> None:
                       ("trial_deployment", str), ("quota_limit", str), ("grace_s", float),
                       ("max_failures", int), ("early_stop", str), ("early_stop_metric", str),
                       ("early_stop_min_steps", int), ("early_stop_reduction_factor", int),
-                      ("early_stop_max_steps", int), ("early_stop_grace_s", float)):
+                      ("early_stop_max_steps", int), ("early_stop_grace_s", float),
+                      ("tie_break", str)):
         parser.add_argument(f"--{name.replace('_', '-')}", type=typ, default=None, dest=name,
                             help=f"{fields[name].description} (default: params.yaml's sweep.{name}"
                                  f"{'' if fields[name].is_required() else f', else {fields[name].default}'})")
@@ -213,12 +214,18 @@ def _print_summary(result: dict[str, Any]) -> None:
     table.add_column("rank", justify="right")
     table.add_column("hparams")
     table.add_column("F1", justify="right")
+    intervals = any(r.get("f1_ci_low") is not None for r in result["top"])
+    if intervals:
+        table.add_column("95% CI", justify="right")
     table.add_column("status")
     for r in result["top"]:
+        ci = [f"[{r['f1_ci_low']:.4f}, {r['f1_ci_high']:.4f}]" if r.get("f1_ci_low") is not None else ""]
         table.add_row(str(r["rank"]), " ".join(f"{k}={v}" for k, v in r["hparams"].items()),
-                      "—" if r["f1"] is None else f"{r['f1']:.4f}", r["status"])
+                      "—" if r["f1"] is None else f"{r['f1']:.4f}", *(ci if intervals else []), r["status"])
     out = stdout_console()
     out.print(table)
+    if result.get("tie_note"):  # the leaderboard's order among the top is noise: say so first
+        out.print(result["tie_note"], markup=False, highlight=False, soft_wrap=True)
     c = result["counts"]
     stopped = f"{c['stopped']} stopped early (a rerun resumes them), " if c.get("stopped") else ""
     out.print(f"{c['total']} trials: {c['finished']} trained, {c['reused']} reused (already FINISHED), {stopped}"
@@ -238,6 +245,8 @@ def _print_summary(result: dict[str, Any]) -> None:
                   soft_wrap=True)
     if result.get("champion_note"):
         out.print(result["champion_note"], markup=False, highlight=False, soft_wrap=True)
+    if result.get("champion_rule") and result["champion_rule"] != "highest F1":
+        out.print(f"champion picked by: {result['champion_rule']}", markup=False, highlight=False, soft_wrap=True)
     from hpsweep.store.uri import ui_url
 
     uri = result["tracking_uri"]
@@ -260,6 +269,9 @@ def _validated(args: argparse.Namespace) -> tuple[SweepConfig, SweepInputs]:
     # Trials on this host cannot use more GPUs than it has (a CPU host, or a pool: no check).
     host = host_gpus() if config.launcher == "local" else ()
     inputs = load_inputs(config.combinations, config.spec, config.train, config.val, config.quota, host)
+    problems = tie_break_problems(config, list(inputs.combinations[0]))
+    if problems:
+        raise SweepInputError(problems)
     if config.launcher == "pool":
         from hpsweep.engine.pool import check_pool_limit
 

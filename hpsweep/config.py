@@ -6,7 +6,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
 from hpsweep.engine.early_stop import EarlyStopRule
 
@@ -72,6 +72,36 @@ class SweepConfig(BaseModel):
                                       "checkpoint and exit before it gets SIGTERM, then SIGKILL")
     quota_limit: str = Field(default=DEFAULT_LIMIT_NAME, description="name of the Prefect global "
                                                                       "concurrency limit that holds the quota")
+    tie_break: str | None = Field(default=None, description="pick the champion among the trials statistically "
+                                  "tied with the best by these hparams, e.g. 'hidden:asc,lr:desc' (the smallest "
+                                  "model first); default: the highest F1")
+
+    @field_validator("tie_break")
+    @classmethod
+    def _a_rule(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_tie_break(value)
+        return value
+
+
+def parse_tie_break(rule: str) -> list[tuple[str, bool]]:
+    """``"hidden:asc,lr:desc"`` as [(hparam, descending)]; ValueError says what is wrong."""
+    keys: list[tuple[str, bool]] = []
+    for part in rule.split(","):
+        key, sep, order = part.strip().rpartition(":")
+        if not sep or not key.strip() or order.strip() not in ("asc", "desc"):
+            raise ValueError(f"tie-break {part.strip()!r}: write hparam:asc or hparam:desc, comma-separated "
+                             "(e.g. 'hidden:asc,lr:desc')")
+        keys.append((key.strip(), order.strip() == "desc"))
+    return keys
+
+
+def tie_break_problems(config: SweepConfig, hparam_keys: list[str]) -> list[Problem]:
+    """A tie-break naming an hparam the combinations do not have (it could never pick)."""
+    if config.tie_break is None:
+        return []
+    return [Problem("--tie-break", f"no hparam {key!r} in the combinations (they have: {', '.join(hparam_keys)})")
+            for key, _ in parse_tie_break(config.tie_break) if key not in hparam_keys]
 
 
 # What a `sweep` flow run is given: any of SweepConfig's fields (same names and meanings), the rest

@@ -22,7 +22,7 @@ import typing
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Callable, Union
+from typing import Annotated, Any, Callable, Literal, Union
 
 import yaml
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema,
@@ -340,6 +340,25 @@ class Resources(BaseModel):
     gpus: int = Field(default=1, ge=1, le=MAX_GPUS_PER_TRIAL, description="GPUs (quota slots) one trial occupies")
 
 
+class MetricSpec(BaseModel):
+    """How hpsweep recomputes F1 from a trial's validation predictions, and how it bootstraps it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    # macro: what both reference trainers compute (their `settings.average` default).
+    average: Literal["binary", "macro", "micro", "weighted"] = Field(
+        default="macro", description="how F1 averages over classes (as scikit-learn's f1_score)")
+    pos_label: Any = Field(default=1, description="the positive class for average: binary (an int or a string)")
+    resamples: int = Field(default=2000, ge=100, le=100_000, description="bootstrap resamples (B)")
+    seed: int = Field(default=0, ge=0, description="the bootstrap's seed: the same seed, the same intervals")
+
+    @field_validator("pos_label")
+    @classmethod
+    def _a_label(cls, value: Any) -> Any:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ValueError(f"expected a class label (an integer or a string), got {shown(value)}")
+        return value
+
+
 class ModelSpec(BaseModel):
     """The model spec file (a public contract: keys may be added, never renamed)."""
 
@@ -349,6 +368,9 @@ class ModelSpec(BaseModel):
     settings: dict[str, Scalar] = Field(default_factory=dict)
     resources: Resources = Field(default_factory=Resources)
     time_limit_s: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    # How the report judges the trials' F1s, not what a trial computes: excluded from the dump (the
+    # spec hash and trial keys), so changing it re-judges finished trials instead of retraining them.
+    metric: MetricSpec = Field(default_factory=MetricSpec, exclude=True)
     # A planning hint, not part of what a trial computes: excluded from the dump, so from the spec hash
     # and trial keys (changing the guess never retrains anything).
     expected_duration_s: float | None = Field(default=None, gt=0, allow_inf_nan=False, exclude=True,

@@ -175,6 +175,22 @@ class AttemptResult:
     outcome: Outcome
 
 
+# A trainer's F1 further than this from the F1 its own predictions give is flagged (tag and footnote).
+F1_MISMATCH_TOLERANCE = 1e-9
+
+
+@dataclass(frozen=True)
+class Significance:
+    """A trial's F1 against the sweep's leader, from a paired bootstrap over its validation predictions
+    (``hpsweep.report.significance``)."""
+
+    ci_low: float  # the F1's percentile interval (95%)
+    ci_high: float
+    p_beats_best: float  # share of resamples where its F1 beats the leader's
+    tied_with_best: bool  # the interval of its paired difference to the leader holds 0
+    recomputed_f1: float  # F1 recomputed from the predictions with the spec's metric definition
+
+
 @dataclass(frozen=True)
 class TrialRow:
     """One trial as every view shows it: the report, `hpsweep status`, plan.json, the Prefect table.
@@ -201,10 +217,17 @@ class TrialRow:
     dispatch_position: int | None = None
     reused_run_id: str | None = None
     stopped_at_step: int | None = None  # STOPPED: the step the early-stopping rule stopped it at
+    significance: Significance | None = None  # set by the report when the trial logged its predictions
 
     @property
     def has_f1(self) -> bool:
         return self.state.has_f1 and self.f1 is not None
+
+    @property
+    def f1_mismatch(self) -> bool:
+        """The trainer's F1 is not what its own predictions give (the trainer's F1 stays the ranked one)."""
+        return (self.has_f1 and self.significance is not None
+                and abs(self.significance.recomputed_f1 - self.f1) > F1_MISMATCH_TOLERANCE)  # type: ignore[operator]
 
     @property
     def report_status(self) -> str:
@@ -219,6 +242,11 @@ class TrialRow:
                                "status": self.report_status,
                                "run_id": self.run_id, "run_name": self.run_name, "attempts": self.attempt,
                                "duration_s": self.duration_s}
+        sig = self.significance
+        row.update({"f1_ci_low": sig.ci_low if sig else None, "f1_ci_high": sig.ci_high if sig else None,
+                    "p_beats_best": sig.p_beats_best if sig else None,
+                    "tied_with_best": sig.tied_with_best if sig else None,
+                    "f1_recomputed": sig.recomputed_f1 if sig else None})
         if not self.has_f1:
             row["reason"] = self.reason or f"run ended {self.state.value}"
         if self.state is TrialState.STOPPED:  # its best reported value: shown, ranked below every FINISHED

@@ -31,6 +31,7 @@ class MemRun:
     artifacts: dict[str, str] = field(default_factory=dict)
     has_model: bool = True
     status: str = "RUNNING"  # the parent run's MLflow status
+    predictions: tuple[Any, Any] | None = None  # (y_true, y_pred): the trial's predictions/ artifact
 
 
 class InMemoryStore:
@@ -148,6 +149,18 @@ class InMemoryStore:
             return RegisteredVersion(version, run_id, moved_by=dict(moved_by))
         return RegisteredVersion(version, run_id, run.row.f1 if run.row else None, run.tags.get("hpsweep.data_version"),
                                  run.sweep_id, dict(moved_by))
+
+    def load_predictions(self, run_id: str) -> tuple[Any, Any] | None:
+        return self.runs[run_id].predictions if run_id in self.runs else None
+
+    def log_significance(self, parent_run_id: str, intervals: dict[str, tuple[float, float]],
+                         mismatches: dict[str, str], tied_with_best_count: int) -> None:
+        for run_id, (low, high) in intervals.items():
+            self.log_metric(run_id, "f1_ci_low", 0, low)
+            self.log_metric(run_id, "f1_ci_high", 0, high)
+            if run_id in mismatches:
+                self.runs[run_id].tags["hpsweep.warning.f1_mismatch"] = mismatches[run_id]
+        self.log_metric(parent_run_id, "tied_with_best_count", 0, tied_with_best_count)
 
     def log_report_text(self, parent_run_id: str, name: str, text: str) -> None:
         self.runs[parent_run_id].artifacts[f"report/{name}"] = text

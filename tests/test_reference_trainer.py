@@ -151,3 +151,16 @@ def test_epoch_sleep_setting_slows_each_epoch(data: DataRefs, tmp_path: Path,
     train(FAST, data, make_ctx(tmp_path, rec, epochs=2, epoch_sleep_s=0.2))
     assert clock.slept == [0.2, 0.2]  # a pause after each epoch, 0.4 s in all
     assert [step for step, _ in rec.steps] == [1, 2]
+
+
+def test_the_reference_trainer_logs_the_predictions_its_f1_comes_from(data: DataRefs, tmp_path: Path) -> None:
+    from hpsweep.report.significance import f1_from_labels
+    from trainer.prepare import load_xy
+
+    logged: list[tuple[Any, Any]] = []
+    ctx = make_ctx(tmp_path, Recorder())
+    ctx._predictions = lambda y_true, y_pred: logged.append((y_true, y_pred))
+    f1 = train(FAST, data, ctx)
+    ((y_true, y_pred),) = logged
+    assert list(y_true) == list(load_xy(data.val)[1]) and len(y_pred) == len(y_true)
+    assert f1_from_labels(y_true, y_pred, "macro") == pytest.approx(f1, abs=1e-12)  # the spec's default metric

@@ -72,7 +72,8 @@ def test_report_files_agree(tmp_path):
     assert data["sweep_id"] == "s-1" and data["counts"] == {"total": 3, "finished": 2, "failed": 1, "reused": 0}
     assert [r["f1"] for r in data["rows"]] == [0.75, 0.25, None]
     csv = paths["leaderboard.csv"].read_text().splitlines()
-    assert csv[0] == "rank,lr,act,f1,status,reason,attempts,duration_s,run_id"
+    assert csv[0] == ("rank,lr,act,f1,status,reason,attempts,duration_s,run_id,"
+                      "f1_ci_low,f1_ci_high,p_beats_best,tied_with_best")  # no predictions: empty intervals
     assert csv[1].startswith("1,0.01,tanh,0.75,FINISHED")
     md = paths["leaderboard.md"].read_text()
     assert md.index("0.7500") < md.index("0.2500") < md.index(r"outside \[0, 1\]")  # [ ] escaped: never a link
@@ -293,7 +294,8 @@ def test_learning_curves_of_the_top_trials_come_from_their_metric_history(store,
     data = json.loads(paths["leaderboard.json"].read_text())
     assert set(data) == {"sweep_id", "name", "counts", "rows"}
     assert set(data["rows"][0]) == {"rank", "hparams", "f1", "status", "run_id", "run_name", "attempts",
-                                    "duration_s"}
+                                    "duration_s", "f1_ci_low", "f1_ci_high", "p_beats_best", "tied_with_best",
+                                    "f1_recomputed"}  # issue 18's keys: null without predictions
 
 
 def test_a_resumed_trial_that_logged_an_epoch_twice_keeps_the_latest_value(store):
@@ -345,7 +347,9 @@ def test_the_report_lists_every_combination_reused_and_never_started_included(tm
                                                           (2, TrialState.FAILED, 3), (4, TrialState.NEVER_STARTED, 4)]
     assert (rows[0].run_id, rows[0].f1, rows[0].hparams) == (old, 0.95, {"i": 3})  # the original run, this sweep's row
     assert board(rows)[3] == {"rank": 4, "hparams": {"i": 4}, "f1": None, "status": "FAILED", "run_id": "",
-                              "run_name": "i=4", "attempts": 0, "duration_s": None, "reason": NEVER_STARTED_REASON}
+                              "run_name": "i=4", "attempts": 0, "duration_s": None, "reason": NEVER_STARTED_REASON,
+                              "f1_ci_low": None, "f1_ci_high": None, "p_beats_best": None, "tied_with_best": None,
+                              "f1_recomputed": None}
     assert header["champion"] == f"models:/demo@champion (version 1, run {old})" and store.champions["demo"] == ("1", old)
     assert header["champion_moved"] is True and header["champion_note"].startswith("champion registered: the first")
     assert header["tracking_uri"] == "http://***@mlflow:5000" and (header["spec_hash"], header["quota"]) == ("h", 2)

@@ -164,3 +164,15 @@ def test_a_killed_torch_trial_resumes_from_its_checkpoint_to_the_same_f1(served_
     assert {m.step for m in curve} == set(range(1, epochs + 1))
     log = Path(client.download_artifacts(row["run_id"], "trial.log", str(tmp_path)))
     assert f"resumed from epoch {killed_after}" in log.read_text()
+
+
+def test_the_torch_trainer_logs_the_predictions_its_f1_comes_from(demo_data: Path, tmp_path: Path):
+    from hpsweep.report.significance import f1_from_labels
+
+    logged: list = []
+    ctx = TrainContext(checkpoint_dir=tmp_path / "checkpoints", model_dir=tmp_path / "model",
+                       settings={"epochs": 1, "seed": 0}, _predictions=lambda t, p: logged.append((t, p)))
+    f1 = torch_reference.train({"hidden": 16}, DataRefs(demo_data / "train.csv", demo_data / "val.csv"), ctx)
+    ((y_true, y_pred),) = logged
+    assert len(y_true) == len(y_pred) > 0
+    assert f1_from_labels(y_true, y_pred, "macro") == pytest.approx(f1, abs=1e-12)

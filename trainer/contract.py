@@ -24,6 +24,10 @@ ENV_VAL_DATA = "HPSWEEP_VAL_DATA"
 ENV_CHECKPOINT_DIR = "HPSWEEP_CHECKPOINT_DIR"  # write checkpoints here; resume from what is found
 ENV_MODEL_DIR = "HPSWEEP_MODEL_DIR"  # files left here become the trial's `model` artifact
 ENV_RESULT = "HPSWEEP_RESULT"  # path where the trainer writes {"f1": <float>}
+# Optional: where the trainer may write its validation predictions, one line per validation example in
+# the same order every trial: CSV with the header `y_true,y_pred`, or a NumPy .npz (numpy.savez) with
+# arrays `y_true` and `y_pred` (told apart by content). hpsweep then gives the F1 an interval.
+ENV_PREDICTIONS = "HPSWEEP_PREDICTIONS"
 ENV_DEVICE = "HPSWEEP_DEVICE"  # "cuda" when the trial was given GPUs (see CUDA_VISIBLE_DEVICES), else "cpu"
 # A path that exists once the sweep's early-stopping rule stopped the trial (it holds the reason): save a
 # checkpoint and exit; a trainer still running a grace period later gets SIGTERM, then SIGKILL.
@@ -42,7 +46,8 @@ class DataRefs:
 class TrainContext:
     """What hpsweep offers a running Python trainer.
 
-    ``report(step, **metrics)`` logs step metrics to the trial's MLflow run.
+    ``report(step, **metrics)`` logs step metrics to the trial's MLflow run; ``log_predictions(y_true,
+y_pred)`` hands over the validation predictions (optional).
     ``checkpoint_dir`` survives a retry of the same trial; ``resume_from`` is the newest
     checkpoint file found there (None on a fresh start): a trainer that resumes from it
     loses at most one checkpoint interval when its process dies. ``should_stop()`` turns True
@@ -58,6 +63,7 @@ class TrainContext:
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger("hpsweep.trainer"))
     _reporter: Callable[[int, dict[str, float]], None] | None = None
     stop_file: Path | None = None  # appears when the trial should stop (``should_stop``)
+    _predictions: Callable[[Any, Any], None] | None = None
 
     @property
     def resume_from(self) -> Path | None:
@@ -75,6 +81,14 @@ class TrainContext:
     def save_model(self, model: Any, trusted_types: Sequence[str] = ()) -> Path:
         """Save ``model`` as the trial's MLflow model (see ``save_model``); returns ``model_dir``."""
         return save_model(model, self.model_dir, trusted_types)
+
+    def log_predictions(self, y_true: Any, y_pred: Any) -> None:
+        """Hand over the validation set's labels and this trial's predicted labels (array-likes of class
+        labels, one per validation example, in the same order for every trial), once, before returning.
+        Optional: hpsweep recomputes the F1 from them and gives it a confidence interval, comparing the
+        trials example by example. A length mismatch raises ValueError."""
+        if self._predictions is not None:
+            self._predictions(y_true, y_pred)
 
 
 class TrainFunction(Protocol):

@@ -64,6 +64,8 @@ def train(hparams: dict[str, Any], data: DataRefs, ctx: TrainContext) -> float:
 
     if f1 is None:  # resumed from a checkpoint of the final epoch: nothing left to train
         f1 = float(f1_score(y_val, model.predict(X_val), average=average))
+    # The F1 above is from these very predictions: hpsweep bootstraps them for the F1's interval.
+    ctx.log_predictions(y_val, model.predict(X_val))
     ctx.save_model(model)
     return f1
 

@@ -111,6 +111,8 @@ def train(hparams: dict[str, Any], data: DataRefs, ctx: TrainContext) -> float:
 
     if f1 is None:  # resumed from a checkpoint of the final epoch: nothing left to train
         f1 = _f1(model, X_val_t, y_val, amp_dtype, average)
+    # The F1 above is from these very predictions: hpsweep bootstraps them for the F1's interval.
+    ctx.log_predictions(y_val, _predict(model, X_val_t, amp_dtype))
     ctx.save_model(model)  # CPU weights: the champion loads on machines without a GPU
     return f1
 
@@ -155,12 +157,15 @@ def _describe(device: torch.device) -> str:
 
 
 @torch.no_grad()
-def _f1(model: nn.Module, X_val: torch.Tensor, y_val: np.ndarray, amp_dtype: torch.dtype | None,
-        average: str) -> float:
+def _predict(model: nn.Module, X_val: torch.Tensor, amp_dtype: torch.dtype | None) -> np.ndarray:
     model.eval()
     with torch.autocast(X_val.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        pred = model(X_val).argmax(dim=1).cpu().numpy()
-    return float(f1_score(y_val, pred, average=average))
+        return model(X_val).argmax(dim=1).cpu().numpy()
+
+
+def _f1(model: nn.Module, X_val: torch.Tensor, y_val: np.ndarray, amp_dtype: torch.dtype | None,
+        average: str) -> float:
+    return float(f1_score(y_val, _predict(model, X_val, amp_dtype), average=average))
 
 
 def _resume(ctx: TrainContext, device: torch.device, model: nn.Module, optimizer: torch.optim.Optimizer,

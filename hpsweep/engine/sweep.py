@@ -27,13 +27,13 @@ from hpsweep.dvcdata import data_ref
 from hpsweep.engine.callbacks import Callbacks, SweepCallback
 from hpsweep.engine.controller import SweepRun
 from hpsweep.inputs import SweepInputError, SweepInputs, resolved_interpreter
-from hpsweep.model import HEARTBEAT_S, ZOMBIE_AFTER_S, PlannedTrial, TrialRow
+from hpsweep.model import HEARTBEAT_S, ZOMBIE_AFTER_S, PlannedTrial, TrialRow, TrialState
 from hpsweep.periodic import Periodic
 from hpsweep.report import assemble, folders
 from hpsweep.store import SweepStore, grants
 from hpsweep.store.runs import setting_params
 from hpsweep.store.tags import (TAG_DISPATCH, TAG_EARLY_STOP, TAG_GIT_COMMIT, TAG_GPUS_PER_TRIAL, TAG_INTERPRETER,
-                                TAG_QUOTA, TAG_SETTINGS, TAG_SPEC_HASH, TAG_STATUS)
+                                TAG_METRIC, TAG_QUOTA, TAG_SETTINGS, TAG_SPEC_HASH, TAG_STATUS, TAG_TIE_BREAK)
 from hpsweep.versions import code_manifest_tag, git_commit
 
 log = logging.getLogger("hpsweep")
@@ -109,7 +109,9 @@ def open_sweep(config: SweepConfig, inputs: SweepInputs, store: SweepStore, capa
         rule = early_stop_rule(config, dict(inputs.spec.settings))
         provenance = {**versions, TAG_GIT_COMMIT: git_commit(), TAG_QUOTA: str(config.quota),
                       TAG_SETTINGS: json.dumps(dict(inputs.spec.settings), sort_keys=True, default=str),
-                      TAG_GPUS_PER_TRIAL: str(inputs.spec.resources.gpus)}
+                      TAG_GPUS_PER_TRIAL: str(inputs.spec.resources.gpus),
+                      TAG_METRIC: json.dumps(inputs.spec.metric.model_dump(mode="json"), sort_keys=True),
+                      **({TAG_TIE_BREAK: config.tie_break} if config.tie_break else {})}
         if rule.enabled:  # the report's header names it and estimates the GPU-hours it saved
             provenance[TAG_EARLY_STOP] = json.dumps(asdict(rule), sort_keys=True)
         data_refs = {"train": data_ref(inputs.train).as_dict(), "val": data_ref(inputs.val).as_dict()}
@@ -236,6 +238,7 @@ def close_sweep(opened: OpenedSweep, store: SweepStore, report_dir: Path | None,
         rows, header, paths = assemble.build_report(store, meta, opened.trials, opened.reused, report_dir,
                                                     register=register, publish=_publisher(store, run.parent_run_id))
         summary = assemble.sweep_summary(header, rows, report_dir, paths)
+        _log_significance(store, run.parent_run_id, header, rows)
         best = next((r for r in rows if r.has_f1), None)
         # Every file written, leaderboard.json again: a publish that failed gets a second chance here.
         store.finish_parent_run(run.parent_run_id, summary["counts"], best.f1 if best else None,
@@ -250,6 +253,20 @@ def close_sweep(opened: OpenedSweep, store: SweepStore, report_dir: Path | None,
         summary["latest"] = str(latest) if latest else None
     Callbacks(list(callbacks)).emit("on_report", header, rows)
     return summary
+
+
+def _log_significance(store: SweepStore, parent_run_id: str, header: dict[str, Any], rows: list[TrialRow]) -> None:
+    """This sweep's trial runs get their F1 interval (and the warning tag when their F1 disagrees with
+    their predictions), the parent run the count tied with the best. Reused runs keep what their own
+    sweep logged: the same predictions, seed and resamples give them the same interval."""
+    significance = header.get("significance")
+    if significance is None:
+        return
+    own = [r for r in rows if r.state is TrialState.FINISHED and r.significance is not None]
+    mismatches = {r.run_id: f"the trainer reported F1 {r.f1!r}; its predictions give {r.significance.recomputed_f1!r} "
+                            f"(metric average={significance['average']})" for r in own if r.f1_mismatch}
+    store.log_significance(parent_run_id, {r.run_id: (r.significance.ci_low, r.significance.ci_high) for r in own},
+                           mismatches, significance["tied_with_best_count"])
 
 
 def _publisher(store: SweepStore, parent_run_id: str) -> assemble.Publish:

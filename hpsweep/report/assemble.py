@@ -11,6 +11,7 @@ import json
 from collections import Counter
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,8 +21,9 @@ from hpsweep.report.cells import short_text
 from hpsweep.report.leaderboard import (LEADERBOARD_JSON, counts, leaderboard_json, learning_curves, rank_rows,
                                         write_report)
 from hpsweep.store.registry import MLMODEL_FILE, RegisteredVersion, champion_uri
+from hpsweep.report import significance as stats
 from hpsweep.store.tags import (TAG_DATA_VERSION, TAG_EARLY_STOP, TAG_GIT_COMMIT, TAG_GPUS_PER_TRIAL,
-                                TAG_INTERRUPTED, TAG_QUOTA, TAG_SETTINGS, TAG_SPEC_HASH)
+                                TAG_INTERRUPTED, TAG_METRIC, TAG_QUOTA, TAG_SETTINGS, TAG_SPEC_HASH, TAG_TIE_BREAK)
 from hpsweep.store.uri import redact_uri
 
 if TYPE_CHECKING:
@@ -53,6 +55,7 @@ def sweep_meta(sweep_id: str, name: str, experiment_id: str, parent_run_id: str,
         "early_stop": describe_early_stop(_settings(provenance.get(TAG_EARLY_STOP))),
         "early_stop_max_steps": _settings(provenance.get(TAG_EARLY_STOP)).get("max_steps"),
         "gpus_per_trial": _int(provenance.get(TAG_GPUS_PER_TRIAL)),
+        "metric": _metric(provenance.get(TAG_METRIC)), "tie_break": provenance.get(TAG_TIE_BREAK),
         "champion": None, "champion_moved": False, "champion_note": None,
     }
 
@@ -102,6 +105,17 @@ def _settings(tag: str | None) -> dict[str, Any]:
     except ValueError:
         return {}
     return value if isinstance(value, dict) else {}
+
+
+def _metric(tag: str | None) -> dict[str, Any]:
+    """The spec's metric block the sweep ran with (the defaults for sweeps from before the tag)."""
+    from hpsweep.inputs import MetricSpec
+
+    given = _settings(tag)  # the same JSON-object reading
+    try:
+        return MetricSpec.model_validate(given).model_dump(mode="json")
+    except ValueError:
+        return MetricSpec().model_dump(mode="json")
 
 
 def reused_rows(trials: Sequence[PlannedTrial], reused: Mapping[str, TrialRow]) -> list[TrialRow]:
@@ -163,13 +177,71 @@ def _report(store: SweepStore, meta: dict[str, Any], trials: Sequence[PlannedTri
     rows = store.sweep_trials(meta["experiment_id"], meta["sweep_id"]) + reused_rows(trials, reused)
     ranked = rank_rows(rows + never_started(trials, rows, meta.get("interrupted"),
                                             meta.get("never_started_reason") or NEVER_STARTED_REASON))
-    best = next((r for r in ranked if r.has_f1), None)  # only ever a FINISHED (or reused) trial
+    ranked, significance = _significance(store, ranked, meta.get("metric") or _metric(None))
+    champion, rule = pick_champion(ranked, meta.get("tie_break"))  # only ever a FINISHED (or reused) trial
     used, saved = gpu_hours(ranked, meta.get("gpus_per_trial"), meta.get("early_stop_max_steps"))
-    header = {**meta, "gpu_hours_used": used, "gpu_hours_saved": saved, **settle(best)}
+    header = {**meta, "significance": significance, "champion_rule": rule, "gpu_hours_used": used,
+              "gpu_hours_saved": saved, **settle(champion)}
     if publish is not None:
         publish(LEADERBOARD_JSON, leaderboard_json(header, ranked))
     paths = write_report(report_dir, header, ranked, curves=_curves(store, ranked))
     return ranked, header, paths
+
+
+def _significance(store: SweepStore, ranked: list[TrialRow],
+                  metric: Mapping[str, Any]) -> tuple[list[TrialRow], dict[str, Any] | None]:
+    """The ranked rows with their F1 intervals, and the header's ``significance`` block (None when no
+    trial logged predictions), from the trials' stored predictions."""
+    with_f1 = [r for r in ranked if r.has_f1 and r.run_id]
+    predictions: dict[str, Any] = {}
+    if with_f1:
+        with ThreadPoolExecutor(max_workers=8) as pool:  # one artifact download per trial
+            for run_id, found in zip([r.run_id for r in with_f1],
+                                     pool.map(lambda r: _predictions(store, r.run_id), with_f1)):
+                if found is not None:
+                    predictions[run_id] = found
+    result = stats.assess(ranked, predictions, metric["average"], metric["pos_label"], metric["resamples"],
+                          metric["seed"])
+    if result.problem:
+        log.warning("report: no F1 intervals: %s", short_text(result.problem))
+    return result.rows, result.header
+
+
+def _predictions(store: SweepStore, run_id: str) -> Any:
+    try:
+        return store.load_predictions(run_id)
+    except Exception as e:  # noqa: BLE001 - an interval is not worth the report
+        log.warning("report: the predictions of run %s could not be read (%s): no interval for it", run_id,
+                    short_text(f"{type(e).__name__}: {e}"))
+        return None
+
+
+def pick_champion(ranked: Sequence[TrialRow], tie_break: str | None) -> tuple[TrialRow | None, str]:
+    """The row the champion rule considers, and which rule picked it, in words: the highest F1, or with
+    ``tie_break`` (``"hidden:asc,lr:desc"``) the first by those hparams among the trials statistically
+    tied with the best (the best alone when none is tied, or nothing could be compared)."""
+    from hpsweep.config import parse_tie_break
+
+    best = next((r for r in ranked if r.has_f1), None)
+    if best is None or not tie_break:
+        return best, "highest F1"
+    tied = [r for r in ranked if r.has_f1 and r.significance is not None and r.significance.tied_with_best]
+    if len(tied) < 2:
+        return best, f"highest F1 (tie-break {tie_break} unused: no trial is statistically tied with the best)"
+    keys = parse_tie_break(tie_break)
+    pick = min(tied, key=lambda r: (*(_order(r.hparams.get(k), desc) for k, desc in keys), r.rank or 0))
+    return pick, (f"tie-break {tie_break} among the {len(tied)} trials statistically tied with the best "
+                  f"(ranks {', '.join(str(r.rank) for r in tied)}): rank {pick.rank}")
+
+
+def _order(value: Any, descending: bool) -> tuple[int, Any]:
+    """A sort key for one hparam value: numbers by value (negated for desc), else text; missing last."""
+    if value is None:
+        return (2, 0)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (0, -value if descending else value)
+    text = str(value)
+    return (1, (*(-ord(c) for c in text), 1) if descending else text)  # 1: a prefix sorts after
 
 
 def _curves(store: SweepStore, ranked: Sequence[TrialRow]) -> dict[str, list[tuple[int, float]]] | None:
@@ -295,6 +367,7 @@ def sweep_summary(header: dict[str, Any], rows: Sequence[TrialRow], report_dir: 
     reasons = Counter(r.reason or f"run ended {r.state.value}" for r in rows  # a stopped trial did not fail
                       if not r.has_f1 and r.state is not TrialState.STOPPED)
     return {**header, "counts": counts(rows), "report_dir": str(report_dir),
+            "tie_note": stats.tie_sentence(header.get("significance")),
             "top": [r.leaderboard() for r in rows[:3]],
             "failure_reasons": [{"reason": reason, "trials": n} for reason, n in reasons.most_common()],
             "report_files": {name: str(path) for name, path in paths.items()}}

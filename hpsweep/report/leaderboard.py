@@ -31,6 +31,8 @@ PLOT_FILES = (F1_BY_COMBINATION, F1_BY_HPARAM, LEARNING_CURVES)
 LEADERBOARD_JSON, LEADERBOARD_CSV, LEADERBOARD_MD, BEST_JSON = ("leaderboard.json", "leaderboard.csv",
                                                                "leaderboard.md", "best.json")
 CURVE_METRIC = "val_f1"
+SIGNIFICANCE_KEYS = ("f1_ci_low", "f1_ci_high", "p_beats_best", "tied_with_best")  # null without predictions
+TIED, MISMATCH = "≈", "⚠"  # marks in the F1 cell: tied with the best; F1 disagrees with the predictions
 REASON_CHARS = 400  # a failure reason keeps more than a value: its end often names the cause
 
 Curves = dict[str, list[tuple[int, float]]]
@@ -82,11 +84,13 @@ def leaderboard_frame(rows: Sequence[TrialRow]) -> pd.DataFrame:
     board = [r.leaderboard() for r in rows]
     records = [
         [r["rank"], *(csv_cell(r["hparams"].get(k)) for k in keys), r["f1"], r["status"],
-         csv_cell(r.get("reason", ""), REASON_CHARS), r["attempts"], r["duration_s"], csv_cell(r["run_id"])]
+         csv_cell(r.get("reason", ""), REASON_CHARS), r["attempts"], r["duration_s"], csv_cell(r["run_id"]),
+         *(r[k] for k in SIGNIFICANCE_KEYS)]
         for r in board
     ]
     # Positional records: two keys that shorten to the same column name keep their own columns.
-    columns = ["rank", *(csv_cell(k) for k in keys), "f1", "status", "reason", "attempts", "duration_s", "run_id"]
+    columns = ["rank", *(csv_cell(k) for k in keys), "f1", "status", "reason", "attempts", "duration_s", "run_id",
+               *SIGNIFICANCE_KEYS]
     return pd.DataFrame.from_records(records, columns=columns)
 
 
@@ -112,6 +116,8 @@ def render_markdown(sweep: dict[str, Any], rows: Sequence[TrialRow], plot_name: 
         lines.append("- settings: " + ", ".join(md(f"{k}={short_text(v)}", code=True)
                                                for k, v in sorted(sweep["settings"].items())))
     lines += _champion_lines(sweep)
+    if sweep.get("champion_rule"):
+        lines.append(f"- champion picked by: {md(sweep['champion_rule'], REASON_CHARS)}")
     stopped = f", {c['stopped']} stopped early" if c.get("stopped") else ""
     lines.append(f"- trials: {c['total']} ({c['finished']} finished, {c['reused']} reused{stopped}, "
                  f"{c['failed']} failed)")
@@ -129,18 +135,45 @@ def render_markdown(sweep: dict[str, Any], rows: Sequence[TrialRow], plot_name: 
         lines += [f"{note}\n" for note in notes]
         lines += ["## Trials"]
     keys = _hparam_keys(rows)
-    lines += ["", "| rank | " + " | ".join(md(k) for k in keys) + " | F1 | status | attempts | duration | run |",
-              "|---:|" + "---|" * len(keys) + "---:|---|---:|---:|---|"]
-    for r in (row.leaderboard() for row in rows):
+    sig = sweep.get("significance")
+    if sig:
+        lines += ["", _significance_legend(sig)]
+    lines += ["", "| rank | " + " | ".join(md(k) for k in keys) + " | F1 |" + (" 95% CI |" if sig else "")
+              + " status | attempts | duration | run |",
+              "|---:|" + "---|" * len(keys) + "---:|" + ("---|" if sig else "") + "---|---:|---:|---|"]
+    leader = sig.get("leader_run_id") if sig else None
+    for row in rows:
+        r = row.leaderboard()
         hp = " | ".join(md(r["hparams"].get(k, "")) for k in keys)
         f1 = f"{r['f1']:.4f}" if r["f1"] is not None else "—"
+        f1 += f" {TIED}" if r["tied_with_best"] and r["run_id"] != leader else ""
+        f1 += f" {MISMATCH}" if row.f1_mismatch else ""
+        ci = (f" [{r['f1_ci_low']:.4f}, {r['f1_ci_high']:.4f}] |" if r["f1_ci_low"] is not None else " |") if sig else ""
         status = r["status"] + (f": {md(r['reason'], REASON_CHARS)}" if r.get("reason") else "")
         run = md((r["run_id"] or "")[:8], code=True) if r["run_id"] else ""
         if run and run_link:
             run = f"[{run}]({run_link(r['run_id'])})"
-        lines.append(f"| {r['rank']} | {hp} | {f1} | {status} | {r['attempts']} | {duration(r['duration_s'])} "
+        lines.append(f"| {r['rank']} | {hp} | {f1} |{ci} {status} | {r['attempts']} | {duration(r['duration_s'])} "
                      f"| {run} |")
+    mismatched = [r for r in rows if r.f1_mismatch]
+    if mismatched:
+        lines += ["", f"{MISMATCH} The trainer's F1 is not the F1 of its own predictions (metric average "
+                  f"{md(sig['average'])}); the trainer's is ranked: "
+                  + "; ".join(f"rank {r.rank}: reported {r.f1:.6f}, predictions give "
+                              f"{r.significance.recomputed_f1:.6f}" for r in mismatched[:20])  # type: ignore[union-attr]
+                  + (f"; and {len(mismatched) - 20} more" if len(mismatched) > 20 else "") + "."]
     return "\n".join(lines) + "\n"
+
+
+def _significance_legend(sig: dict[str, Any]) -> str:
+    """What the interval column and the marks mean, in one paragraph."""
+    from hpsweep.report.significance import tie_sentence
+
+    text = (f"95% CI: percentile interval of each F1 by {md(sig['method'])} over the {sig['validation_size']:,} "
+            f"validation examples (B={sig['resamples']}, seed {sig['seed']}, average {md(sig['average'])}); "
+            f"{TIED}: statistically tied with the best (the 95% interval of the paired difference holds 0).")
+    sentence = tie_sentence(sig)
+    return text + (f" **{md(sentence)}.**" if sentence else "")
 
 
 def duration(seconds: float | None) -> str:

@@ -72,11 +72,18 @@ def f1_by_combination_figure(rows: Sequence[TrialRow]) -> Figure:
         all_ax.set_title(f"all {len(done)} finished trials, best first", fontsize=9)
         all_ax.legend(fontsize=7, loc="lower left")
         all_ax.grid(alpha=0.3)
+    # Error bars: the F1's 95% bootstrap interval, where the trial logged its predictions.
+    xerr = [[max(0.0, r.f1 - r.significance.ci_low) if r.significance else 0.0 for r in shown],
+            [max(0.0, r.significance.ci_high - r.f1) if r.significance else 0.0 for r in shown]]
     bars = ax.barh(range(len(shown)), [r.f1 for r in shown],
-                   color=[BEST if i == len(shown) - 1 else OTHER for i in range(len(shown))])
+                   color=[BEST if i == len(shown) - 1 else OTHER for i in range(len(shown))],
+                   xerr=xerr if any(r.significance for r in shown) else None,
+                   error_kw={"elinewidth": 0.8, "capsize": 2, "ecolor": "#333"})
     ax.set_yticks(range(len(shown)), [_label(r) for r in shown], fontsize=7)
-    ax.set_xlim(low, max(r.f1 for r in shown))
-    ax.set_xlabel("validation F1")
+    whiskers = [r.significance for r in shown if r.significance]
+    ax.set_xlim(min([low, *(s.ci_low for s in whiskers)]),  # zoomed to the data, whiskers included
+                max([*(r.f1 for r in shown), *(s.ci_high for s in whiskers)]))
+    ax.set_xlabel("validation F1" + (" (whiskers: 95% bootstrap interval)" if whiskers else ""))
     labels = ax.bar_label(bars, fmt="%.3f", fontsize=7, padding=3)
     failed = len(rows) - len(done)
     ax.set_title(f"F1 per combination (top {len(shown)} of {len(rows)} trials"

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hpsweep import predictions
 from hpsweep.engine.outcome import result_json
 from hpsweep.runtime.datacheck import changed_reason, data_changes, version_read
 from hpsweep.runtime.durable import CheckpointSync, MetricsLogger, SystemMetrics, exit_when_dead, restore_checkpoints
@@ -111,6 +112,16 @@ class TrialPaths:
         """Written (with the reason) when the early-stopping rule stops the trial: HPSWEEP_STOP_FILE."""
         return self.root / "stop"
 
+    @property
+    def trainer_predictions(self) -> Path:
+        """Where a command trainer may write its predictions ($HPSWEEP_PREDICTIONS)."""
+        return self.root / predictions.TRAINER_FILE
+
+    @property
+    def predictions(self) -> Path:
+        """The predictions as stored (compressed .npz): the trial run's predictions/ artifact."""
+        return self.root / predictions.STORED_NAME
+
 
 def trial_env(req: TrialRequest) -> dict[str, str]:
     """The documented environment of a trial (the command trainer's contract)."""
@@ -122,6 +133,7 @@ def trial_env(req: TrialRequest) -> dict[str, str]:
         contract.ENV_CHECKPOINT_DIR: str(paths.checkpoints),
         contract.ENV_MODEL_DIR: str(paths.model),
         contract.ENV_RESULT: str(paths.result),
+        contract.ENV_PREDICTIONS: str(paths.trainer_predictions),
         contract.ENV_DEVICE: "cuda" if req.gpu_ids else "cpu",
         contract.ENV_STOP_FILE: str(paths.stop),
         "CUDA_VISIBLE_DEVICES": ",".join(str(g) for g in req.gpu_ids),
@@ -201,6 +213,8 @@ def _train_durably(req: TrialRequest, client: MlflowClient) -> dict[str, Any]:
                           "restoring checkpoints", deadline_s=600)
         if source:
             logging.info("restored checkpoints of run %s from the artifact store", source)
+    for stale in (paths.trainer_predictions, paths.predictions):  # an earlier attempt's are not this one's
+        stale.unlink(missing_ok=True)
     sync = CheckpointSync(client, req.run_id, paths.checkpoints, req.checkpoint_sync_s)
     metrics = MetricsLogger(client, req.run_id, journal=paths.metrics_journal)
     system = (SystemMetrics(metrics, req.system_metrics_s, req.gpu_ids, client, req.run_id)
@@ -224,12 +238,32 @@ def _train_durably(req: TrialRequest, client: MlflowClient) -> dict[str, Any]:
     if changed:  # its run (and checkpoints) carry the version it read, so no rerun resumes from them
         retrying(lambda: client.set_tag(req.run_id, TAG_DATA_VERSION, version_read(req.job, changed)),
                  "tagging the data the trial read", deadline_s=600)
-    if paths.model.is_dir() and any(paths.model.iterdir()) and "error" not in outcome \
-            and "refused" not in outcome and not outcome.get("exit_code"):
+    trained = "error" not in outcome and "refused" not in outcome and not outcome.get("exit_code")
+    if paths.model.is_dir() and any(paths.model.iterdir()) and trained:
         # Uploaded from the trial's own process: on a fleet, the files live only here.
         retrying(lambda: artifacts.upload_dir(client, req.run_id, paths.model, artifacts.MODEL_ARTIFACT_DIR),
                  "uploading the model", deadline_s=3600)
+    if trained and _stored_predictions(paths):
+        retrying(lambda: artifacts.upload_file(client, req.run_id, paths.predictions,
+                                               artifacts.PREDICTIONS_ARTIFACT_DIR),
+                 "uploading the predictions", deadline_s=3600)
     return outcome
+
+
+def _stored_predictions(paths: TrialPaths) -> bool:
+    """The trial's predictions compressed in ``paths.predictions`` (a Python trainer's are there
+    already; a command trainer's file is read and converted). Predictions that cannot be used are a
+    warning in the trial log: the trial's F1 still counts, the report shows no interval for it."""
+    if paths.predictions.is_file():
+        return True
+    if not paths.trainer_predictions.is_file():
+        return False
+    try:
+        predictions.save(paths.predictions, *predictions.load(paths.trainer_predictions))
+    except (predictions.PredictionsError, OSError) as e:
+        logging.warning("predictions in %s left out: %s", contract.ENV_PREDICTIONS, e)
+        return False
+    return True
 
 
 def _take_back_run(client: MlflowClient, run_id: str) -> None:
@@ -262,6 +296,7 @@ def _run_entrypoint(req: TrialRequest, metrics: MetricsLogger) -> dict[str, Any]
         settings=dict(req.job.settings),
         _reporter=metrics.log,
         stop_file=paths.stop,
+        _predictions=lambda y_true, y_pred: predictions.save(paths.predictions, y_true, y_pred),
     )
     data = contract.DataRefs(Path(req.train), Path(req.val))
     f1 = train(dict(req.job.hparams), data, ctx)

@@ -12,6 +12,7 @@ swap in ``tests/memstore.py``'s in-memory implementation of the same methods.
 from __future__ import annotations
 
 import functools
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -19,7 +20,9 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
 from hpsweep.model import Hparams, Outcome, TrialRow
-from hpsweep.store import registry, runs
+from hpsweep import predictions
+from hpsweep.predictions import Predictions
+from hpsweep.store import artifacts, registry, runs
 from hpsweep.store.filters import quote
 from hpsweep.store.registry import (RegisteredVersion, champion, champion_uri, has_model, register_champion,
                                     version_of)
@@ -144,6 +147,27 @@ class SweepStore:
     @_patient
     def metric_history(self, run_id: str, metric: str) -> list[tuple[int, float]]:
         return runs.metric_history(self.client, run_id, metric)
+
+    @_patient
+    def load_predictions(self, run_id: str) -> Predictions | None:
+        """The trial's validation predictions (``hpsweep.predictions``); None when it logged none,
+        or none that can be read (a damaged file is not worth the report)."""
+        with tempfile.TemporaryDirectory(prefix="hpsweep-predictions-") as tmp:
+            path = artifacts.download_predictions(self.client, run_id, Path(tmp))
+            if path is None:
+                return None
+            try:
+                return predictions.load(path)
+            except predictions.PredictionsError:
+                return None
+
+    @_patient
+    def log_significance(self, parent_run_id: str, intervals: dict[str, tuple[float, float]],
+                         mismatches: dict[str, str], tied_with_best_count: int) -> None:
+        """The report's statistics into MLflow: ``f1_ci_low``/``f1_ci_high`` on each trial run
+        (run id → interval), the F1 warning tag on each run in ``mismatches`` (run id → why), and
+        ``tied_with_best_count`` on the parent run."""
+        runs.log_significance(self.client, parent_run_id, intervals, mismatches, tied_with_best_count)
 
     @_patient
     def load_plan(self, parent_run_id: str) -> list[TrialRow] | None:

@@ -12,10 +12,12 @@ from pathlib import Path
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
+from hpsweep.predictions import STORED_NAME
 from hpsweep.store.runs import checkpoint_runs
 
 CHECKPOINT_ARTIFACT_DIR = "checkpoints"
 MODEL_ARTIFACT_DIR = "model"
+PREDICTIONS_ARTIFACT_DIR = "predictions"  # the trial's validation predictions (hpsweep.predictions)
 
 
 def log_metrics(client: MlflowClient, run_id: str, metrics: list[Metric]) -> None:
@@ -39,6 +41,14 @@ def has_files(client: MlflowClient, run_id: str, artifact_dir: str) -> bool:
 def download_dir(client: MlflowClient, run_id: str, artifact_dir: str, dest: Path) -> Path:
     """The run's ``artifact_dir`` copied under ``dest``; returns the local copy (``dest/artifact_dir``)."""
     return Path(client.download_artifacts(run_id, artifact_dir, str(dest)))
+
+
+def download_predictions(client: MlflowClient, run_id: str, dest: Path) -> Path | None:
+    """The run's stored predictions copied under ``dest``; None when the trial logged none."""
+    stored = f"{PREDICTIONS_ARTIFACT_DIR}/{STORED_NAME}"
+    if not any(f.path == stored for f in client.list_artifacts(run_id, PREDICTIONS_ARTIFACT_DIR)):
+        return None
+    return Path(client.download_artifacts(run_id, stored, str(dest)))
 
 
 def checkpoint_source(client: MlflowClient, experiment_id: str, trial_key: str) -> str | None:

@@ -21,10 +21,10 @@ from hpsweep.identity import identity_is_dead, process_identity
 from hpsweep.model import (HEARTBEAT_S, Hparams, IllegalTransition, Outcome, TrialRow, TrialState, check_transition,
                            run_name)
 from hpsweep.store.filters import all_of, run_id_in, tag_equals
-from hpsweep.store.tags import (EXPERIMENT_KIND, RUNS_VIEW, TAG_ATTEMPT, TAG_ATTEMPT_LOG, TAG_DURATION, TAG_HEARTBEAT,
-                                TAG_HEARTBEAT_S, TAG_HPARAMS, TAG_INDEX, TAG_INTERRUPTED, TAG_OWNER, TAG_REASON,
-                                TAG_RETRYABLE, TAG_ROLE, TAG_SPEC_HASH, TAG_STATUS, TAG_STOP_REQUEST, TAG_STOPPED_AT,
-                                TAG_SWEEP_ID, TAG_TRIAL_KEY, SETTINGS_PARAM_PREFIX)
+from hpsweep.store.tags import (EXPERIMENT_KIND, RUNS_VIEW, TAG_ATTEMPT, TAG_ATTEMPT_LOG, TAG_DURATION, TAG_F1_MISMATCH,
+                                TAG_HEARTBEAT, TAG_HEARTBEAT_S, TAG_HPARAMS, TAG_INDEX, TAG_INTERRUPTED, TAG_OWNER,
+                                TAG_REASON, TAG_RETRYABLE, TAG_ROLE, TAG_SPEC_HASH, TAG_STATUS, TAG_STOP_REQUEST,
+                                TAG_STOPPED_AT, TAG_SWEEP_ID, TAG_TRIAL_KEY, SETTINGS_PARAM_PREFIX)
 
 MAX_PARAM_LEN = 6000
 MAX_TAG_LEN = 5000
@@ -466,6 +466,18 @@ def finish_parent_run(client: MlflowClient, parent_run_id: str, counts: dict[str
     tags = [RunTag(TAG_INTERRUPTED, stopped_by), RunTag(TAG_REASON, interrupted_note(stopped_by))] if stopped_by else []
     client.log_batch(parent_run_id, metrics=metrics, tags=[*tags, RunTag(TAG_STATUS, status)])
     client.set_terminated(parent_run_id, status)
+
+
+def log_significance(client: MlflowClient, parent_run_id: str, intervals: dict[str, tuple[float, float]],
+                     mismatches: dict[str, str], tied_with_best_count: int) -> None:
+    """Each trial run's F1 interval (metrics), the warning tag on trials whose F1 disagrees with their
+    predictions, and the parent run's count of trials tied with the best."""
+    now = int(time.time() * 1000)
+    for run_id, (low, high) in intervals.items():
+        tags = [RunTag(TAG_F1_MISMATCH, mismatches[run_id][:MAX_TAG_LEN])] if run_id in mismatches else []
+        client.log_batch(run_id, metrics=[Metric("f1_ci_low", low, now, 0), Metric("f1_ci_high", high, now, 0)],
+                         tags=tags)
+    client.log_batch(parent_run_id, metrics=[Metric("tied_with_best_count", tied_with_best_count, now, 0)])
 
 
 def interrupted_note(signal_name: str) -> str:

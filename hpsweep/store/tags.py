@@ -34,6 +34,10 @@ TAG_STOP_REQUEST = "hpsweep.stop_request"
 TAG_STOPPED_AT = "hpsweep.stopped_at_step"
 TAG_EARLY_STOP = "hpsweep.early_stop"
 TAG_GPUS_PER_TRIAL = "hpsweep.gpus_per_trial"  # on the parent run: the spec's GPUs per trial (GPU-hours)
+# On a trial run: its reported F1 is not what its own predictions give under the spec's metric (why, in words).
+TAG_F1_MISMATCH = "hpsweep.warning.f1_mismatch"
+TAG_METRIC = "hpsweep.metric"  # on the parent run: the spec's metric block, canonical JSON (what `report` recomputes)
+TAG_TIE_BREAK = "hpsweep.tie_break"  # on the parent run: the tie-break rule the champion was picked by
 TAG_ADOPTED_FROM = "hpsweep.adopted_from_sweep"
 CHAMPION_ALIAS = "champion"
 SETTINGS_PARAM_PREFIX = "settings."  # the spec's settings as params of the parent and every trial run
