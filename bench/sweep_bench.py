@@ -198,7 +198,9 @@ def run_sweep(sc: Scenario, launcher: str, order: str, env: dict[str, str], root
     records = _records(record)
     finished = sum(r.info.status == "FINISHED" and "f1" in r.data.metrics and "val_f1" in r.data.metrics
                    for r in runs)
-    report = json.loads((folder / "reports" / name / "leaderboard.json").read_text())
+    reports = folder / "reports" / name  # each sweep's own folder and `latest` (older checkouts: one folder)
+    report = json.loads(((reports / "latest") if (reports / "latest").exists() else reports)
+                        .joinpath("leaderboard.json").read_text())
     by_trial = {r["trial"]: r for r in records}
     starts = {int(json.loads(r.data.tags["hpsweep.hparams"])["trial"]): r.info.start_time / 1000 for r in runs}
     to_train = [by_trial[t]["start"] - s for t, s in starts.items() if t in by_trial]

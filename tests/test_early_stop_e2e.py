@@ -68,7 +68,7 @@ def test_median_stops_the_bad_combinations_and_a_rerun_resumes_them_from_their_c
     assert board["gpu_hours_saved"] > 0 and board["early_stop"].startswith("median")
     parent = client(project).get_run(board["parent_run_id"])
     assert parent.data.metrics["gpu_hours_saved"] == pytest.approx(board["gpu_hours_saved"])
-    md = (project.root / "reports" / "median" / "leaderboard.md").read_text()
+    md = (project.root / "reports" / "median" / "latest" / "leaderboard.md").read_text()
     assert "STOPPED" in md and "saved by early stopping" in md
 
     # The same sweep without --early-stop: the stopped trials resume (epochs go on), nothing else trains.

@@ -66,9 +66,9 @@ def test_python_trainer_predictions_give_intervals_ties_warnings_and_the_tie_bre
     assert "hpsweep.warning.f1_mismatch" not in best.data.tags
     assert client.get_run(board["parent_run_id"]).data.metrics["tied_with_best_count"] == 2
 
-    md = (project.root / "reports" / "tied" / "leaderboard.md").read_text()
+    md = (project.root / "reports" / "tied" / "latest" / "leaderboard.md").read_text()
     assert "95% CI" in md and "≈" in md and "⚠ The trainer's F1 is not the F1 of its own predictions" in md
-    csv = (project.root / "reports" / "tied" / "leaderboard.csv").read_text().splitlines()[0]
+    csv = (project.root / "reports" / "tied" / "latest" / "leaderboard.csv").read_text().splitlines()[0]
     assert csv.endswith("f1_ci_low,f1_ci_high,p_beats_best,tied_with_best")
 
     # `hpsweep report` recomputes the same from MLflow, the tie-break included.

@@ -62,7 +62,7 @@ def test_markdown_cells_cannot_inject_html_images_or_links_nor_break_the_table()
     for forbidden in ("<img", "<script", "</td><", "<b>", "<i>", "<a ", "<em>", "<strong>", "<s>", "<del>"):
         assert forbidden not in text, forbidden
     table = text[text.index("<table>"):]
-    columns = 1 + len(HOSTILE) + 4  # rank, the hparams, F1, status, attempts, run
+    columns = 1 + len(HOSTILE) + 5  # rank, the hparams, F1, status, attempts, duration, run
     cells = (len(re.findall(r"<th[ >]", table)), len(re.findall(r"<td[ >]", table)))
     assert cells == (columns, 2 * columns)  # no cell split, no row broken
     assert "![x](http://evil.example/x.png)" in table and "a|b" in table  # shown as text, whole

@@ -202,7 +202,7 @@ def test_readme_demo_command_runs_the_digits_sweep(tmp_path: Path):
     result = subprocess.run([sys.executable, "-m", "hpsweep.cli", "demo"], cwd=root, env=env,
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout + result.stderr
-    board = json.loads((root / "reports" / "digits-mlp" / "leaderboard.json").read_text())
+    board = json.loads((root / "reports" / "digits-mlp" / "latest" / "leaderboard.json").read_text())
     f1s = [r["f1"] for r in board["rows"]]
     assert len(f1s) >= 12 and f1s == sorted(f1s, reverse=True)
     assert f1s[0] > 0.9 and f1s[-1] < 0.6  # a real model on real data: the hparams matter
