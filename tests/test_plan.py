@@ -12,7 +12,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from hpsweep.model import TrialRow, TrialState
-from hpsweep.plan import (FILE_ORDER, LONGEST_FIRST, DurationHistory, Estimate, PlannedTrial, Prices,
+from hpsweep.plan import (FILE_ORDER, LONGEST_FIRST, SHUFFLED, DurationHistory, Estimate, PlannedTrial, Prices,
                           dispatch_order, estimate_durations, list_schedule, make_plan, slots_for)
 from tests.conftest import Project
 from tests.test_sweep_e2e import SLEEPY_SPEC, leaderboard, records, run_sweep
@@ -67,6 +67,20 @@ def test_dispatch_is_longest_first_when_durations_are_known_else_file_order():
     assert [t.index for t in dispatch_order(ts, unknown)[0]] == [1, 2, 3, 4]
     assert dispatch_order(ts, unknown)[2] == FILE_ORDER
     assert dispatch_order(ts, [Estimate(7.0, "spec")] * 4)[2] == FILE_ORDER  # all equal
+
+
+def test_with_early_stopping_trials_start_shuffled_the_same_way_on_every_rerun():
+    """A file sorted weak → strong would let every later trial pass the rules: the sweep shuffles it."""
+    ts = trials(*({"lr": lr} for lr in range(12)))
+    known = [Estimate(float(i), "measured") for i in range(12)]
+    ordered, est, order = dispatch_order(ts, known, early_stop=True)
+    assert order == SHUFFLED and sorted(t.index for t in ordered) == [t.index for t in ts]
+    assert [t.index for t in ordered] != [t.index for t in ts]  # not file order
+    assert [t.index for t in ordered] != [t.index for t in dispatch_order(ts, known)[0]]  # nor longest first
+    assert [e.seconds for e in est] == [known[t.index - 1].seconds for t in ordered]  # estimates travel along
+    assert dispatch_order(list(reversed(ts)), list(reversed(known)), early_stop=True)[0] == ordered  # keys decide
+    from hpsweep.plan import describe_order
+    assert describe_order(SHUFFLED, est) == SHUFFLED
 
 
 def test_plan_numbers_for_known_durations():
