@@ -126,7 +126,7 @@ def real(curves: list[dict], epochs: int, epoch_s: float) -> dict[str, dict]:
             wall = time.monotonic() - started
             if out.returncode != 0:
                 raise SystemExit(out.stderr[-3000:])
-            board = json.loads((root / "reports" / f"bench-{name}" / "leaderboard.json").read_text())
+            board = json.loads((root / "reports" / f"bench-{name}" / "latest" / "leaderboard.json").read_text())
             done = [r for r in board["rows"] if r["status"] == "FINISHED"]
             starts = [r for r in board["rows"] if r["duration_s"]]
             results[name] = {"gpu": sum(r["duration_s"] for r in starts), "makespan": wall,
@@ -140,6 +140,8 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=REPO / "data")
     parser.add_argument("--real", action="store_true", help="run real sweeps instead of the simulation")
     parser.add_argument("--epoch-s", type=float, default=0.5, help="--real: seconds per replayed epoch")
+    parser.add_argument("--seeds", type=int, default=0, help="also summarise N shuffled orders (seeds 0..N-1): "
+                        "a sweep's real order depends on its trial keys, which hold the code and data versions")
     parser.add_argument("--seed", type=int, default=None, help="dispatch in a shuffled order (default: the grid's "
                         "order, small networks and low learning rates first: the hardest for asynchronous rules)")
     args = parser.parse_args()
@@ -148,20 +150,51 @@ def main() -> None:
         return
     doc = json.loads(CURVES.read_text())
     curves = doc["curves"]
+    print(f"{len(curves)} combinations × {doc['epochs']} epochs of {doc['trainer']}; exhaustive best "
+          f"{max(c['val_f1'][-1] for c in curves):.4f}")
+    if args.real:  # the sweep orders the trials itself (shuffled when early stopping is on)
+        print(table(real(curves, doc["epochs"], args.epoch_s), "s"))
+        return
+    orders = {"grid order (the file's; a sweep without early stopping)": curves,
+              "hpsweep's order with early stopping (shuffled, seeded by the trial keys)": sweep_order(curves)}
     if args.seed is not None:
         import random
 
-        random.Random(args.seed).shuffle(curves)
-    print(f"{len(curves)} combinations × {doc['epochs']} epochs of {doc['trainer']}; exhaustive best "
-          f"{max(c['val_f1'][-1] for c in curves):.4f}")
-    if args.real:
-        print(table(real(curves, doc["epochs"], args.epoch_s), "s"))
-        return
-    results = {}
-    for name, rule in rules(doc["epochs"]).items():
-        r = simulate(curves, rule)
-        results[name] = {"gpu": r["gpu_epochs"], "makespan": r["makespan_epochs"], "best": r["best_finished_f1"]}
-    print(table(results, "epochs"))
+        orders = {f"shuffled, seed {args.seed}": random.Random(args.seed).sample(curves, len(curves))}
+    for title, ordered in orders.items():
+        results = {}
+        for name, rule in rules(doc["epochs"]).items():
+            r = simulate(ordered, rule)
+            results[name] = {"gpu": r["gpu_epochs"], "makespan": r["makespan_epochs"], "best": r["best_finished_f1"]}
+        print(f"\n{title}\n{table(results, 'epochs')}")
+    if args.seeds:
+        print(f"\n{args.seeds} shuffled orders (seeds 0–{args.seeds - 1})\n{seeds_table(curves, doc['epochs'], args.seeds)}")
+
+
+def seeds_table(curves: list[dict], epochs: int, n: int) -> str:
+    import random
+
+    best = max(c["val_f1"][-1] for c in curves)
+    lines = ["| rule | GPU-time share: min–max (mean) | regret 0 in | largest regret |", "|---|---|---:|---:|"]
+    for name, rule in rules(epochs).items():
+        shares, regrets = [], []
+        for seed in range(n):
+            r = simulate(random.Random(seed).sample(curves, len(curves)), rule)
+            shares.append(r["gpu_epochs"] / (epochs * len(curves)))
+            regrets.append(round(best - r["best_finished_f1"], 6))
+        lines.append(f"| {name} | {min(shares):.0%}–{max(shares):.0%} ({sum(shares) / n:.0%}) | "
+                     f"{sum(x == 0 for x in regrets)}/{n} | {max(regrets):.4f} |")
+    return "\n".join(lines)
+
+
+def sweep_order(curves: list[dict]) -> list[dict]:
+    """The curves in the order an early-stopping sweep starts them (``hpsweep.plan.dispatch_order``)."""
+    from hpsweep.inputs import canonical_json
+    from hpsweep.plan import Estimate, PlannedTrial, dispatch_order
+
+    trials = [PlannedTrial(i, c["hparams"], canonical_json(c["hparams"])) for i, c in enumerate(curves)]
+    ordered, _, _ = dispatch_order(trials, [Estimate(None, "unknown")] * len(trials), early_stop=True)
+    return [curves[t.index] for t in ordered]
 
 
 if __name__ == "__main__":

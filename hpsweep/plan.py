@@ -18,6 +18,7 @@ Where a trial's duration estimate comes from, best first:
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import json
 import statistics
@@ -37,6 +38,10 @@ DEFAULT_SPOT_PRICE_PER_GPU_HOUR = 0.40
 HISTORY_LIMIT = 1000  # finished trials read for estimates: planning never reads a whole history
 
 LONGEST_FIRST, FILE_ORDER = "longest first", "file order"
+# With early stopping the trials start in a shuffled order (seeded by their keys: the same on every
+# rerun): the rules judge each trial against those that came before it, and a file sorted from weak to
+# strong (small models and low learning rates first) lets every later trial through (bench/README.md).
+SHUFFLED = "shuffled order (early stopping: each trial is judged against a fair sample)"
 
 Source = Literal["measured", "spec", "median", "unknown"]
 
@@ -192,10 +197,14 @@ def estimate_durations(trials: list[PlannedTrial], spec_duration_s: float | None
     return out
 
 
-def dispatch_order(trials: list[PlannedTrial], estimates: list[Estimate]
+def dispatch_order(trials: list[PlannedTrial], estimates: list[Estimate], early_stop: bool = False
                    ) -> tuple[list[PlannedTrial], list[Estimate], str]:
     """Longest first when every trial has an estimate (a shorter makespan under a quota: the long
-    ones do not end up alone at the tail); file order otherwise. Ties keep file order."""
+    ones do not end up alone at the tail); file order otherwise. Ties keep file order. With
+    ``early_stop``: a shuffle seeded by the trial keys (``SHUFFLED``), whatever the estimates."""
+    if early_stop and len(trials) > 1:  # ordered by a hash of each key: a shuffle no file order can undo
+        pairs = sorted(zip(trials, estimates), key=lambda p: hashlib.sha256(p[0].key.encode()).digest())
+        return [t for t, _ in pairs], [e for _, e in pairs], SHUFFLED
     if not trials or any(e.seconds is None for e in estimates):
         return list(trials), list(estimates), FILE_ORDER
     if len({e.seconds for e in estimates}) == 1:
@@ -207,6 +216,8 @@ def dispatch_order(trials: list[PlannedTrial], estimates: list[Estimate]
 def describe_order(order: str, estimates: list[Estimate]) -> str:
     """The dispatch order and where its durations came from, e.g. 'longest first (3 measured, 2 median)'."""
     sources = source_counts(estimates)
+    if order == SHUFFLED:
+        return order
     if estimates and sources.get("unknown") == len(estimates):
         return f"{order} (no durations known yet)"
     detail = ", ".join(f"{n} {s}" for s, n in sources.items() if n)
@@ -269,7 +280,7 @@ def make_plan(trials: list[PlannedTrial], reused: dict[str, TrialRow], estimates
     to_train = trials_to_train(trials, reused)
     if len(estimates) != len(to_train):
         raise ValueError(f"{len(estimates)} estimates for {len(to_train)} trials to train")
-    ordered, ordered_est, order = dispatch_order(to_train, estimates)
+    ordered, ordered_est, order = dispatch_order(to_train, estimates, early_stop.enabled)
     known = all(e.seconds is not None for e in estimates)
     seconds = [e.seconds or 0.0 for e in estimates]
     gpu_hours = sum(seconds) * gpus_per_trial / 3600 if known else None

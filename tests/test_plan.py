@@ -12,7 +12,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from hpsweep.model import TrialRow, TrialState
-from hpsweep.plan import (FILE_ORDER, LONGEST_FIRST, DurationHistory, Estimate, PlannedTrial, Prices,
+from hpsweep.plan import (FILE_ORDER, LONGEST_FIRST, SHUFFLED, DurationHistory, Estimate, PlannedTrial, Prices,
                           dispatch_order, estimate_durations, list_schedule, make_plan, slots_for)
 from tests.conftest import Project
 from tests.test_sweep_e2e import SLEEPY_SPEC, leaderboard, records, run_sweep
@@ -67,6 +67,20 @@ def test_dispatch_is_longest_first_when_durations_are_known_else_file_order():
     assert [t.index for t in dispatch_order(ts, unknown)[0]] == [1, 2, 3, 4]
     assert dispatch_order(ts, unknown)[2] == FILE_ORDER
     assert dispatch_order(ts, [Estimate(7.0, "spec")] * 4)[2] == FILE_ORDER  # all equal
+
+
+def test_with_early_stopping_trials_start_shuffled_the_same_way_on_every_rerun():
+    """A file sorted weak → strong would let every later trial pass the rules: the sweep shuffles it."""
+    ts = trials(*({"lr": lr} for lr in range(12)))
+    known = [Estimate(float(i), "measured") for i in range(12)]
+    ordered, est, order = dispatch_order(ts, known, early_stop=True)
+    assert order == SHUFFLED and sorted(t.index for t in ordered) == [t.index for t in ts]
+    assert [t.index for t in ordered] != [t.index for t in ts]  # not file order
+    assert [t.index for t in ordered] != [t.index for t in dispatch_order(ts, known)[0]]  # nor longest first
+    assert [e.seconds for e in est] == [known[t.index - 1].seconds for t in ordered]  # estimates travel along
+    assert dispatch_order(list(reversed(ts)), list(reversed(known)), early_stop=True)[0] == ordered  # keys decide
+    from hpsweep.plan import describe_order
+    assert describe_order(SHUFFLED, est) == SHUFFLED
 
 
 def test_plan_numbers_for_known_durations():
@@ -190,7 +204,10 @@ def test_plan_after_a_sweep_and_longest_first_dispatch(served_project: Project):
                              "--train", "data/train.csv", "--val", "data/val.csv", "--quota", "1", "--retrain",
                              env={"HPSWEEP_TEST_RECORD": str(second)})
     assert result.returncode == 0, result.stderr
-    assert starts(second) == [1.6, 1.1, 0.6, 0.2]
+    # Longest measured first (under load a trial's overhead can outweigh half a second of sleep, so
+    # the order is the measured one, which on a quiet machine is 1.6, 1.1, 0.6, 0.2).
+    by_sleep = {float(json.loads(k)["sleep_s"]): d for k, d in measured.items()}
+    assert starts(second) == sorted(by_sleep, key=lambda s: -by_sleep[s])
     board = leaderboard(project, "order")
     assert [r["f1"] for r in board["rows"]] == [0.8, 0.7, 0.6, 0.5]  # the report stays in F1 order
     parent = [r for r in trial_runs(project, "order") if r.data.tags.get("hpsweep.sweep_id") == board["sweep_id"]

@@ -104,9 +104,9 @@ def open_sweep(config: SweepConfig, inputs: SweepInputs, store: SweepStore, capa
         resumable = store.unfinished_trial_keys(experiment_id, {t.key for t in to_train}, versions)
         slots = max(1, min(len(to_train), capacity))
         parallel = max(1, min(len(to_train), queue_depth))
-        to_train, estimates, order = _dispatch(store, experiment_id, inputs, versions, to_train, slots)
-
         rule = early_stop_rule(config, dict(inputs.spec.settings))
+        to_train, estimates, order = _dispatch(store, experiment_id, inputs, versions, to_train, slots, rule.enabled)
+
         provenance = {**versions, TAG_GIT_COMMIT: git_commit(), TAG_QUOTA: str(config.quota),
                       TAG_SETTINGS: json.dumps(dict(inputs.spec.settings), sort_keys=True, default=str),
                       TAG_GPUS_PER_TRIAL: str(inputs.spec.resources.gpus),
@@ -141,7 +141,8 @@ def open_sweep(config: SweepConfig, inputs: SweepInputs, store: SweepStore, capa
 
 
 def _dispatch(store: SweepStore, experiment_id: str, inputs: SweepInputs, versions: dict[str, str],
-              to_train: list[PlannedTrial], slots: int) -> tuple[list[PlannedTrial], list[plan.Estimate], str]:
+              to_train: list[PlannedTrial], slots: int, early_stop: bool
+              ) -> tuple[list[PlannedTrial], list[plan.Estimate], str]:
     """The trials in the order to start them, their estimates, and that order in words.
 
     The order only matters when trials wait for a slot; only then is the duration history read.
@@ -152,7 +153,7 @@ def _dispatch(store: SweepStore, experiment_id: str, inputs: SweepInputs, versio
     estimates = plan.estimate_durations(to_train, inputs.spec.expected_duration_s, history)
     if not waits:
         return to_train, estimates, f"{plan.FILE_ORDER} (every trial starts at once)"
-    ordered, ordered_est, order = plan.dispatch_order(to_train, estimates)
+    ordered, ordered_est, order = plan.dispatch_order(to_train, estimates, early_stop)
     return ordered, ordered_est, plan.describe_order(order, ordered_est)
 
 
