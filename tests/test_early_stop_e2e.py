@@ -43,7 +43,11 @@ def test_median_stops_the_bad_combinations_and_a_rerun_resumes_them_from_their_c
     exhaustive = leaderboard(project, "full")
 
     spec = REFERENCE_SPEC.format(name="median")
-    # quota 1, file order: the good trials end first, so the median has 3 others when the bad ones start
+    # The good combinations first, then a follow-up sweep adding the bad ones with early stopping: its
+    # median compares them with the reused trials' curves, whatever order the shuffle starts them in
+    # (a trial that starts before 3 others reached its step cannot be judged).
+    first = run_sweep(project, GOOD, spec, 1, env=FAST_POLLS)
+    assert first.returncode == 0, first.stderr
     early = run_sweep(project, GOOD + BAD, spec, 1, "--early-stop", "median", "--early-stop-min-steps", "2",
                       env=FAST_POLLS)
     assert early.returncode == 0, early.stderr  # stopped trials are not failures
@@ -59,11 +63,14 @@ def test_median_stops_the_bad_combinations_and_a_rerun_resumes_them_from_their_c
         assert (run.info.status, run.data.tags["hpsweep.status"]) == ("KILLED", "STOPPED")
         assert run.data.tags["hpsweep.reason"] == row["stop_reason"]
         assert max(steps_of(project, row["run_id"])) < 8  # it did not train to the end
-    assert [r["status"] for r in board["rows"]] == ["FINISHED"] * 3 + ["STOPPED"] * 2  # below every FINISHED
-    assert board["counts"] == {"total": 5, "finished": 3, "failed": 0, "reused": 0, "stopped": 2}
-    assert board["rows"][0]["hparams"] == exhaustive["rows"][0]["hparams"]  # the best is FINISHED
+    assert [r["status"] for r in board["rows"]] == ["REUSED"] * 3 + ["STOPPED"] * 2  # below every FINISHED one
+    assert board["counts"] == {"total": 5, "finished": 0, "failed": 0, "reused": 3, "stopped": 2}
+    assert board["rows"][0]["hparams"] == exhaustive["rows"][0]["hparams"]  # the best trained to its end
     champion = client(project).get_model_version_by_alias("median", "champion")
     assert champion.run_id == board["rows"][0]["run_id"]
+    # The bad trials cost less than in the exhaustive sweep (GPU-hours of the trials this sweep trained).
+    exhaustive_bad = sum(r["duration_s"] for r in exhaustive["rows"] if r["hparams"] in BAD)
+    assert sum(r["duration_s"] for r in board["rows"] if r["status"] == "STOPPED") < exhaustive_bad
     assert board["gpu_hours_used"] < exhaustive["gpu_hours_used"]
     assert board["gpu_hours_saved"] > 0 and board["early_stop"].startswith("median")
     parent = client(project).get_run(board["parent_run_id"])
@@ -98,6 +105,7 @@ def test_a_command_trainer_that_ignores_its_stop_file_is_killed_after_the_grace_
     project, record = served_project, served_project.root / "rec.jsonl"
     good = [{"f1": f, "steps": 3, "step_s": 0.1} for f in (0.9, 0.85, 0.8)]
     bad = {"f1": 0.2, "steps": 400, "step_s": 0.2}  # 80 s if nothing stopped it
+    assert run_sweep(project, good, CURVE_SPEC, 1, env=FAST_POLLS).returncode == 0  # the median's curves
     result = run_sweep(project, [*good, bad], CURVE_SPEC, 1, "--early-stop", "median", "--early-stop-min-steps",
                        "2", "--early-stop-grace-s", "1", env={**FAST_POLLS, "HPSWEEP_TEST_RECORD": str(record)})
     assert result.returncode == 0, result.stderr
