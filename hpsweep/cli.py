@@ -406,7 +406,6 @@ def _open_sweep(args: argparse.Namespace):
     from hpsweep.report.status import SweepNotFound, existing_tracking_uri, find_sweep
     from hpsweep.store import SweepStore
 
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # plan.json is one small file
     params = read_params(args.params)
     sweep = args.sweep or params.get("name")
     if not sweep:

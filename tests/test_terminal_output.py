@@ -25,6 +25,7 @@ def test_a_piped_demo_prints_whole_plain_lines_and_ends_with_the_summary(project
     lines = [line for line in result.stderr.splitlines() + result.stdout.splitlines() if line.strip()]
     assert not [line for line in lines if re.search(r"\bERROR\b", line)], out
     assert "…" not in out, out  # nothing cut
+    assert "\r" not in out and "Downloading artifacts" not in out, out  # no progress bars redrawn in a log
     # Lines longer than 80 columns stay whole: the sweep's start line, the champion, the MLflow UI.
     assert any("combinations, 3 to train" in line and "no durations known yet" in line
                or "combinations, 3 to train" in line and "every trial starts at once" in line for line in lines), out

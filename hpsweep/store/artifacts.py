@@ -7,6 +7,7 @@ process decides how long each is worth retrying (``hpsweep.store.retry.retrying`
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from mlflow.entities import Metric
@@ -18,6 +19,10 @@ from hpsweep.store.runs import checkpoint_runs
 CHECKPOINT_ARTIFACT_DIR = "checkpoints"
 MODEL_ARTIFACT_DIR = "model"
 PREDICTIONS_ARTIFACT_DIR = "predictions"  # the trial's validation predictions (hpsweep.predictions)
+
+# MLflow draws a tqdm bar for every download (the report reads each trial's predictions): dozens of
+# bars cut into the sweep's output, and into CI logs as raw carriage returns. A user's own choice wins.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def log_metrics(client: MlflowClient, run_id: str, metrics: list[Metric]) -> None:
