@@ -247,12 +247,12 @@ def _print_summary(result: dict[str, Any]) -> None:
         out.print(result["champion_note"], markup=False, highlight=False, soft_wrap=True)
     if result.get("champion_rule") and result["champion_rule"] != "highest F1":
         out.print(f"champion picked by: {result['champion_rule']}", markup=False, highlight=False, soft_wrap=True)
-    from hpsweep.store.uri import ui_url
+    from hpsweep.store.uri import is_tracking_server, ui_url
 
     uri = result["tracking_uri"]
     # The runs table with the f1 column: MLflow 3.17's UI opens an experiment on its GenAI pages otherwise.
     url = ui_url(uri, result["experiment_id"])
-    start = "" if uri.startswith("http") else f"mlflow ui --backend-store-uri {uri}, then open "
+    start = "" if is_tracking_server(uri) else f"mlflow ui --backend-store-uri {uri}, then open "
     out.print(f"MLflow UI: {start}{url}  (parent run {result['parent_run_id']})", markup=False, highlight=False,
               soft_wrap=True)
 

@@ -8,15 +8,7 @@ from __future__ import annotations
 
 from urllib.parse import quote
 
-LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` listens unless told otherwise
-
-
-def _is_server(tracking_uri: str) -> bool:
-    return tracking_uri.startswith(("http://", "https://"))
-
-
-def ui_base(tracking_uri: str) -> str:
-    return tracking_uri.rstrip("/") if _is_server(tracking_uri) else LOCAL_UI
+from hpsweep.store.uri import is_tracking_server, ui_base
 
 
 def experiment_url(tracking_uri: str, experiment_id: str) -> str:
@@ -30,7 +22,7 @@ def run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:
 def mlflow_ui_note(tracking_uri: str, experiment_id: str) -> str:
     """One markdown line: where the experiment is, and for a store without a server how to open its UI."""
     line = f"MLflow: [experiment {experiment_id}]({experiment_url(tracking_uri, experiment_id)})"
-    if _is_server(tracking_uri):
+    if is_tracking_server(tracking_uri):
         return line
     return (f"{line}; the links work once the MLflow UI runs on this store: "
             f"`mlflow ui --backend-store-uri {tracking_uri}` (in the sweep's folder)")

@@ -70,14 +70,22 @@ def _move_credentials(uri: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
+def is_tracking_server(uri: str) -> bool:
+    """An MLflow tracking server (it serves its own UI), not a database or a folder."""
+    return uri.startswith(("http://", "https://"))
+
+
+def ui_base(tracking_uri: str) -> str:
+    """Where the store's MLflow UI is: the tracking server itself (without credentials), else what
+    `mlflow ui` started on the store serves by default."""
+    return redact_uri(tracking_uri).rstrip("/") if is_tracking_server(tracking_uri) else DEFAULT_UI
+
+
 def ui_url(tracking_uri: str, experiment_id: str) -> str:
-    """Where the MLflow UI shows the experiment's runs table with the trials' f1: the tracking server
-    itself, else what `mlflow ui` serves by default. MLflow 3.17 opens an experiment on its GenAI
-    pages unless the URL asks for the machine-learning view; ``viewStateShareKey`` picks the
-    columns stored on the experiment (hpsweep.store.tags.RUNS_VIEW)."""
-    base = redact_uri(tracking_uri).rstrip("/") if tracking_uri.startswith(("http://", "https://")) \
-        else DEFAULT_UI
-    return (f"{base}/#/experiments/{experiment_id}/runs?viewStateShareKey={RUNS_VIEW_KEY}"
+    """Where the MLflow UI shows the experiment's runs table with the trials' f1. MLflow 3.17 opens an
+    experiment on its GenAI pages unless the URL asks for the machine-learning view;
+    ``viewStateShareKey`` picks the columns stored on the experiment (hpsweep.store.tags.RUNS_VIEW)."""
+    return (f"{ui_base(tracking_uri)}/#/experiments/{experiment_id}/runs?viewStateShareKey={RUNS_VIEW_KEY}"
             "&workflowType=machine_learning")
 
 
