@@ -21,6 +21,7 @@ from prefect.server.api.server import SubprocessASGIServer
 from prefect.settings import get_current_settings
 
 PR_SET_PDEATHSIG = 1
+STARTUP_TIMEOUT_S = 120
 
 
 class TetheredServer(SubprocessASGIServer):
@@ -49,7 +50,10 @@ def start_temporary_server() -> SubprocessASGIServer | None:
     if get_current_settings().api.url:
         return None
     server = TetheredServer()
-    server.start()
+    # Prefect's 20 s start-up budget is too short on a busy 2-core machine (seen in CI): two
+    # minutes, unless the user set PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.
+    user_set = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS" in os.environ
+    server.start(timeout=None if user_set else STARTUP_TIMEOUT_S)
     return server
 
 
