@@ -161,7 +161,7 @@ class RichProgress(SweepCallback):
                                   TimeElapsedColumn(), TextColumn("{task.description}"), console=console)
         self._lock = threading.Lock()
         self._task = None
-        self.total = self.parallel = self.done = self.failed = self.running = 0
+        self.total = self.parallel = self.done = self.failed = self.stopped = self.running = 0
         self._durations: list[float] = []
 
     def on_sweep_start(self, total: int, parallel: int) -> None:
@@ -178,7 +178,8 @@ class RichProgress(SweepCallback):
         with self._lock:
             self.running -= 1
             self.done += result.outcome.ok
-            self.failed += not result.outcome.ok
+            self.stopped += result.outcome.stopped  # the early-stopping rule's call, not a failure
+            self.failed += not result.outcome.ok and not result.outcome.stopped
             self._durations.append(result.outcome.duration_s)
         if not self._live:
             console.print(f"sweep {self.summary()}", markup=False, highlight=False)
@@ -192,10 +193,11 @@ class RichProgress(SweepCallback):
     def summary(self) -> str:
         """Remaining trials × mean duration / slots is the ETA (unknown until one trial has ended)."""
         with self._lock:
-            ended = self.done + self.failed
+            ended = self.done + self.failed + self.stopped
             eta = ((self.total - ended) * sum(self._durations) / len(self._durations) / max(1, self.parallel)
                    if self._durations else None)
-            return (f"{ended}/{self.total} ended · {self.done} finished · {self.failed} failed · "
+            stopped = f"{self.stopped} stopped early · " if self.stopped else ""
+            return (f"{ended}/{self.total} ended · {self.done} finished · {self.failed} failed · {stopped}"
                     f"{self.running} running · ETA {'?' if eta is None else f'{eta:.0f}s'}")
 
     def _render(self) -> None:
@@ -204,26 +206,17 @@ class RichProgress(SweepCallback):
         if self._task is None:
             self._progress.start()
             self._task = self._progress.add_task(self.summary(), total=self.total or None)
-        self._progress.update(self._task, completed=self.done + self.failed, total=self.total,
+        self._progress.update(self._task, completed=self.done + self.failed + self.stopped, total=self.total,
                               description=self.summary())
 
 
 def _print_summary(result: dict[str, Any]) -> None:
     """Print a sweep's summary (``hpsweep.report.assemble.sweep_summary``): its top trials, counts and files."""
-    table = Table(title=f"Top trials of {result['sweep_id']}")
-    table.add_column("rank", justify="right")
-    table.add_column("hparams")
-    table.add_column("F1", justify="right")
-    intervals = any(r.get("f1_ci_low") is not None for r in result["top"])
-    if intervals:
-        table.add_column("95% CI", justify="right")
-    table.add_column("status")
-    for r in result["top"]:
-        ci = [f"[{r['f1_ci_low']:.4f}, {r['f1_ci_high']:.4f}]" if r.get("f1_ci_low") is not None else ""]
-        table.add_row(str(r["rank"]), " ".join(f"{k}={v}" for k, v in r["hparams"].items()),
-                      "—" if r["f1"] is None else f"{r['f1']:.4f}", *(ci if intervals else []), r["status"])
     out = stdout_console()
-    out.print(table)
+    if not result["top"]:  # every trial failed, was stopped or never started: nothing to rank
+        out.print(f"No trial of {result['sweep_id']} has an F1: nothing to rank.", markup=False, highlight=False)
+    else:
+        out.print(_top_table(result))
     if result.get("tie_note"):  # the leaderboard's order among the top is noise: say so first
         out.print(result["tie_note"], markup=False, highlight=False, soft_wrap=True)
     c = result["counts"]
@@ -255,6 +248,23 @@ def _print_summary(result: dict[str, Any]) -> None:
     start = "" if is_tracking_server(uri) else f"mlflow ui --backend-store-uri {uri}, then open "
     out.print(f"MLflow UI: {start}{url}  (parent run {result['parent_run_id']})", markup=False, highlight=False,
               soft_wrap=True)
+
+
+def _top_table(result: dict[str, Any]) -> Table:
+    """The summary's ranked trials (those with an F1), with their 95% intervals when known."""
+    table = Table(title=f"Top trials of {result['sweep_id']}")
+    table.add_column("rank", justify="right")
+    table.add_column("hparams")
+    table.add_column("F1", justify="right")
+    intervals = any(r.get("f1_ci_low") is not None for r in result["top"])
+    if intervals:
+        table.add_column("95% CI", justify="right")
+    table.add_column("status")
+    for r in result["top"]:
+        ci = [f"[{r['f1_ci_low']:.4f}, {r['f1_ci_high']:.4f}]" if r.get("f1_ci_low") is not None else ""]
+        table.add_row(str(r["rank"]), " ".join(f"{k}={v}" for k, v in r["hparams"].items()),
+                      "—" if r["f1"] is None else f"{r['f1']:.4f}", *(ci if intervals else []), r["status"])
+    return table
 
 
 def _validated(args: argparse.Namespace) -> tuple[SweepConfig, SweepInputs]:

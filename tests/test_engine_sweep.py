@@ -79,6 +79,7 @@ def test_each_sweep_reports_into_its_own_folder_and_latest_moves(project, monkey
     broken = {i: [TRAINER_ERROR] for i in range(1, 5)}
     second = run_sweep(project, store, broken, retrain=True, report_dir=None)[2]
     assert second["counts"]["failed"] == 4 and second["sweep_id"] != first["sweep_id"]
+    assert second["top"] == []  # no failed trial is ranked among the top
     assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in first_dir.iterdir()} == before
     latest = Path("reports/mem/latest")
     assert latest.is_symlink() and latest.resolve() == (Path("reports/mem") / second["sweep_id"]).resolve()
@@ -136,6 +137,8 @@ def test_failed_trials_are_reported_last_with_their_reason_and_fail_the_parent_r
     rows = json.loads((project / "report" / "leaderboard.json").read_text())["rows"]
     assert [r["status"] for r in rows] == ["FINISHED", "FINISHED", "FAILED", "FAILED"]
     assert rows[2]["reason"] == LOST_HOST.reason and rows[3]["reason"] == TRAINER_ERROR.reason
+    # The terminal's "top trials" are the two with an F1, not a failed trial in third place.
+    assert [r["status"] for r in summary["top"]] == ["FINISHED", "FINISHED"]
 
 
 def test_a_worse_follow_up_sweep_leaves_the_champion(project):

@@ -362,12 +362,12 @@ def _held(v: RegisteredVersion) -> str:
 def sweep_summary(header: dict[str, Any], rows: Sequence[TrialRow], report_dir: Path,
                   paths: Mapping[str, Path]) -> dict[str, Any]:
     """What `hpsweep run` and `hpsweep report` print (and the sweep flow returns): the header, the
-    counts, the top three leaderboard rows, each failure reason once with how many trials it ended
+    counts, the top three leaderboard rows that have an F1 (a failed trial is never "top"), each failure reason once with how many trials it ended
     (most frequent first), and where the files are."""
     reasons = Counter(r.reason or f"run ended {r.state.value}" for r in rows  # a stopped trial did not fail
                       if not r.has_f1 and r.state is not TrialState.STOPPED)
     return {**header, "counts": counts(rows), "report_dir": str(report_dir),
             "tie_note": stats.tie_sentence(header.get("significance")),
-            "top": [r.leaderboard() for r in rows[:3]],
+            "top": [r.leaderboard() for r in rows if r.has_f1][:3],
             "failure_reasons": [{"reason": reason, "trials": n} for reason, n in reasons.most_common()],
             "report_files": {name: str(path) for name, path in paths.items()}}
