@@ -48,12 +48,14 @@ def train(hparams: dict[str, Any], data: DataRefs, ctx: TrainContext) -> float:
         )
 
     f1: float | None = None
+    y_pred = None
     for epoch in range(start, epochs + 1):
         order = np.random.default_rng([seed, epoch]).permutation(len(y_tr))
         # One partial_fit call is one pass over the data in `batch_size` mini-batches;
         # model.loss_ is then the epoch's mean training loss.
         model.partial_fit(X_tr[order], y_tr[order], classes=classes)
-        f1 = float(f1_score(y_val, model.predict(X_val), average=average))
+        y_pred = model.predict(X_val)
+        f1 = float(f1_score(y_val, y_pred, average=average))
         ctx.report(epoch, val_f1=f1, train_loss=model.loss_)
         _save_checkpoint(ctx.checkpoint_dir, epoch, model)
         if ctx.should_stop():  # stopped early by the sweep: the checkpoint is saved, a later sweep resumes
@@ -63,9 +65,10 @@ def train(hparams: dict[str, Any], data: DataRefs, ctx: TrainContext) -> float:
             time.sleep(sleep_s)
 
     if f1 is None:  # resumed from a checkpoint of the final epoch: nothing left to train
-        f1 = float(f1_score(y_val, model.predict(X_val), average=average))
+        y_pred = model.predict(X_val)
+        f1 = float(f1_score(y_val, y_pred, average=average))
     # The F1 above is from these very predictions: hpsweep bootstraps them for the F1's interval.
-    ctx.log_predictions(y_val, model.predict(X_val))
+    ctx.log_predictions(y_val, y_pred)
     ctx.save_model(model)
     return f1
 

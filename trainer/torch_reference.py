@@ -79,6 +79,7 @@ def train(hparams: dict[str, Any], data: DataRefs, ctx: TrainContext) -> float:
     batch_size = int(hp["batch_size"])
     loss_fn = nn.CrossEntropyLoss()
     f1: float | None = None
+    y_pred = None
     for epoch in range(start, epochs + 1):
         # Keyed on (seed, epoch): epoch k shuffles and drops out the same way whether or not
         # the run was interrupted before it.
@@ -100,7 +101,8 @@ def train(hparams: dict[str, Any], data: DataRefs, ctx: TrainContext) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # the epoch is over when the GPU is done, not when Python is
         epoch_s = time.perf_counter() - began
-        f1 = _f1(model, X_val_t, y_val, amp_dtype, average)
+        y_pred = _predict(model, X_val_t, amp_dtype)
+        f1 = float(f1_score(y_val, y_pred, average=average))
         metrics = {"val_f1": f1, "train_loss": float(total) / seen, "epoch_s": epoch_s}
         if device.type == "cuda":
             metrics["gpu_max_memory_mb"] = torch.cuda.max_memory_allocated(device) / 1e6
@@ -110,9 +112,10 @@ def train(hparams: dict[str, Any], data: DataRefs, ctx: TrainContext) -> float:
             time.sleep(sleep_s)
 
     if f1 is None:  # resumed from a checkpoint of the final epoch: nothing left to train
-        f1 = _f1(model, X_val_t, y_val, amp_dtype, average)
+        y_pred = _predict(model, X_val_t, amp_dtype)
+        f1 = float(f1_score(y_val, y_pred, average=average))
     # The F1 above is from these very predictions: hpsweep bootstraps them for the F1's interval.
-    ctx.log_predictions(y_val, _predict(model, X_val_t, amp_dtype))
+    ctx.log_predictions(y_val, y_pred)
     ctx.save_model(model)  # CPU weights: the champion loads on machines without a GPU
     return f1
 
@@ -161,11 +164,6 @@ def _predict(model: nn.Module, X_val: torch.Tensor, amp_dtype: torch.dtype | Non
     model.eval()
     with torch.autocast(X_val.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         return model(X_val).argmax(dim=1).cpu().numpy()
-
-
-def _f1(model: nn.Module, X_val: torch.Tensor, y_val: np.ndarray, amp_dtype: torch.dtype | None,
-        average: str) -> float:
-    return float(f1_score(y_val, _predict(model, X_val, amp_dtype), average=average))
 
 
 def _resume(ctx: TrainContext, device: torch.device, model: nn.Module, optimizer: torch.optim.Optimizer,
