@@ -36,8 +36,8 @@ CONFIDENCE = 0.95
 # Bytes of float weights held at once (a resample block of W, and a trial chunk of indicators):
 # a 1M-example validation set is resampled a few rows at a time instead of 8 GB at once.
 _BLOCK_BYTES = 64 * 2**20
-_EXACT_FLOAT32 = 2**24
-MAX_WORKERS = 8  # threads counting trials at once (at most the cores this process may use)  # float32 sums of integer counts are exact below this
+_EXACT_FLOAT32 = 2**24  # float32 sums of integer counts are exact below this
+MAX_WORKERS = 8  # threads counting trials at once (at most the cores this process may use)
 
 
 # ---------------------------------------------------------------- labels and F1 from counts
@@ -92,13 +92,22 @@ def _f1_from_counts(tp: np.ndarray, pred: np.ndarray, true: np.ndarray, average:
 
 def f1_from_labels(y_true: Any, y_pred: Any, average: str = "macro", pos_label: Any = 1) -> float:
     """F1 of one trial's predictions (equal to ``sklearn.metrics.f1_score`` with the same arguments)."""
-    t, p = np.asarray(y_true), np.asarray(y_pred)
-    labels, ti, (pi,) = _encode(t, [p])
-    k = len(labels)
+    labels, ti, (pi,) = _encode(np.asarray(y_true), [np.asarray(y_pred)])
     pos = _positive(labels, pos_label) if average == "binary" else 0
+    return _f1_of_encoded(ti, pi, len(labels), average, pos)
+
+
+def _f1_of_encoded(ti: np.ndarray, pi: np.ndarray, k: int, average: str, pos: int) -> float:
+    """F1 of one trial's predictions already encoded as indices into ``k`` labels."""
     tp = np.bincount(ti[ti == pi], minlength=k).astype(float)
-    return float(_f1_from_counts(tp, np.bincount(pi, minlength=k).astype(float),
-                                 np.bincount(ti, minlength=k).astype(float), average, pos))
+    pred = np.bincount(pi, minlength=k).astype(float)
+    true = np.bincount(ti, minlength=k).astype(float)
+    if average != "binary":
+        # Only the classes in this pair (labels that other trials alone predict are left out): the
+        # same per-class terms, summed in the same order, as when the pair is encoded on its own.
+        seen = pred + true > 0
+        tp, pred, true = tp[seen], pred[seen], true[seen]
+    return float(_f1_from_counts(tp, pred, true, average, pos))
 
 
 # ---------------------------------------------------------------- the bootstrap
@@ -122,16 +131,23 @@ def _weights(indices: np.ndarray, dtype: type) -> np.ndarray:
     return np.bincount(flat.ravel(), minlength=n * b).reshape(n, b).astype(dtype)
 
 
+def _onehot(classes: Sequence[np.ndarray], k: int, dtype: type) -> np.ndarray:
+    """The labellings in ``classes`` (each of the same examples) stacked as indicators, (k·len(classes),
+    examples): row i·k + c marks the examples labelling i puts in class c."""
+    m = len(classes[0])
+    onehot = np.zeros((k * len(classes), m), dtype=dtype)
+    for i, c in enumerate(classes):
+        onehot[i * k + c, np.arange(m)] = 1
+    return onehot
+
+
 def _class_sums(weights: np.ndarray, examples: np.ndarray, classes: Sequence[np.ndarray], k: int) -> list[np.ndarray]:
     """Per resample, how many of ``examples`` were drawn, by class, for each labelling in ``classes``
     (each (resamples, k)): one gather of the examples' weights, one matrix product with their classes."""
     b = weights.shape[1]
     if not len(examples):
         return [np.zeros((b, k)) for _ in classes]
-    onehot = np.zeros((k * len(classes), len(examples)), dtype=weights.dtype)
-    for i, c in enumerate(classes):
-        onehot[i * k + c, np.arange(len(examples))] = 1
-    sums = (onehot @ weights[examples]).astype(np.float64)  # (k·len(classes), b)
+    sums = (_onehot(classes, k, weights.dtype) @ weights[examples]).astype(np.float64)  # (k·len(classes), b)
     return [sums[i * k:(i + 1) * k].T for i in range(len(classes))]
 
 
@@ -160,12 +176,13 @@ def bootstrap_f1(y_true: Any, y_preds: Sequence[Any], average: str = "macro", po
     row = 0
     # Trials are split over the cores (numpy's gathers and products release the GIL); BLAS itself
     # gets one thread, as its own threads only fight these on small products.
-    workers = max(1, min(len(os.sched_getaffinity(0)), n_trials, MAX_WORKERS))
+    workers = max(1, min(_usable_cores(), n_trials, MAX_WORKERS))
+    true_onehot = _onehot([ti], k, dtype)  # every example's true class, the same for every block
     with threadpool_limits(1, "blas"), ThreadPoolExecutor(workers) as pool:
         for indices in resample_indices(n, resamples, seed):
             w = _weights(indices, dtype)
             b = w.shape[1]
-            (true,) = _class_sums(w, np.arange(n), [ti], k)  # (b, k): each resample's examples per true class
+            true = (true_onehot @ w).astype(np.float64).T  # (b, k): each resample's examples per true class
             tp = np.empty((b, n_trials, k))
             pred = np.empty((b, n_trials, k))
 
@@ -180,8 +197,15 @@ def bootstrap_f1(y_true: Any, y_preds: Sequence[Any], average: str = "macro", po
             list(pool.map(count, [range(i, n_trials, workers) for i in range(workers)]))
             boot[row:row + b] = _f1_from_counts(tp, pred, true[:, None, :], average, pos)
             row += b
-    point = np.array([f1_from_labels(t, p, average, pos_label) for p in preds])
+    point = np.array([_f1_of_encoded(ti, pi, k, average, pos) for pi in pis])
     return point, boot
+
+
+def _usable_cores() -> int:
+    """The cores this process may run on (all of them where the OS cannot say, as on macOS)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def compare_to_leader(point: np.ndarray, boot: np.ndarray, leader: int,
