@@ -23,7 +23,8 @@ from hpsweep.report.leaderboard import (LEADERBOARD_JSON, counts, leaderboard_js
 from hpsweep.store.registry import MLMODEL_FILE, RegisteredVersion, champion_uri
 from hpsweep.report import significance as stats
 from hpsweep.store.tags import (TAG_DATA_VERSION, TAG_EARLY_STOP, TAG_GIT_COMMIT, TAG_GPUS_PER_TRIAL,
-                                TAG_INTERRUPTED, TAG_METRIC, TAG_QUOTA, TAG_SETTINGS, TAG_SPEC_HASH, TAG_TIE_BREAK)
+                                TAG_INTERRUPTED, TAG_METRIC, TAG_QUOTA, TAG_SETTINGS, TAG_SPEC_HASH, TAG_TIE_BREAK,
+                                int_tag)
 from hpsweep.store.uri import redact_uri
 
 if TYPE_CHECKING:
@@ -45,6 +46,7 @@ def sweep_meta(sweep_id: str, name: str, experiment_id: str, parent_run_id: str,
                provenance: Mapping[str, str], quota: int | str | None) -> dict[str, Any]:
     """The report's header (leaderboard.json's top-level keys; ``build_report`` fills in the ``champion*`` keys).
     ``provenance``: the parent run's tags (spec hash, data version, git commit)."""
+    early_stop = _settings(provenance.get(TAG_EARLY_STOP))
     return {
         "sweep_id": sweep_id, "name": name, "experiment_id": experiment_id, "parent_run_id": parent_run_id,
         "tracking_uri": redact_uri(tracking_uri), "spec_hash": provenance.get(TAG_SPEC_HASH),
@@ -52,19 +54,12 @@ def sweep_meta(sweep_id: str, name: str, experiment_id: str, parent_run_id: str,
         "quota": int(quota) if quota is not None else None,
         "settings": _settings(provenance.get(TAG_SETTINGS)),
         "interrupted": provenance.get(TAG_INTERRUPTED),  # the signal that stopped the sweep, if one did
-        "early_stop": describe_early_stop(_settings(provenance.get(TAG_EARLY_STOP))),
-        "early_stop_max_steps": _settings(provenance.get(TAG_EARLY_STOP)).get("max_steps"),
-        "gpus_per_trial": _int(provenance.get(TAG_GPUS_PER_TRIAL)),
+        "early_stop": describe_early_stop(early_stop),
+        "early_stop_max_steps": early_stop.get("max_steps"),
+        "gpus_per_trial": int_tag(provenance.get(TAG_GPUS_PER_TRIAL)),
         "metric": _metric(provenance.get(TAG_METRIC)), "tie_break": provenance.get(TAG_TIE_BREAK),
         "champion": None, "champion_moved": False, "champion_note": None,
     }
-
-
-def _int(text: str | None) -> int | None:
-    try:
-        return int(text) if text is not None else None
-    except ValueError:
-        return None
 
 
 def describe_early_stop(rule: Mapping[str, Any]) -> str | None:

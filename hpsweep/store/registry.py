@@ -16,7 +16,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from hpsweep.store.filters import all_of, quote
-from hpsweep.store.tags import CHAMPION_ALIAS, TAG_DATA_VERSION, TAG_HPARAMS, TAG_SWEEP_ID
+from hpsweep.store.tags import CHAMPION_ALIAS, MAX_TAG_LEN, TAG_DATA_VERSION, TAG_HPARAMS, TAG_SWEEP_ID
 
 MODEL_ARTIFACT = "model"
 MLMODEL_FILE = f"{MODEL_ARTIFACT}/MLmodel"  # what makes the artifact loadable by mlflow.pyfunc.load_model
@@ -85,7 +85,7 @@ def register_champion(client: MlflowClient, model_name: str, run_id: str, sweep_
     version = existing.version if existing is not None else str(
         client.create_model_version(model_name, source=f"runs:/{run_id}/{MODEL_ARTIFACT}", run_id=run_id).version)
     _describe_version(client, model_name, version, client.get_run(run_id))
-    client.set_model_version_tag(model_name, version, f"{MOVED_BY_PREFIX}{sweep_id}", note[:5000])
+    client.set_model_version_tag(model_name, version, f"{MOVED_BY_PREFIX}{sweep_id}", note[:MAX_TAG_LEN])
     client.set_registered_model_alias(model_name, CHAMPION_ALIAS, version)
     return version
 
@@ -98,11 +98,11 @@ def _describe_version(client: MlflowClient, model_name: str, version: str, run: 
     shown = " ".join(f"{k}={v}" for k, v in hparams.items()) or "no hparams"
     client.update_model_version(model_name, version, description=(
         f"F1 {'unknown' if f1 is None else f'{f1:.4f}'} on the validation data, trial {run.info.run_name} of sweep "
-        f"{tags.get(TAG_SWEEP_ID, 'unknown')}: {shown}")[:5000])
+        f"{tags.get(TAG_SWEEP_ID, 'unknown')}: {shown}")[:MAX_TAG_LEN])
     for key, value in {VERSION_TAG_F1: None if f1 is None else repr(f1), TAG_SWEEP_ID: tags.get(TAG_SWEEP_ID),
                        TAG_HPARAMS: tags.get(TAG_HPARAMS)}.items():
         if value is not None:
-            client.set_model_version_tag(model_name, version, key, value[:5000])
+            client.set_model_version_tag(model_name, version, key, value[:MAX_TAG_LEN])
 
 
 def champion_uri(model_name: str, version: str, run_id: str) -> str:

@@ -21,13 +21,13 @@ from hpsweep.identity import identity_is_dead, process_identity
 from hpsweep.model import (HEARTBEAT_S, Hparams, IllegalTransition, Outcome, TrialRow, TrialState, check_transition,
                            run_name)
 from hpsweep.store.filters import all_of, run_id_in, tag_equals
-from hpsweep.store.tags import (EXPERIMENT_KIND, RUNS_VIEW, TAG_ATTEMPT, TAG_ATTEMPT_LOG, TAG_DURATION, TAG_F1_MISMATCH,
-                                TAG_HEARTBEAT, TAG_HEARTBEAT_S, TAG_HPARAMS, TAG_INDEX, TAG_INTERRUPTED, TAG_OWNER,
-                                TAG_REASON, TAG_RETRYABLE, TAG_ROLE, TAG_SPEC_HASH, TAG_STATUS, TAG_STOP_REQUEST,
-                                TAG_STOPPED_AT, TAG_SWEEP_ID, TAG_TRIAL_KEY, SETTINGS_PARAM_PREFIX)
+from hpsweep.store.tags import (EXPERIMENT_KIND, MAX_TAG_LEN, RUNS_VIEW, TAG_ATTEMPT, TAG_ATTEMPT_LOG, TAG_DURATION,
+                                TAG_F1_MISMATCH, TAG_HEARTBEAT, TAG_HEARTBEAT_S, TAG_HPARAMS, TAG_INDEX,
+                                TAG_INTERRUPTED, TAG_OWNER, TAG_REASON, TAG_RETRYABLE, TAG_ROLE, TAG_SPEC_HASH,
+                                TAG_STATUS, TAG_STOP_REQUEST, TAG_STOPPED_AT, TAG_SWEEP_ID, TAG_TRIAL_KEY,
+                                SETTINGS_PARAM_PREFIX, int_tag)
 
 MAX_PARAM_LEN = 6000
-MAX_TAG_LEN = 5000
 PAGE = 1000
 
 
@@ -86,7 +86,7 @@ def trial_row(run: Run) -> TrialRow:
         duration_s=float(tags[TAG_DURATION]) if TAG_DURATION in tags else _run_wall_time(run),
         started_at=(run.info.start_time or 0) / 1000,
         heartbeat=float(tags[TAG_HEARTBEAT]) if TAG_HEARTBEAT in tags else None,
-        stopped_at_step=_int_or_none(tags.get(TAG_STOPPED_AT)),
+        stopped_at_step=int_tag(tags.get(TAG_STOPPED_AT)),
     )
 
 
@@ -94,13 +94,6 @@ def _run_wall_time(run: Run) -> float | None:
     """An ended run's wall time from MLflow's own clock (a run closed without hpsweep's duration tag)."""
     start, end = run.info.start_time, run.info.end_time
     return max(0.0, (end - start) / 1000) if start and end else None
-
-
-def _int_or_none(text: str | None) -> int | None:
-    try:
-        return int(text) if text is not None else None
-    except ValueError:
-        return None
 
 
 def outcome_of(run: Run) -> Outcome:
@@ -113,7 +106,7 @@ def outcome_of(run: Run) -> Outcome:
         return Outcome(True, run.data.metrics["f1"], started_at=start, ended_at=end)
     if state is TrialState.STOPPED:
         return Outcome(False, run.data.metrics.get("f1"), tags.get(TAG_REASON), killed=True, stopped=True,
-                       stopped_at_step=_int_or_none(tags.get(TAG_STOPPED_AT)), started_at=start, ended_at=end)
+                       stopped_at_step=int_tag(tags.get(TAG_STOPPED_AT)), started_at=start, ended_at=end)
     return Outcome(False, None, tags.get(TAG_REASON) or f"run ended {run.info.status}",
                    retryable=tags.get(TAG_RETRYABLE) == "true", killed=run.info.status == "KILLED",
                    interrupted=bool(tags.get(TAG_INTERRUPTED)), started_at=start, ended_at=end)
@@ -282,7 +275,7 @@ def stop_request(client: MlflowClient, run_id: str) -> tuple[int, str] | None:
     tags = client.get_run(run_id).data.tags
     if TAG_STOP_REQUEST not in tags:
         return None
-    return _int_or_none(tags.get(TAG_STOPPED_AT)) or 0, tags[TAG_STOP_REQUEST]
+    return int_tag(tags.get(TAG_STOPPED_AT)) or 0, tags[TAG_STOP_REQUEST]
 
 
 def set_tags(client: MlflowClient, run_id: str, tags: dict[str, str]) -> None:

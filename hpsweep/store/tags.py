@@ -1,4 +1,5 @@
-"""hpsweep's MLflow tag names (a public contract: `status`, `report` and users' queries read them)."""
+"""hpsweep's MLflow tag names (a public contract: `status`, `report` and users' queries read them), and
+how their values are read and bounded."""
 
 import json
 
@@ -40,6 +41,9 @@ TAG_METRIC = "hpsweep.metric"  # on the parent run: the spec's metric block, can
 TAG_TIE_BREAK = "hpsweep.tie_break"  # on the parent run: the tie-break rule the champion was picked by
 TAG_ADOPTED_FROM = "hpsweep.adopted_from_sweep"
 CHAMPION_ALIAS = "champion"
+# The longest free text (a reason, a note) hpsweep writes into a tag or a model version's description,
+# well under MLflow's own limits.
+MAX_TAG_LEN = 5000
 SETTINGS_PARAM_PREFIX = "settings."  # the spec's settings as params of the parent and every trial run
 # The kind MLflow's experiment header shows. MLflow 3.17's UI does not read it to choose the view:
 # it opens the GenAI pages unless the URL (or the browser's GenAI / Machine learning switch) says
@@ -51,3 +55,11 @@ EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 RUNS_VIEW_KEY = "hpsweep"
 RUNS_VIEW = {f"mlflow.sharedViewState.{RUNS_VIEW_KEY}": json.dumps({"selectedColumns": [
     "attributes.`Source`", "attributes.`Models`", "attributes.`Dataset`", "metrics.`f1`", "metrics.`best_f1`"]})}
+
+
+def int_tag(text: str | None) -> int | None:
+    """An integer tag's value; None when the tag is absent or not an integer."""
+    try:
+        return int(text) if text is not None else None
+    except ValueError:
+        return None
