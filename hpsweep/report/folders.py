@@ -16,7 +16,7 @@ import uuid
 from contextlib import suppress
 from pathlib import Path
 
-__all__ = ["LATEST", "REPORTS_ROOT", "latest_dir", "move_latest", "point_latest", "sweep_report_dir"]
+__all__ = ["LATEST", "REPORTS_ROOT", "move_latest", "point_latest", "sweep_report_dir"]
 
 REPORTS_ROOT = Path("reports")
 LATEST = "latest"
@@ -27,11 +27,6 @@ log = logging.getLogger("hpsweep")
 def sweep_report_dir(name: str, sweep_id: str, root: Path = REPORTS_ROOT) -> Path:
     """The default report folder of one sweep execution: ``reports/<name>/<sweep_id>``."""
     return root / name / sweep_id
-
-
-def latest_dir(name: str, root: Path = REPORTS_ROOT) -> Path:
-    """``reports/<name>/latest``: the newest sweep's report folder of that name."""
-    return root / name / LATEST
 
 
 def point_latest(sweep_dir: Path) -> Path:
