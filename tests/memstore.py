@@ -83,8 +83,8 @@ class InMemoryStore:
         run = next((r for r in reversed(self._trials(exp_id)) if r.state is TrialState.FINISHED), None)
         return None if run is None else {n: run.tags[n] for n in names if n in run.tags}
 
-    def start_parent_run(self, exp_id: str, sweep_id: str, tags: dict[str, str], params: dict) -> str:
-        run = MemRun(f"run{next(self._ids)}", exp_id, "sweep", sweep_id, dict(tags), dict(params))
+    def start_parent_run(self, exp_id: str, sweep_id: str, tags: dict[str, str]) -> str:
+        run = MemRun(f"run{next(self._ids)}", exp_id, "sweep", sweep_id, dict(tags), {})
         self.runs[run.run_id] = run
         return run.run_id
 

@@ -168,7 +168,7 @@ class Sweeps:
         self.count += 1
         sweep_id, client = f"{self.name}-{self.count}", self.store.client
         provenance = {TAG_DATA_VERSION: f"{TRAIN}/{val}"}
-        parent = self.store.start_parent_run(self.exp, sweep_id, provenance, {})
+        parent = self.store.start_parent_run(self.exp, sweep_id, provenance)
         trials = []
         for i, f1 in enumerate(f1s, start=1):
             key = f"{sweep_id}-k{i}"

@@ -35,7 +35,7 @@ def sweep_run(tmp_path: Path, demo_data: Path):
     store.resolve_tracking_uri(uri)
     client = MlflowClient(uri)
     exp = store.ensure_experiment(client, f"contract-{time.time_ns()}")
-    parent = store.start_parent_run(client, exp, "sweep-1", {}, {})
+    parent = store.start_parent_run(client, exp, "sweep-1", {})
 
     def job(index: int, hparams: dict, **overrides) -> TrialJob:
         fields = dict(sweep_id="sweep-1", experiment_id=exp, parent_run_id=parent, tracking_uri=uri, index=index,

@@ -330,7 +330,7 @@ def test_the_report_lists_every_combination_reused_and_never_started_included(tm
     exp = store.ensure_experiment("demo")
     old = store.start_trial_run(exp, "demo-0", 7, {"i": 3, "was": "row 7"}, "k3")  # an earlier sweep's winner
     store.finish_trial_run(old, Outcome(True, 0.95, started_at=0.0, ended_at=2.0))
-    parent = store.start_parent_run(exp, "demo-1", {TAG_SPEC_HASH: "h", TAG_QUOTA: "2"}, {})
+    parent = store.start_parent_run(exp, "demo-1", {TAG_SPEC_HASH: "h", TAG_QUOTA: "2"})
     trials = [PlannedTrial(i, {"i": i}, f"k{i}") for i in range(1, 5)]
     ok = store.start_trial_run(exp, "demo-1", 1, {"i": 1}, "k1")
     store.log_metric(ok, "val_f1", 1, 0.5)

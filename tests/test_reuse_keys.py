@@ -95,7 +95,7 @@ def record_sweep(client: MlflowClient, name: str, inputs: SweepInputs) -> str:
     """A finished previous sweep of ``inputs``: its trial runs carry the tags a sweep gives them."""
     trials, versions = plan.plan_trials(inputs)
     exp = store.ensure_experiment(client, name)
-    parent = store.start_parent_run(client, exp, f"{name}-1", versions, {})
+    parent = store.start_parent_run(client, exp, f"{name}-1", versions)
     for t in trials:
         run_id = store.start_trial_run(client, exp, parent, f"{name}-1", t.index, t.hparams, t.key, 1,
                                        tags={**versions, **code_manifest_tag(inputs.spec)})

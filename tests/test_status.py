@@ -149,7 +149,7 @@ def test_a_sweep_name_or_id_with_a_quote_is_found_and_cannot_widen_the_search(sw
     for name in ("o'brien", 'say "hi"', "plain"):
         exp = sweep_store.ensure_experiment(name)
         for n in (1, 2):
-            start_parent_run(client, exp, f"{name}-20260101-00000{n}-abcdef", {}, {})
+            start_parent_run(client, exp, f"{name}-20260101-00000{n}-abcdef", {})
     assert find_sweep(sweep_store, "o'brien").sweep_id == "o'brien-20260101-000002-abcdef"  # by name: the latest
     found = find_sweep(sweep_store, "o'brien-20260101-000001-abcdef")  # by id
     assert (found.name, found.sweep_id) == ("o'brien", "o'brien-20260101-000001-abcdef")
@@ -173,8 +173,8 @@ def test_closing_a_crashed_sweep_leaves_no_run_of_it_running(project: Project):
     store = SweepStore(MlflowClient(f"sqlite:///{project.root / 'mlflow.db'}"))
     client = store.client
     exp = store.ensure_experiment("crashy")
-    parent = start_parent_run(client, exp, "crashy-20260101-000000-abcdef", {}, {})
-    other = start_parent_run(client, exp, "crashy-20260101-000001-abcdef", {}, {})  # another sweep, still running
+    parent = start_parent_run(client, exp, "crashy-20260101-000000-abcdef", {})
+    other = start_parent_run(client, exp, "crashy-20260101-000001-abcdef", {})  # another sweep, still running
     trial = {i: start_trial_run(client, exp, parent, "crashy-20260101-000000-abcdef", i, {"i": i}, f"k{i}", 1, {})
              for i in (1, 2, 3)}
     theirs = start_trial_run(client, exp, other, "crashy-20260101-000001-abcdef", 1, {"i": 1}, "k1", 1, {})

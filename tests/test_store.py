@@ -139,7 +139,7 @@ def test_retrying_outlasts_a_transient_error_and_raises_permanent_ones_at_once()
 
 
 def test_the_parent_run_is_found_by_a_quoted_sweep_id(client, exp):
-    parent = store.start_parent_run(client, exp, "sweep-'q'", {}, {})
+    parent = store.start_parent_run(client, exp, "sweep-'q'", {})
     assert store.latest_parent_run(client, [exp], "sweep-'q'").info.run_id == parent
     assert store.latest_parent_run(client, [exp], "sweep-'q' or '1'='1") is None
 

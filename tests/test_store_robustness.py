@@ -191,7 +191,7 @@ def test_a_trial_whose_param_the_store_refuses_fails_for_good_in_its_one_run(tmp
     url = store.resolve_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     client = MlflowClient(url)
     exp = store.ensure_experiment(client, "refused")
-    parent = store.start_parent_run(client, exp, "sw-refused", {}, {})
+    parent = store.start_parent_run(client, exp, "sw-refused", {})
     job = trial_job(url, exp, parent, {"k" * 300: 1}, tmp_path)
     result = execute_trial(job, (), NeverTrains())
     assert not result.outcome.ok and not result.outcome.retryable, result.outcome
@@ -210,7 +210,7 @@ def test_a_trial_the_tracking_server_refuses_fails_once_for_good_with_at_most_on
         mlflow_server, tmp_path: Path, monkeypatch, hparams: dict, message: str):
     client = MlflowClient(mlflow_server.url)
     exp = store.ensure_experiment(client, f"refused-{time.time_ns()}")
-    parent = store.start_parent_run(client, exp, "sw-refused", {}, {})
+    parent = store.start_parent_run(client, exp, "sw-refused", {})
     creations = []
     create = MlflowClient.create_run
 

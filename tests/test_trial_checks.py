@@ -200,7 +200,7 @@ def test_the_trial_process_refuses_changed_data_and_tags_what_it_read(launcher, 
     store.resolve_tracking_uri(uri)
     client = MlflowClient(uri)
     exp = store.ensure_experiment(client, "checks")
-    parent = store.start_parent_run(client, exp, "sweep-1", {}, {})
+    parent = store.start_parent_run(client, exp, "sweep-1", {})
     train, val = tmp_path / "train.csv", tmp_path / "val.csv"
     train.write_text("x,y\n1,0\n")
     val.write_text("x,y\n3,1\n")

@@ -82,7 +82,7 @@ def start_sweep(config: SweepConfig, inputs: SweepInputs, store: SweepStore) -> 
     name = sweep_name(config, inputs)
     experiment_id = store.ensure_experiment(name)
     sweep_id = new_sweep_id(name)
-    parent_run_id = store.start_parent_run(experiment_id, sweep_id, {TAG_STATUS: "STARTING"}, params={})
+    parent_run_id = store.start_parent_run(experiment_id, sweep_id, {TAG_STATUS: "STARTING"})
     return StartedSweep(name=name, experiment_id=experiment_id, sweep_id=sweep_id, parent_run_id=parent_run_id)
 
 

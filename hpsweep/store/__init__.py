@@ -107,8 +107,8 @@ class SweepStore:
         return runs.latest_trial_tags(self.client, exp_id, names)
 
     @_patient
-    def start_parent_run(self, exp_id: str, sweep_id: str, tags: dict[str, str], params: dict) -> str:
-        return runs.start_parent_run(self.client, exp_id, sweep_id, tags, params)
+    def start_parent_run(self, exp_id: str, sweep_id: str, tags: dict[str, str]) -> str:
+        return runs.start_parent_run(self.client, exp_id, sweep_id, tags)
 
     @_patient
     def describe_parent_run(self, parent_run_id: str, tags: dict[str, str], params: dict) -> None:

@@ -115,15 +115,12 @@ def outcome_of(run: Run) -> Outcome:
 # ---------------------------------------------------------------- writing: parent and trial runs
 
 
-def start_parent_run(client: MlflowClient, exp_id: str, sweep_id: str, tags: dict[str, str],
-                     params: dict[str, Any]) -> str:
+def start_parent_run(client: MlflowClient, exp_id: str, sweep_id: str, tags: dict[str, str]) -> str:
     """A sweep's parent run, owned by this process, which beats every HEARTBEAT_S (recorded on it, so
     that `status` can tell a silent sweep by the sweep's own interval)."""
     run = client.create_run(exp_id, run_name=f"sweep {sweep_id}",
                             tags={TAG_SWEEP_ID: sweep_id, TAG_ROLE: "sweep", TAG_OWNER: process_identity(),
                                   TAG_HEARTBEAT: f"{time.time():.0f}", TAG_HEARTBEAT_S: f"{HEARTBEAT_S:g}", **tags})
-    if params:
-        client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
     return run.info.run_id
 
 
