@@ -9,10 +9,9 @@ stored as one compressed ``.npz`` (``STORED_NAME``), the trial run's ``predictio
 
 from __future__ import annotations
 
-import io
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -68,24 +67,25 @@ def save(path: Path, y_true: Any, y_pred: Any) -> Path:
 def load(path: Path) -> Predictions:
     """Predictions from a stored ``.npz`` or a trainer's file (CSV with header ``y_true,y_pred``, or .npz)."""
     with open(path, "rb") as f:
-        data = f.read()
-    if data.startswith(_ZIP_MAGIC):
-        try:
-            with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-                if "y_true" not in npz or "y_pred" not in npz:
-                    raise PredictionsError(f"{path.name}: an .npz needs arrays 'y_true' and 'y_pred', it has "
-                                           f"{sorted(npz.files)}")
-                return checked(npz["y_true"], npz["y_pred"])
-        except (OSError, ValueError) as e:
-            raise PredictionsError(f"{path.name}: not a readable .npz: {e}") from e
-    return _read_csv(path, data)
+        is_npz = f.read(len(_ZIP_MAGIC)) == _ZIP_MAGIC
+        f.seek(0)
+        if is_npz:
+            try:
+                with np.load(f, allow_pickle=False) as npz:
+                    if "y_true" not in npz or "y_pred" not in npz:
+                        raise PredictionsError(f"{path.name}: an .npz needs arrays 'y_true' and 'y_pred', it has "
+                                               f"{sorted(npz.files)}")
+                    return checked(npz["y_true"], npz["y_pred"])
+            except (OSError, ValueError) as e:
+                raise PredictionsError(f"{path.name}: not a readable .npz: {e}") from e
+        return _read_csv(path, f)
 
 
-def _read_csv(path: Path, data: bytes) -> Predictions:
+def _read_csv(path: Path, f: BinaryIO) -> Predictions:
     import pandas as pd
 
     try:
-        frame = pd.read_csv(io.BytesIO(data), skipinitialspace=True, keep_default_na=False)
+        frame = pd.read_csv(f, skipinitialspace=True, keep_default_na=False)
     except (ValueError, pd.errors.ParserError) as e:
         raise PredictionsError(f"{path.name}: not CSV with a header y_true,y_pred: {str(e)[:200]}") from e
     missing = [c for c in ("y_true", "y_pred") if c not in frame.columns]
