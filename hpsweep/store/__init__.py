@@ -29,8 +29,8 @@ from hpsweep.store.registry import (RegisteredVersion, champion, champion_uri, h
 from hpsweep.store.retry import TRACKING_PATIENCE_S, cap_client_backoff, refused_by_store, retrying
 from hpsweep.store.runs import (create_trial_run, ensure_experiment, find_trial_run, finish_trial_run, heartbeat,
                                 latest_parent_run, log_trial_params, mark_failed, open_trial_run, outcome_of,
-                                reap_zombies, reopen_trial_run, request_stop, set_tags, start_parent_run,
-                                start_trial_run, state_of, stop_request, sweep_trials, trial_row, trials_by_run_id)
+                                reap_zombies, reopen_trial_run, set_tags, start_parent_run, start_trial_run, state_of,
+                                stop_request, sweep_trials, trial_row, trials_by_run_id)
 from hpsweep.store.tags import *  # noqa: F401,F403  (the tag names)
 from hpsweep.store.uri import redact_uri, resolve_tracking_uri, ui_url
 
