@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from hpsweep import predictions
-from hpsweep.report.significance import DEFAULT_RESAMPLES, _usable_cores, bootstrap_f1
+from hpsweep.report.significance import DEFAULT_RESAMPLES, usable_cores, bootstrap_f1
 
 
 def _preds(n: int, trials: int, classes: int = 10, seed: int = 0):
@@ -68,7 +68,7 @@ def main(quick: bool) -> None:
             rows.append(("bootstrap B=2000, 1 trial × 1M examples, macro",
                          _both(lambda: bootstrap_f1(yy, [pp], "macro"))))
     width = max(len(r[0]) for r in rows)
-    print(f"{'measure':<{width}}  value   (cores: {_usable_cores()}, load: "
+    print(f"{'measure':<{width}}  value   (cores: {usable_cores()}, load: "
           f"{os.getloadavg()[0]:.1f})")
     for name, value in rows:
         print(f"{name:<{width}}  {value}")

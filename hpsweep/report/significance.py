@@ -176,7 +176,7 @@ def bootstrap_f1(y_true: Any, y_preds: Sequence[Any], average: str = "macro", po
     row = 0
     # Trials are split over the cores (numpy's gathers and products release the GIL); BLAS itself
     # gets one thread, as its own threads only fight these on small products.
-    workers = max(1, min(_usable_cores(), n_trials, MAX_WORKERS))
+    workers = max(1, min(usable_cores(), n_trials, MAX_WORKERS))
     true_onehot = _onehot([ti], k, dtype)  # every example's true class, the same for every block
     with threadpool_limits(1, "blas"), ThreadPoolExecutor(workers) as pool:
         for indices in resample_indices(n, resamples, seed):
@@ -201,7 +201,7 @@ def bootstrap_f1(y_true: Any, y_preds: Sequence[Any], average: str = "macro", po
     return point, boot
 
 
-def _usable_cores() -> int:
+def usable_cores() -> int:
     """The cores this process may run on (all of them where the OS cannot say, as on macOS)."""
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
