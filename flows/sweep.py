@@ -111,11 +111,12 @@ def _sweep(config: SweepConfig, stop: StopRequest, started: engine.StartedSweep 
     else:
         capacity = check_pool_limit(config.pool, config.quota)
         depth = 2 * capacity + 2  # enough flow runs waiting in the pool that a freed slot is taken at once
-    keeper = nullcontext()  # `hpsweep run` started the parent run before Prefect, and keeps it alive
-    if started is None:  # a deployment's flow run: it starts its own
+    if started is None:  # a deployment's flow run: it starts its own parent run, beats it and closes it on a crash
         started = engine.start_sweep(config, inputs, store)
-        keeper = engine.kept_alive(store, started)
-    with keeper, engine.closed_on_crash(store, started.experiment_id, started.sweep_id, started.parent_run_id):
+        guard = engine.kept_alive(store, started)
+    else:  # `hpsweep run` started it before Prefect and keeps it alive: a crash here closes it at once
+        guard = engine.closed_on_crash(store, started.experiment_id, started.sweep_id, started.parent_run_id)
+    with guard:
         opened = engine.open_sweep(config, inputs, store, capacity, depth,
                                    {"hpsweep.flow_run_id": str(flow_run.id)} if flow_run.id else {}, started)
         if opened.zombies:
