@@ -19,7 +19,6 @@ from typing import Literal, Mapping, Sequence
 
 History = Sequence[tuple[int, float]]
 RuleName = Literal["none", "median", "asha"]
-RULES: tuple[str, ...] = ("none", "median", "asha")
 MEDIAN_MIN_OTHERS = 3  # the median of fewer trials says too little to stop anyone
 
 
