@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Mapping, Sequence
 
 History = Sequence[tuple[int, float]]
@@ -123,11 +123,8 @@ class StopTracker:
     order, as it arrives (a rule never reconsiders a step another trial's later report would change)."""
 
     rule: EarlyStopRule
-    judged: dict[str, int]  # trial id → last step judged
-    stopped: set[str]  # trials already told to stop: never judged again
-
-    def __init__(self, rule: EarlyStopRule):
-        self.rule, self.judged, self.stopped = rule, {}, set()
+    judged: dict[str, int] = field(default_factory=dict)  # trial id → last step judged
+    stopped: set[str] = field(default_factory=set)  # trials already told to stop: never judged again
 
     def decide(self, running: Sequence[str], histories: Mapping[str, History]) -> dict[str, tuple[int, str]]:
         """For each of the ``running`` trials (ids into ``histories``, which holds every trial the rule
