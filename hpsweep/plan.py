@@ -215,9 +215,9 @@ def dispatch_order(trials: list[PlannedTrial], estimates: list[Estimate], early_
 
 def describe_order(order: str, estimates: list[Estimate]) -> str:
     """The dispatch order and where its durations came from, e.g. 'longest first (3 measured, 2 median)'."""
-    sources = source_counts(estimates)
     if order == SHUFFLED:
         return order
+    sources = source_counts(estimates)
     if estimates and sources.get("unknown") == len(estimates):
         return f"{order} (no durations known yet)"
     detail = ", ".join(f"{n} {s}" for s, n in sources.items() if n)
