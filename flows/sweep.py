@@ -17,7 +17,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from prefect.utilities.annotations import quote
 
-from hpsweep.config import SweepConfig, SweepOverrides, build_config, tie_break_problems
+from hpsweep.config import SweepConfig, SweepOverrides, build_config, check_tie_break
 from hpsweep.engine import sweep as engine
 from hpsweep.engine.callbacks import LogCallback, SweepCallback, observers
 from hpsweep.engine.controller import RetryPolicy, SweepEngine
@@ -27,7 +27,7 @@ from hpsweep.engine.pool import PoolLauncher, check_pool_limit
 from hpsweep.engine.quota import REPOSSESS_EVERY_S, SLOT_LEASE_S, ensure_quota_limit
 from hpsweep.engine.quota import hold_slot as hold_quota_slot
 from hpsweep.engine.stopping import StopRequest, stop_on_signals
-from hpsweep.inputs import SweepInputError, load_inputs
+from hpsweep.inputs import load_inputs
 from hpsweep.model import AttemptResult, TrialJob, TrialRow
 from hpsweep.plan import describe_reuse
 from hpsweep.report.cells import short_text
@@ -96,9 +96,7 @@ def _sweep(config: SweepConfig, stop: StopRequest, started: engine.StartedSweep 
     local = config.launcher == "local"
     host = host_gpus() if local else ()
     inputs = load_inputs(config.combinations, config.spec, config.train, config.val, config.quota, host)
-    problems = tie_break_problems(config, list(inputs.combinations[0]))
-    if problems:
-        raise SweepInputError(problems)
+    check_tie_break(config, inputs)
     store = SweepStore.at(resolve_tracking_uri(config.tracking_uri))
     gpus = inputs.spec.resources.gpus
     if local:

@@ -25,7 +25,7 @@ from rich.logging import RichHandler
 from rich.markup import escape
 from rich.table import Table
 
-from hpsweep.config import SweepConfig, build_config, read_params, tie_break_problems
+from hpsweep.config import SweepConfig, build_config, check_tie_break, read_params
 from hpsweep.engine.gpus import host_gpus
 from hpsweep.inputs import Problem, SweepInputError, SweepInputs, load_inputs, resolved_interpreter
 from hpsweep.limits import cut_at_word
@@ -279,9 +279,7 @@ def _validated(args: argparse.Namespace) -> tuple[SweepConfig, SweepInputs]:
     # Trials on this host cannot use more GPUs than it has (a CPU host, or a pool: no check).
     host = host_gpus() if config.launcher == "local" else ()
     inputs = load_inputs(config.combinations, config.spec, config.train, config.val, config.quota, host)
-    problems = tie_break_problems(config, list(inputs.combinations[0]))
-    if problems:
-        raise SweepInputError(problems)
+    check_tie_break(config, inputs)
     if config.launcher == "pool":
         from hpsweep.engine.pool import check_pool_limit
 

@@ -9,7 +9,7 @@ from typing import Any, Callable, Literal
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
 from hpsweep.engine.early_stop import EarlyStopRule, RuleName
-from hpsweep.inputs import Problem, SweepInputError, SweepName, load_yaml, read_input_text
+from hpsweep.inputs import Problem, SweepInputError, SweepInputs, SweepName, load_yaml, read_input_text
 
 DEFAULT_LIMIT_NAME = "hpsweep-gpus"
 PARAMS_MAX_DEPTH = 32
@@ -96,12 +96,15 @@ def parse_tie_break(rule: str) -> list[tuple[str, bool]]:
     return keys
 
 
-def tie_break_problems(config: SweepConfig, hparam_keys: list[str]) -> list[Problem]:
-    """A tie-break naming an hparam the combinations do not have (it could never pick)."""
+def check_tie_break(config: SweepConfig, inputs: SweepInputs) -> None:
+    """Raises SweepInputError for a tie-break naming an hparam the combinations do not have (it could never pick)."""
     if config.tie_break is None:
-        return []
-    return [Problem("--tie-break", f"no hparam {key!r} in the combinations (they have: {', '.join(hparam_keys)})")
-            for key, _ in parse_tie_break(config.tie_break) if key not in hparam_keys]
+        return
+    hparam_keys = list(inputs.combinations[0])
+    problems = [Problem("--tie-break", f"no hparam {key!r} in the combinations (they have: {', '.join(hparam_keys)})")
+                for key, _ in parse_tie_break(config.tie_break) if key not in hparam_keys]
+    if problems:
+        raise SweepInputError(problems)
 
 
 # What a `sweep` flow run is given: any of SweepConfig's fields (same names and meanings), the rest
