@@ -31,7 +31,7 @@ from hpsweep.inputs import load_inputs
 from hpsweep.model import AttemptResult, TrialJob, TrialRow
 from hpsweep.plan import describe_reuse
 from hpsweep.report.cells import short_text
-from hpsweep.report.leaderboard import render_markdown
+from hpsweep.report.leaderboard import TIED, interval_text, render_markdown
 from hpsweep.report.links import mlflow_ui_note, run_url
 from hpsweep.store import SweepStore, resolve_tracking_uri
 
@@ -63,8 +63,8 @@ class PrefectArtifacts(SweepCallback):
 def _interval(row: TrialRow) -> dict[str, str]:
     """The F1's 95% bootstrap interval and the tie mark (≈: statistically tied with the best)."""
     sig = row.significance
-    return {"f1_95%_ci": f"[{sig.ci_low:.4f}, {sig.ci_high:.4f}]" if sig else "",
-            "tied_with_best": "≈" if sig and sig.tied_with_best else ""}
+    return {"f1_95%_ci": interval_text(sig.ci_low, sig.ci_high) if sig else "",
+            "tied_with_best": TIED if sig and sig.tied_with_best else ""}
 
 
 @flow(name="sweep", persist_result=False, log_prints=True)

@@ -252,6 +252,8 @@ def _print_summary(result: dict[str, Any]) -> None:
 
 def _top_table(result: dict[str, Any]) -> Table:
     """The summary's ranked trials (those with an F1), with their 95% intervals when known."""
+    from hpsweep.report.leaderboard import interval_text  # pandas: not at `hpsweep --help`
+
     table = Table(title=f"Top trials of {result['sweep_id']}")
     table.add_column("rank", justify="right")
     table.add_column("hparams")
@@ -261,7 +263,7 @@ def _top_table(result: dict[str, Any]) -> Table:
         table.add_column("95% CI", justify="right")
     table.add_column("status")
     for r in result["top"]:
-        ci = [f"[{r['f1_ci_low']:.4f}, {r['f1_ci_high']:.4f}]" if r.get("f1_ci_low") is not None else ""]
+        ci = [interval_text(r["f1_ci_low"], r["f1_ci_high"]) if r.get("f1_ci_low") is not None else ""]
         table.add_row(str(r["rank"]), " ".join(f"{k}={v}" for k, v in r["hparams"].items()),
                       "—" if r["f1"] is None else f"{r['f1']:.4f}", *(ci if intervals else []), r["status"])
     return table
