@@ -53,8 +53,9 @@ class EarlyStopRule:
         return None
 
 
-def best_so_far(history: History, step: int) -> float | None:
-    values = [v for s, v in history if s <= step and math.isfinite(v)]
+def best_so_far(history: History, step: int | None = None) -> float | None:
+    """The best finite value reported up to ``step`` (None: the whole history)."""
+    values = [v for s, v in history if (step is None or s <= step) and math.isfinite(v)]
     return max(values) if values else None
 
 
