@@ -472,7 +472,7 @@ def _report(args: argparse.Namespace) -> int:
     except (SweepNotFound, SweepInputError) as e:
         return _not_found(e)
     from hpsweep.report import folders
-    from hpsweep.report.assemble import ReportNotWritten, rebuild_report, sweep_summary
+    from hpsweep.report.assemble import ReportNotWritten, rebuild_report, show_as_latest, sweep_summary
 
     explicit = args.report_dir or (Path(params["report_dir"]) if params.get("report_dir")
                                    and params.get("name") == record.name else None)
@@ -488,8 +488,7 @@ def _report(args: argparse.Namespace) -> int:
     # `latest` shows the name's newest sweep: rewriting an older sweep's report never moves it back.
     newest = store.latest_parent_run([record.experiment_id]) if explicit is None else None
     if newest is not None and newest.info.run_id == record.parent_run_id:
-        latest = folders.move_latest(report_dir)
-        summary["latest"] = str(latest) if latest else None
+        show_as_latest(summary, report_dir)
     _print_summary(summary)
     Console().print("wrote " + ", ".join(str(p) for p in paths.values()), highlight=False, soft_wrap=True)
     return EXIT_OK
