@@ -25,7 +25,7 @@ from rich.logging import RichHandler
 from rich.markup import escape
 from rich.table import Table
 
-from hpsweep.config import SweepConfig, build_config, check_tie_break, read_params
+from hpsweep.config import SweepConfig, build_config, check_tie_break, early_stop_rule, read_params
 from hpsweep.engine.gpus import host_gpus
 from hpsweep.inputs import Problem, SweepInputError, SweepInputs, load_inputs, resolved_interpreter
 from hpsweep.limits import cut_at_word
@@ -186,7 +186,7 @@ class RichProgress(SweepCallback):
         self._render()
 
     def on_sweep_end(self) -> None:
-        if self._task is not None and self._live:
+        if self._task is not None:  # only set when live
             self._render()
             self._progress.stop()
 
@@ -218,7 +218,7 @@ def _print_summary(result: dict[str, Any]) -> None:
     else:
         out.print(_top_table(result))
     if result.get("tie_note"):  # the leaderboard's order among the top is noise: say so first
-        out.print(result["tie_note"], markup=False, highlight=False, soft_wrap=True)
+        out.print(result["tie_note"], markup=False, highlight=False)
     c = result["counts"]
     stopped = f"{c['stopped']} stopped early (a rerun resumes them), " if c.get("stopped") else ""
     out.print(f"{c['total']} trials: {c['finished']} trained, {c['reused']} reused (already FINISHED), {stopped}"
@@ -231,23 +231,21 @@ def _print_summary(result: dict[str, Any]) -> None:
     report = Path(result["report_dir"]) / "leaderboard.md"
     latest = f" (also {result['latest']}{os.sep})" if result.get("latest") else ""
     out.print(f"report: {report}{latest}" if report.is_file() else f"report: not written to {result['report_dir']} "
-              "(see the warning above); leaderboard.json is on the parent run in MLflow", soft_wrap=True)
+              "(see the warning above); leaderboard.json is on the parent run in MLflow")
     if result.get("champion") or result.get("champion_note"):
         moved = "moved by this sweep" if result.get("champion_moved") else "not moved by this sweep"
-        out.print(f"champion: {result.get('champion') or 'none'}, {moved}", markup=False, highlight=False,
-                  soft_wrap=True)
+        out.print(f"champion: {result.get('champion') or 'none'}, {moved}", markup=False, highlight=False)
     if result.get("champion_note"):
-        out.print(result["champion_note"], markup=False, highlight=False, soft_wrap=True)
+        out.print(result["champion_note"], markup=False, highlight=False)
     if result.get("champion_rule") and result["champion_rule"] != "highest F1":
-        out.print(f"champion picked by: {result['champion_rule']}", markup=False, highlight=False, soft_wrap=True)
+        out.print(f"champion picked by: {result['champion_rule']}", markup=False, highlight=False)
     from hpsweep.store.uri import is_tracking_server, ui_url
 
     uri = result["tracking_uri"]
     # The runs table with the f1 column: MLflow 3.17's UI opens an experiment on its GenAI pages otherwise.
     url = ui_url(uri, result["experiment_id"])
     start = "" if is_tracking_server(uri) else f"mlflow ui --backend-store-uri {uri}, then open "
-    out.print(f"MLflow UI: {start}{url}  (parent run {result['parent_run_id']})", markup=False, highlight=False,
-              soft_wrap=True)
+    out.print(f"MLflow UI: {start}{url}  (parent run {result['parent_run_id']})", markup=False, highlight=False)
 
 
 def _top_table(result: dict[str, Any]) -> Table:
@@ -291,7 +289,7 @@ def _validated(args: argparse.Namespace) -> tuple[SweepConfig, SweepInputs]:
 
 def _input_errors(e: SweepInputError) -> int:
     for problem in e.problems:
-        console.print(f"[red]error:[/red] {escape(str(problem))}", highlight=False, soft_wrap=True)
+        console.print(f"[red]error:[/red] {escape(str(problem))}", highlight=False)
     return EXIT_INVALID_INPUT
 
 
@@ -395,8 +393,6 @@ def _plan(args: argparse.Namespace) -> int:
     estimates = plan.estimate_durations(to_train, inputs.spec.expected_duration_s, history)
     host = host_gpus() if config.launcher == "local" else ()
     gpus = inputs.spec.resources.gpus
-    from hpsweep.config import early_stop_rule
-
     result = plan.make_plan(trials, reused, estimates, plan.slots_for(config.quota, gpus, host), gpus,
                             plan.Prices(args.price, args.spot_price), why,
                             early_stop_rule(config, dict(inputs.spec.settings)))
@@ -480,7 +476,7 @@ def _report(args: argparse.Namespace) -> int:
     try:
         rows, header, paths = rebuild_report(store, record, report_dir)
     except ReportNotWritten as e:  # writing the files is this command's whole job
-        console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
+        console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False)
         return EXIT_INTERNAL
     if record.parent_status == "RUNNING":
         console.print(f"note: sweep {record.sweep_id} is still running: trials not yet ended are listed as failed")
@@ -522,7 +518,7 @@ def _quota(args: argparse.Namespace) -> int:
 def _not_found(e: Exception) -> int:
     problems = e.problems if isinstance(e, SweepInputError) else [str(e)]
     for problem in problems:
-        console.print(f"[red]error:[/red] {escape(str(problem))}", highlight=False, soft_wrap=True)
+        console.print(f"[red]error:[/red] {escape(str(problem))}", highlight=False)
     return EXIT_INVALID_INPUT
 
 
