@@ -17,7 +17,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from prefect.utilities.annotations import quote
 
-from hpsweep.config import SweepConfig, SweepOverrides, build_config, tie_break_problems
+from hpsweep.config import SweepConfig, SweepOverrides, build_config, check_tie_break
 from hpsweep.engine import sweep as engine
 from hpsweep.engine.callbacks import LogCallback, SweepCallback, observers
 from hpsweep.engine.controller import RetryPolicy, SweepEngine
@@ -27,11 +27,11 @@ from hpsweep.engine.pool import PoolLauncher, check_pool_limit
 from hpsweep.engine.quota import REPOSSESS_EVERY_S, SLOT_LEASE_S, ensure_quota_limit
 from hpsweep.engine.quota import hold_slot as hold_quota_slot
 from hpsweep.engine.stopping import StopRequest, stop_on_signals
-from hpsweep.inputs import SweepInputError, load_inputs
+from hpsweep.inputs import load_inputs
 from hpsweep.model import AttemptResult, TrialJob, TrialRow
 from hpsweep.plan import describe_reuse
 from hpsweep.report.cells import short_text
-from hpsweep.report.leaderboard import render_markdown
+from hpsweep.report.leaderboard import TIED, interval_text, render_markdown
 from hpsweep.report.links import mlflow_ui_note, run_url
 from hpsweep.store import SweepStore, resolve_tracking_uri
 
@@ -63,8 +63,8 @@ class PrefectArtifacts(SweepCallback):
 def _interval(row: TrialRow) -> dict[str, str]:
     """The F1's 95% bootstrap interval and the tie mark (≈: statistically tied with the best)."""
     sig = row.significance
-    return {"f1_95%_ci": f"[{sig.ci_low:.4f}, {sig.ci_high:.4f}]" if sig else "",
-            "tied_with_best": "≈" if sig and sig.tied_with_best else ""}
+    return {"f1_95%_ci": interval_text(sig.ci_low, sig.ci_high) if sig else "",
+            "tied_with_best": TIED if sig and sig.tied_with_best else ""}
 
 
 @flow(name="sweep", persist_result=False, log_prints=True)
@@ -96,9 +96,7 @@ def _sweep(config: SweepConfig, stop: StopRequest, started: engine.StartedSweep 
     local = config.launcher == "local"
     host = host_gpus() if local else ()
     inputs = load_inputs(config.combinations, config.spec, config.train, config.val, config.quota, host)
-    problems = tie_break_problems(config, list(inputs.combinations[0]))
-    if problems:
-        raise SweepInputError(problems)
+    check_tie_break(config, inputs)
     store = SweepStore.at(resolve_tracking_uri(config.tracking_uri))
     gpus = inputs.spec.resources.gpus
     if local:
@@ -111,11 +109,12 @@ def _sweep(config: SweepConfig, stop: StopRequest, started: engine.StartedSweep 
     else:
         capacity = check_pool_limit(config.pool, config.quota)
         depth = 2 * capacity + 2  # enough flow runs waiting in the pool that a freed slot is taken at once
-    keeper = nullcontext()  # `hpsweep run` started the parent run before Prefect, and keeps it alive
-    if started is None:  # a deployment's flow run: it starts its own
+    if started is None:  # a deployment's flow run: it starts its own parent run, beats it and closes it on a crash
         started = engine.start_sweep(config, inputs, store)
-        keeper = engine.kept_alive(store, started)
-    with keeper, engine.closed_on_crash(store, started.experiment_id, started.sweep_id, started.parent_run_id):
+        guard = engine.kept_alive(store, started)
+    else:  # `hpsweep run` started it before Prefect and keeps it alive: a crash here closes it at once
+        guard = engine.closed_on_crash(store, started.experiment_id, started.sweep_id, started.parent_run_id)
+    with guard:
         opened = engine.open_sweep(config, inputs, store, capacity, depth,
                                    {"hpsweep.flow_run_id": str(flow_run.id)} if flow_run.id else {}, started)
         if opened.zombies:

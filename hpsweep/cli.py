@@ -25,7 +25,7 @@ from rich.logging import RichHandler
 from rich.markup import escape
 from rich.table import Table
 
-from hpsweep.config import SweepConfig, build_config, read_params, tie_break_problems
+from hpsweep.config import SweepConfig, build_config, check_tie_break, early_stop_rule, read_params
 from hpsweep.engine.gpus import host_gpus
 from hpsweep.inputs import Problem, SweepInputError, SweepInputs, load_inputs, resolved_interpreter
 from hpsweep.limits import cut_at_word
@@ -186,7 +186,7 @@ class RichProgress(SweepCallback):
         self._render()
 
     def on_sweep_end(self) -> None:
-        if self._task is not None and self._live:
+        if self._task is not None:  # only set when live
             self._render()
             self._progress.stop()
 
@@ -218,7 +218,7 @@ def _print_summary(result: dict[str, Any]) -> None:
     else:
         out.print(_top_table(result))
     if result.get("tie_note"):  # the leaderboard's order among the top is noise: say so first
-        out.print(result["tie_note"], markup=False, highlight=False, soft_wrap=True)
+        out.print(result["tie_note"], markup=False, highlight=False)
     c = result["counts"]
     stopped = f"{c['stopped']} stopped early (a rerun resumes them), " if c.get("stopped") else ""
     out.print(f"{c['total']} trials: {c['finished']} trained, {c['reused']} reused (already FINISHED), {stopped}"
@@ -231,27 +231,27 @@ def _print_summary(result: dict[str, Any]) -> None:
     report = Path(result["report_dir"]) / "leaderboard.md"
     latest = f" (also {result['latest']}{os.sep})" if result.get("latest") else ""
     out.print(f"report: {report}{latest}" if report.is_file() else f"report: not written to {result['report_dir']} "
-              "(see the warning above); leaderboard.json is on the parent run in MLflow", soft_wrap=True)
+              "(see the warning above); leaderboard.json is on the parent run in MLflow")
     if result.get("champion") or result.get("champion_note"):
         moved = "moved by this sweep" if result.get("champion_moved") else "not moved by this sweep"
-        out.print(f"champion: {result.get('champion') or 'none'}, {moved}", markup=False, highlight=False,
-                  soft_wrap=True)
+        out.print(f"champion: {result.get('champion') or 'none'}, {moved}", markup=False, highlight=False)
     if result.get("champion_note"):
-        out.print(result["champion_note"], markup=False, highlight=False, soft_wrap=True)
+        out.print(result["champion_note"], markup=False, highlight=False)
     if result.get("champion_rule") and result["champion_rule"] != "highest F1":
-        out.print(f"champion picked by: {result['champion_rule']}", markup=False, highlight=False, soft_wrap=True)
+        out.print(f"champion picked by: {result['champion_rule']}", markup=False, highlight=False)
     from hpsweep.store.uri import is_tracking_server, ui_url
 
     uri = result["tracking_uri"]
     # The runs table with the f1 column: MLflow 3.17's UI opens an experiment on its GenAI pages otherwise.
     url = ui_url(uri, result["experiment_id"])
     start = "" if is_tracking_server(uri) else f"mlflow ui --backend-store-uri {uri}, then open "
-    out.print(f"MLflow UI: {start}{url}  (parent run {result['parent_run_id']})", markup=False, highlight=False,
-              soft_wrap=True)
+    out.print(f"MLflow UI: {start}{url}  (parent run {result['parent_run_id']})", markup=False, highlight=False)
 
 
 def _top_table(result: dict[str, Any]) -> Table:
     """The summary's ranked trials (those with an F1), with their 95% intervals when known."""
+    from hpsweep.report.leaderboard import interval_text  # pandas: not at `hpsweep --help`
+
     table = Table(title=f"Top trials of {result['sweep_id']}")
     table.add_column("rank", justify="right")
     table.add_column("hparams")
@@ -261,7 +261,7 @@ def _top_table(result: dict[str, Any]) -> Table:
         table.add_column("95% CI", justify="right")
     table.add_column("status")
     for r in result["top"]:
-        ci = [f"[{r['f1_ci_low']:.4f}, {r['f1_ci_high']:.4f}]" if r.get("f1_ci_low") is not None else ""]
+        ci = [interval_text(r["f1_ci_low"], r["f1_ci_high"]) if r.get("f1_ci_low") is not None else ""]
         table.add_row(str(r["rank"]), " ".join(f"{k}={v}" for k, v in r["hparams"].items()),
                       "—" if r["f1"] is None else f"{r['f1']:.4f}", *(ci if intervals else []), r["status"])
     return table
@@ -279,9 +279,7 @@ def _validated(args: argparse.Namespace) -> tuple[SweepConfig, SweepInputs]:
     # Trials on this host cannot use more GPUs than it has (a CPU host, or a pool: no check).
     host = host_gpus() if config.launcher == "local" else ()
     inputs = load_inputs(config.combinations, config.spec, config.train, config.val, config.quota, host)
-    problems = tie_break_problems(config, list(inputs.combinations[0]))
-    if problems:
-        raise SweepInputError(problems)
+    check_tie_break(config, inputs)
     if config.launcher == "pool":
         from hpsweep.engine.pool import check_pool_limit
 
@@ -291,7 +289,7 @@ def _validated(args: argparse.Namespace) -> tuple[SweepConfig, SweepInputs]:
 
 def _input_errors(e: SweepInputError) -> int:
     for problem in e.problems:
-        console.print(f"[red]error:[/red] {escape(str(problem))}", highlight=False, soft_wrap=True)
+        console.print(f"[red]error:[/red] {escape(str(problem))}", highlight=False)
     return EXIT_INVALID_INPUT
 
 
@@ -395,8 +393,6 @@ def _plan(args: argparse.Namespace) -> int:
     estimates = plan.estimate_durations(to_train, inputs.spec.expected_duration_s, history)
     host = host_gpus() if config.launcher == "local" else ()
     gpus = inputs.spec.resources.gpus
-    from hpsweep.config import early_stop_rule
-
     result = plan.make_plan(trials, reused, estimates, plan.slots_for(config.quota, gpus, host), gpus,
                             plan.Prices(args.price, args.spot_price), why,
                             early_stop_rule(config, dict(inputs.spec.settings)))
@@ -472,7 +468,7 @@ def _report(args: argparse.Namespace) -> int:
     except (SweepNotFound, SweepInputError) as e:
         return _not_found(e)
     from hpsweep.report import folders
-    from hpsweep.report.assemble import ReportNotWritten, rebuild_report, sweep_summary
+    from hpsweep.report.assemble import ReportNotWritten, rebuild_report, show_as_latest, sweep_summary
 
     explicit = args.report_dir or (Path(params["report_dir"]) if params.get("report_dir")
                                    and params.get("name") == record.name else None)
@@ -480,7 +476,7 @@ def _report(args: argparse.Namespace) -> int:
     try:
         rows, header, paths = rebuild_report(store, record, report_dir)
     except ReportNotWritten as e:  # writing the files is this command's whole job
-        console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
+        console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False)
         return EXIT_INTERNAL
     if record.parent_status == "RUNNING":
         console.print(f"note: sweep {record.sweep_id} is still running: trials not yet ended are listed as failed")
@@ -488,8 +484,7 @@ def _report(args: argparse.Namespace) -> int:
     # `latest` shows the name's newest sweep: rewriting an older sweep's report never moves it back.
     newest = store.latest_parent_run([record.experiment_id]) if explicit is None else None
     if newest is not None and newest.info.run_id == record.parent_run_id:
-        latest = folders.move_latest(report_dir)
-        summary["latest"] = str(latest) if latest else None
+        show_as_latest(summary, report_dir)
     _print_summary(summary)
     Console().print("wrote " + ", ".join(str(p) for p in paths.values()), highlight=False, soft_wrap=True)
     return EXIT_OK
@@ -523,7 +518,7 @@ def _quota(args: argparse.Namespace) -> int:
 def _not_found(e: Exception) -> int:
     problems = e.problems if isinstance(e, SweepInputError) else [str(e)]
     for problem in problems:
-        console.print(f"[red]error:[/red] {escape(str(problem))}", highlight=False, soft_wrap=True)
+        console.print(f"[red]error:[/red] {escape(str(problem))}", highlight=False)
     return EXIT_INVALID_INPUT
 
 

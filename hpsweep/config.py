@@ -8,14 +8,14 @@ from typing import Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
-from hpsweep.engine.early_stop import EarlyStopRule
-
-from hpsweep.inputs import Problem, SweepInputError, SweepName, load_yaml, read_input_text
+from hpsweep.engine.early_stop import EarlyStopRule, RuleName
+from hpsweep.inputs import Problem, SweepInputError, SweepInputs, SweepName, load_yaml, read_input_text
 
 DEFAULT_LIMIT_NAME = "hpsweep-gpus"
 PARAMS_MAX_DEPTH = 32
 # The `register` field "shadows" ABCMeta.register, a metaclass method no instance sees: nothing to warn about.
 warnings.filterwarnings("ignore", r'Field name "register" in "Sweep(Config|Overrides)" shadows', UserWarning)
+_NO_EARLY_STOP = EarlyStopRule()  # the early-stop settings' defaults are the rule's own
 
 
 class SweepConfig(BaseModel):
@@ -56,16 +56,16 @@ class SweepConfig(BaseModel):
                                      "finish and the rest are reported NOT STARTED (default: run them all)")
     grace_s: float = Field(default=30.0, ge=0, description="on Ctrl-C or SIGTERM: how long running trials get "
                                                             "to save a checkpoint and end before they are killed")
-    early_stop: Literal["none", "median", "asha"] = Field(
-        default="none", description="stop hopeless trials early: 'median' (below the median of the others' "
-        "running averages) or 'asha' (not in the top 1/reduction_factor at a rung); stopped trials are STOPPED "
-        "and a later sweep resumes them from their checkpoints ('none': train every trial to its end)")
-    early_stop_metric: str = Field(default="val_f1", description="the reported metric the rule reads "
-                                   "(higher is better); its best value is a stopped trial's F1")
-    early_stop_min_steps: int = Field(default=3, ge=1, description="no trial is stopped before it reported "
-                                      "this many steps (ASHA's first rung)")
-    early_stop_reduction_factor: int = Field(default=3, ge=2, description="ASHA: 1 in this many trials goes on "
-                                             "at each rung")
+    early_stop: RuleName = Field(
+        default=_NO_EARLY_STOP.rule, description="stop hopeless trials early: 'median' (below the median of the "
+        "others' running averages) or 'asha' (not in the top 1/reduction_factor at a rung); stopped trials are "
+        "STOPPED and a later sweep resumes them from their checkpoints ('none': train every trial to its end)")
+    early_stop_metric: str = Field(default=_NO_EARLY_STOP.metric, description="the reported metric the rule "
+                                   "reads (higher is better); its best value is a stopped trial's F1")
+    early_stop_min_steps: int = Field(default=_NO_EARLY_STOP.min_steps, ge=1, description="no trial is stopped "
+                                      "before it reported this many steps (ASHA's first rung)")
+    early_stop_reduction_factor: int = Field(default=_NO_EARLY_STOP.reduction_factor, ge=2, description="ASHA: 1 "
+                                             "in this many trials goes on at each rung")
     early_stop_max_steps: int | None = Field(default=None, ge=1, description="ASHA: the steps of a trial "
                                              "never stopped (default: the spec's settings.epochs)")
     early_stop_grace_s: float = Field(default=60.0, ge=0, description="a stopped trial's time to save a "
@@ -96,12 +96,15 @@ def parse_tie_break(rule: str) -> list[tuple[str, bool]]:
     return keys
 
 
-def tie_break_problems(config: SweepConfig, hparam_keys: list[str]) -> list[Problem]:
-    """A tie-break naming an hparam the combinations do not have (it could never pick)."""
+def check_tie_break(config: SweepConfig, inputs: SweepInputs) -> None:
+    """Raises SweepInputError for a tie-break naming an hparam the combinations do not have (it could never pick)."""
     if config.tie_break is None:
-        return []
-    return [Problem("--tie-break", f"no hparam {key!r} in the combinations (they have: {', '.join(hparam_keys)})")
-            for key, _ in parse_tie_break(config.tie_break) if key not in hparam_keys]
+        return
+    hparam_keys = list(inputs.combinations[0])
+    problems = [Problem("--tie-break", f"no hparam {key!r} in the combinations (they have: {', '.join(hparam_keys)})")
+                for key, _ in parse_tie_break(config.tie_break) if key not in hparam_keys]
+    if problems:
+        raise SweepInputError(problems)
 
 
 # What a `sweep` flow run is given: any of SweepConfig's fields (same names and meanings), the rest

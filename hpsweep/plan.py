@@ -22,7 +22,7 @@ import hashlib
 import heapq
 import json
 import statistics
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Literal, Sequence
 
 from hpsweep.engine.early_stop import EarlyStopRule, expected_fraction
@@ -215,9 +215,9 @@ def dispatch_order(trials: list[PlannedTrial], estimates: list[Estimate], early_
 
 def describe_order(order: str, estimates: list[Estimate]) -> str:
     """The dispatch order and where its durations came from, e.g. 'longest first (3 measured, 2 median)'."""
-    sources = source_counts(estimates)
     if order == SHUFFLED:
         return order
+    sources = source_counts(estimates)
     if estimates and sources.get("unknown") == len(estimates):
         return f"{order} (no durations known yet)"
     detail = ", ".join(f"{n} {s}" for s, n in sources.items() if n)
@@ -317,9 +317,7 @@ def _early_stop_plan(rule: EarlyStopRule, to_train: int, slots: int, gpu_hours: 
         return None
     known = gpu_hours is not None and rule.max_steps is not None
     low, high = expected_fraction(rule, to_train, slots) if known else (None, None)
-    return {"rule": rule.rule, "metric": rule.metric, "min_steps": rule.min_steps,
-            "reduction_factor": rule.reduction_factor, "max_steps": rule.max_steps,
-            "gpu_hours_range": [gpu_hours * low, gpu_hours * high] if known else None}
+    return {**asdict(rule), "gpu_hours_range": [gpu_hours * low, gpu_hours * high] if known else None}
 
 
 def human_duration(seconds: float | None) -> str:

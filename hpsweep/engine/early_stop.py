@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import math
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Mapping, Sequence
 
 History = Sequence[tuple[int, float]]
 RuleName = Literal["none", "median", "asha"]
-RULES: tuple[str, ...] = ("none", "median", "asha")
 MEDIAN_MIN_OTHERS = 3  # the median of fewer trials says too little to stop anyone
 
 
@@ -54,8 +53,9 @@ class EarlyStopRule:
         return None
 
 
-def best_so_far(history: History, step: int) -> float | None:
-    values = [v for s, v in history if s <= step and math.isfinite(v)]
+def best_so_far(history: History, step: int | None = None) -> float | None:
+    """The best finite value reported up to ``step`` (None: the whole history)."""
+    values = [v for s, v in history if (step is None or s <= step) and math.isfinite(v)]
     return max(values) if values else None
 
 
@@ -124,11 +124,8 @@ class StopTracker:
     order, as it arrives (a rule never reconsiders a step another trial's later report would change)."""
 
     rule: EarlyStopRule
-    judged: dict[str, int]  # trial id → last step judged
-    stopped: set[str]  # trials already told to stop: never judged again
-
-    def __init__(self, rule: EarlyStopRule):
-        self.rule, self.judged, self.stopped = rule, {}, set()
+    judged: dict[str, int] = field(default_factory=dict)  # trial id → last step judged
+    stopped: set[str] = field(default_factory=set)  # trials already told to stop: never judged again
 
     def decide(self, running: Sequence[str], histories: Mapping[str, History]) -> dict[str, tuple[int, str]]:
         """For each of the ``running`` trials (ids into ``histories``, which holds every trial the rule

@@ -10,7 +10,6 @@ recorded in MLflow the same way wherever it ran.
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import time
@@ -22,6 +21,7 @@ from mlflow.tracking import MlflowClient
 
 from hpsweep import store
 from hpsweep.datacache import DataCache, DataRef, Remote
+from hpsweep.engine.early_stop import best_so_far
 from hpsweep.engine.process import CHECKPOINT_SYNC_S, ProcessRunner
 from hpsweep.identity import process_identity
 from hpsweep.model import AttemptResult, Outcome, TrialJob
@@ -65,7 +65,7 @@ def execute_trial(job: TrialJob, gpu_ids: tuple[int, ...], runner: ProcessRunner
         if outcome.stopped:  # its F1 is its best reported value of the rule's metric
             metric = job.early_stop["metric"]  # type: ignore[index]
             history = store.retrying(lambda: store.runs.metric_history(client, run_id, metric), "reading its metric")
-            outcome = replace(outcome, f1=max((v for _, v in history if math.isfinite(v)), default=None))
+            outcome = replace(outcome, f1=best_so_far(history))
         store.retrying(lambda: store.finish_trial_run(client, run_id, outcome, request.paths.log),
                        "storing the trial's result")
         if outcome.ok:  # its checkpoints are in the artifact store; a finished trial never resumes

@@ -115,8 +115,9 @@ class ProcessRunner:
         started = time.time()
         # Heartbeats beat in their own thread: one stuck on a tracking outage never delays the time limit.
         beats = Periodic(HEARTBEAT_S, heartbeat, f"heartbeat-{request.run_id}").start() if heartbeat else None
-        grace_s = float((request.job.early_stop or {}).get("grace_s", 60.0))
-        watch = _StopWatch(stop_request, paths.stop, proc.pid, grace_s) if stop_request else None
+        # A stop_request comes with the job's early-stopping settings ({"metric", "grace_s"}).
+        watch = (_StopWatch(stop_request, paths.stop, proc.pid, float(request.job.early_stop["grace_s"]))
+                 if stop_request else None)
         try:
             proc.join(time_limit_s)
         finally:

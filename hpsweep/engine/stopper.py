@@ -43,7 +43,6 @@ class EarlyStopper:
         self._compare = list(compare_run_ids)
         self._ended: dict[str, History] = {}  # run id → the history of a run that reports no more
         self._tracker = StopTracker(rule)
-        self.requested: dict[str, tuple[int, str]] = {}  # run id → (step, reason) asked
 
     def poll(self) -> dict[str, tuple[int, str]]:
         """Judge every newly reported step of the running trials; returns the stops asked this time."""
@@ -61,7 +60,6 @@ class EarlyStopper:
         decisions = self._tracker.decide(running, histories)
         for run_id, (step, reason) in decisions.items():
             self.store.request_stop(run_id, step, reason)
-            self.requested[run_id] = (step, reason)
             log.info("early stop: run %s %s", run_id, reason)
         return decisions
 

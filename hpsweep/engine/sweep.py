@@ -250,8 +250,7 @@ def close_sweep(opened: OpenedSweep, store: SweepStore, report_dir: Path | None,
                     "MLflow (report/leaderboard.json), and `hpsweep report %s --report-dir DIR` writes it all again",
                     run.sweep_id, report_dir, run.parent_run_id, run.sweep_id)
     elif not explicit:
-        latest = folders.move_latest(report_dir)
-        summary["latest"] = str(latest) if latest else None
+        assemble.show_as_latest(summary, report_dir)
     Callbacks(list(callbacks)).emit("on_report", header, rows)
     return summary
 

@@ -21,6 +21,7 @@ from hpsweep.report.cells import short_text
 from hpsweep.report.leaderboard import (LEADERBOARD_JSON, counts, leaderboard_json, learning_curves, rank_rows,
                                         write_report)
 from hpsweep.store.registry import MLMODEL_FILE, RegisteredVersion, champion_uri
+from hpsweep.report import folders
 from hpsweep.report import significance as stats
 from hpsweep.store.tags import (TAG_DATA_VERSION, TAG_EARLY_STOP, TAG_GIT_COMMIT, TAG_GPUS_PER_TRIAL,
                                 TAG_INTERRUPTED, TAG_METRIC, TAG_QUOTA, TAG_SETTINGS, TAG_SPEC_HASH, TAG_TIE_BREAK,
@@ -366,3 +367,10 @@ def sweep_summary(header: dict[str, Any], rows: Sequence[TrialRow], report_dir: 
             "top": [r.leaderboard() for r in rows if r.has_f1][:3],
             "failure_reasons": [{"reason": reason, "trials": n} for reason, n in reasons.most_common()],
             "report_files": {name: str(path) for name, path in paths.items()}}
+
+
+def show_as_latest(summary: dict[str, Any], report_dir: Path) -> None:
+    """Point ``reports/<name>/latest`` at ``report_dir`` (best-effort: ``folders.move_latest``) and
+    put it in the summary's ``latest`` (None: it could not be moved), which `run` and `report` print."""
+    latest = folders.move_latest(report_dir)
+    summary["latest"] = str(latest) if latest else None

@@ -46,6 +46,11 @@ class MetricHistories(Protocol):
     def metric_history(self, run_id: str, metric: str) -> list[tuple[int, float]]: ...
 
 
+def interval_text(low: float, high: float) -> str:
+    """An F1's 95% interval as every view writes it (the report, the CLI's summary, Prefect's table)."""
+    return f"[{low:.4f}, {high:.4f}]"
+
+
 def rank_rows(rows: Sequence[TrialRow]) -> list[TrialRow]:
     """The rows with ``rank`` set: those with an F1 (finished or reused) best first, ties in file
     order; then the trials early stopping STOPPED, by their best value so far (not comparable with a
@@ -148,7 +153,8 @@ def render_markdown(sweep: dict[str, Any], rows: Sequence[TrialRow], plot_name: 
         f1 = f"{r['f1']:.4f}" if r["f1"] is not None else "—"
         f1 += f" {TIED}" if r["tied_with_best"] and r["run_id"] != leader else ""
         f1 += f" {MISMATCH}" if row.f1_mismatch else ""
-        ci = (f" [{r['f1_ci_low']:.4f}, {r['f1_ci_high']:.4f}] |" if r["f1_ci_low"] is not None else " |") if sig else ""
+        ci = ((f" {interval_text(r['f1_ci_low'], r['f1_ci_high'])} |" if r["f1_ci_low"] is not None else " |")
+              if sig else "")
         status = r["status"] + (f": {md(r['reason'], REASON_CHARS)}" if r.get("reason") else "")
         run = md((r["run_id"] or "")[:8], code=True) if r["run_id"] else ""
         if run and run_link:
