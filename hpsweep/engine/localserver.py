@@ -270,6 +270,8 @@ def is_local(api_url: str | None) -> bool:
 def server_status(folder: Path | None = None) -> tuple[ServerState | None, list[int], float | None]:
     """(the running server or None, live holder pids, seconds since its last use) without starting one."""
     folder = folder or server_folder()
+    if not folder.is_dir():
+        return None, [], None
     with _lock(folder):
         state = _live_state(folder)
     if state is None:
