@@ -44,6 +44,7 @@ START_TIMEOUT_S = 180.0  # a cold start takes ~5 s; a busy 2-core machine (CI) h
 LOCK_TIMEOUT_S = START_TIMEOUT_S + 60  # another command may be starting it
 SILENT_AFTER_S = 60.0  # a running server that does not answer its health check for this long is replaced
 PR_SET_PDEATHSIG = 1
+MODULE = "hpsweep.engine.localserver"  # ``python -m`` it (here, __name__ may be "__main__")
 
 
 class LocalServerError(RuntimeError):
@@ -326,7 +327,7 @@ def _start(folder: Path, idle_s: float) -> ServerState:
     """Start the supervisor (its own session) and wait until its server answers."""
     log = folder / "server.log"
     with log.open("wb") as out:
-        supervisor = subprocess.Popen([sys.executable, "-m", __name__, "serve", str(folder), repr(idle_s)],
+        supervisor = subprocess.Popen([sys.executable, "-m", MODULE, "serve", str(folder), repr(idle_s)],
                                       cwd=folder, env=_server_environment(), stdin=subprocess.DEVNULL,
                                       stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + START_TIMEOUT_S
@@ -341,8 +342,8 @@ def _start(folder: Path, idle_s: float) -> ServerState:
         os.killpg(supervisor.pid, signal.SIGKILL)
         supervisor.wait()
     tail = log.read_text(errors="replace")[-3000:]
-    raise LocalServerError(f"the local Prefect server did not start within {START_TIMEOUT_S:.0f} s "
-                           f"(exit {supervisor.returncode}); {log}:\n{tail}")
+    why = f"exited {supervisor.returncode}" if supervisor.returncode >= 0 else f"not up in {START_TIMEOUT_S:.0f} s"
+    raise LocalServerError(f"the local Prefect server did not start ({why}); {log}:\n{tail}")
 
 
 # ---------------------------------------------------------------- the supervisor (its own process)
@@ -361,7 +362,7 @@ def _run_server(port: int) -> subprocess.Popen:
            "PREFECT__SERVER_FINAL": "1"}
     command = [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app",
                "--host", "127.0.0.1", "--port", str(port), "--log-level", "error", "--lifespan", "on"]
-    return subprocess.Popen([sys.executable, "-m", __name__, "tether", str(os.getpid()), *command], env=env)
+    return subprocess.Popen([sys.executable, "-m", MODULE, "tether", str(os.getpid()), *command], env=env)
 
 
 def _serve(folder: Path, idle_s: float) -> int:
