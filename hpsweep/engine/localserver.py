@@ -18,6 +18,7 @@ never another user's (the uid in the name, the owner checked).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import ctypes
 import json
 import os
@@ -324,26 +325,39 @@ def _server_environment() -> dict[str, str]:
 
 
 def _start(folder: Path, idle_s: float) -> ServerState:
-    """Start the supervisor (its own session) and wait until its server answers."""
+    """Start the supervisor, detached (in its own session and not this process's child, so that
+    no signal or wait of this process concerns it), and wait until its server answers."""
     log = folder / "server.log"
     with log.open("wb") as out:
-        supervisor = subprocess.Popen([sys.executable, "-m", MODULE, "serve", str(folder), repr(idle_s)],
-                                      cwd=folder, env=_server_environment(), stdin=subprocess.DEVNULL,
-                                      stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        launcher = subprocess.Popen([sys.executable, "-m", MODULE, "serve", str(folder), repr(idle_s)],
+                                    cwd=folder, env=_server_environment(), stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.PIPE, stderr=out, start_new_session=True)
+    with launcher.stdout:
+        told = launcher.stdout.readline()  # the supervisor's pid; its launcher exits at once
+    launcher.wait()
+    pid = int(told) if told.strip().isdigit() else None
     deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
+    while pid is not None and time.monotonic() < deadline:
         state = _read_state(folder)
-        if state is not None and state.pid == supervisor.pid:
+        if state is not None and state.pid == pid:
             return state
-        if supervisor.poll() is not None:
+        if not _running(pid):
             break
         time.sleep(0.05)
-    if supervisor.poll() is None:
-        os.killpg(supervisor.pid, signal.SIGKILL)
-        supervisor.wait()
-    tail = log.read_text(errors="replace")[-3000:]
-    why = f"exited {supervisor.returncode}" if supervisor.returncode >= 0 else f"not up in {START_TIMEOUT_S:.0f} s"
-    raise LocalServerError(f"the local Prefect server did not start ({why}); {log}:\n{tail}")
+    else:
+        if pid is not None:  # still starting after START_TIMEOUT_S: give up on it
+            with contextlib.suppress(OSError):
+                os.killpg(pid, signal.SIGKILL)
+    why = "it exited" if pid is None or not _running(pid) else f"not up in {START_TIMEOUT_S:.0f} s"
+    raise LocalServerError(f"the local Prefect server did not start ({why}); {log}:\n"
+                           + log.read_text(errors="replace")[-3000:])
+
+
+def _running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 # ---------------------------------------------------------------- the supervisor (its own process)
@@ -433,4 +447,10 @@ if __name__ == "__main__":
     if sys.argv[1] == "tether":  # tether SUPERVISOR_PID PROGRAM [ARGS...]
         _die_with_parent(int(sys.argv[2]))
         os.execv(sys.argv[3], sys.argv[3:])
-    sys.exit(_serve(Path(sys.argv[2]), float(sys.argv[3])))  # serve FOLDER IDLE_S
+    # serve FOLDER IDLE_S: print the supervisor's pid and leave it to init (a daemon), in a session of its own.
+    if supervisor := os.fork():
+        print(supervisor, flush=True)
+        os._exit(0)
+    os.setsid()
+    os.dup2(2, 1)  # its output (and the server's) to the log, not to the launcher's pipe
+    sys.exit(_serve(Path(sys.argv[2]), float(sys.argv[3])))
