@@ -41,7 +41,7 @@ DEFAULT_IDLE_S = 1800.0
 # Set (to its URL) in a process that points Prefect at the local server: it is then still the
 # embedded default (hpsweep.engine.quota.embedded_default), not a Prefect API the user configured.
 ADOPTED_ENV = "HPSWEEP_LOCAL_PREFECT_API_URL"
-START_TIMEOUT_S = 180.0  # a cold start takes ~5 s; a busy 2-core machine (CI) has needed a minute
+START_TIMEOUT_S = 180.0  # a cold start takes 5-16 s (a fresh database: migrations); a busy CI machine needed a minute
 LOCK_TIMEOUT_S = START_TIMEOUT_S + 60  # another command may be starting it
 SILENT_AFTER_S = 60.0  # a running server that does not answer its health check for this long is replaced
 PR_SET_PDEATHSIG = 1
