@@ -1,12 +1,13 @@
 """The sweep benchmark suite (issue 7): does the scheduler keep every slot of the quota busy?
 
-    .venv/bin/python bench/sweep_bench.py [--scenario S1|S2|S3|all] [--launcher local|pool|both]
+    .venv/bin/python bench/sweep_bench.py [--scenario S0|S1|S2|S3|all] [--launcher local|pool|both]
                                           [--order file|longest|both] [--repeat 3] [--plain]
 
 Trials are ``bench.synthetic:train``: it sleeps for its ``duration_s`` hparam (lognormal, fixed
 seed), so the 2 cores measure orchestration, not training. Every sweep goes through the real
-``hpsweep run`` command (a fresh process, Prefect's temporary API or, for ``--launcher pool``, a real
-``prefect server`` + process worker set up like ``bench/pool_overhead.py``) with full bookkeeping:
+``hpsweep run`` command (a fresh process; the local Prefect server, warm after the first sweep, or, for
+``--launcher pool``, a real ``prefect server`` + process worker set up like ``bench/pool_overhead.py``)
+with full bookkeeping:
 MLflow runs on the embedded SQLite default (./mlflow.db + ./mlruns of a temporary project folder),
 heartbeats, per-step metric, trial log, report. The reference is a thread pool calling the same
 trainer function directly, with no orchestration.
@@ -14,6 +15,9 @@ trainer function directly, with no orchestration.
 - S1: 48 combinations, quota 4, mean 2 s. makespan, lower bound ``max(sum/quota, longest)``,
   efficiency = lower bound / makespan, peak concurrency (from the trainers' own timestamps).
 - S2: 200 combinations, quota 8, mean 0.05 s. overhead per trial = (makespan × quota − Σ durations) / trials.
+- S0: small sweeps, the whole command's wall time (issue 19): 1 trial (0.1 s) in a fresh folder with the
+  local Prefect server cold (stopped first); its ``--retrain`` rerun with the server cold, then warm; 16
+  trials rerun with every trial reused, the server warm, then cold.
 - S3: 10,000 combinations: time to validate and plan (``hpsweep plan`` when it exists, else
   ``load_inputs`` + ``hpsweep.plan.plan_trials``), and to build the report (``write_report`` on 10,000 rows).
 
@@ -60,6 +64,7 @@ class Scenario:
 
 SCENARIOS = {"S1": Scenario("S1", 48, 4, 2.0, 1), "S2": Scenario("S2", 200, 8, 0.05, 2)}
 S3_TRIALS = 10_000
+S0_REUSED_TRIALS = 16
 
 
 # ---------------------------------------------------------------- inputs
@@ -263,6 +268,58 @@ class PoolServer:
         stop(self.server)
 
 
+# ---------------------------------------------------------------- S0
+
+
+def _command_s(folder: Path, args: list[str], env: dict[str, str], log_name: str) -> float:
+    """One hpsweep command's wall time (it must succeed)."""
+    started = time.time()
+    with (folder / f"{log_name}.log").open("wb") as log:
+        proc = subprocess.run([sys.executable, "-m", "hpsweep.cli", *args], cwd=folder, env=env, stdout=log,
+                              stderr=subprocess.STDOUT)
+    wall = time.time() - started
+    if proc.returncode != 0:
+        raise RuntimeError(f"hpsweep {args[0]} exited {proc.returncode}: see {folder}/{log_name}.log:\n"
+                           + (folder / f"{log_name}.log").read_text()[-3000:])
+    return wall
+
+
+def stop_local_server(env: dict[str, str]) -> None:
+    """`hpsweep server stop --force` (the embedded default's warm Prefect server; a no-op before issue 19)."""
+    subprocess.run([sys.executable, "-m", "hpsweep.cli", "server", "stop", "--force"], env=env, cwd=REPO,
+                   capture_output=True)
+
+
+def scenario_s0(root: Path, env: dict[str, str]) -> dict[str, Any]:
+    """Small sweeps' whole command, with the local Prefect server cold and warm (its UI on, as a user has it)."""
+    env = {k: v for k, v in env.items() if k != "PREFECT_SERVER_UI_ENABLED"}
+    one = Path(tempfile.mkdtemp(prefix="S0-1-", dir=root))
+    write_project(one, [{"trial": 1, "duration_s": 0.1}], "bench-s0-one", one / "events.jsonl")
+    many = Path(tempfile.mkdtemp(prefix="S0-16-", dir=root))
+    write_project(many, [{"trial": i, "duration_s": 0.1} for i in range(1, S0_REUSED_TRIALS + 1)], "bench-s0-many",
+                  many / "events.jsonl")
+    run = ["run", "--combinations", "combos.yaml", "--spec", "spec.yaml", "--train", "data/train.csv",
+           "--val", "data/val.csv", "--quota", "4"]
+    out: dict[str, Any] = {}
+    stop_local_server(env)
+    out["one_fresh_cold_s"] = _command_s(one, run, env, "fresh-cold")  # also creates the MLflow store
+    stop_local_server(env)
+    out["one_rerun_cold_s"] = _command_s(one, [*run, "--retrain"], env, "rerun-cold")
+    out["one_rerun_warm_s"] = _command_s(one, [*run, "--retrain"], env, "rerun-warm")
+    _command_s(many, run, env, "train")
+    out["reused_warm_s"] = _command_s(many, run, env, "reused-warm")
+    stop_local_server(env)
+    out["reused_cold_s"] = _command_s(many, run, env, "reused-cold")
+    return out
+
+
+S0_ROWS = (("1 trial, fresh folder, server cold", "one_fresh_cold_s"),
+           ("1 trial --retrain rerun, server cold", "one_rerun_cold_s"),
+           ("1 trial --retrain rerun, server warm", "one_rerun_warm_s"),
+           (f"{S0_REUSED_TRIALS} trials all reused, server warm", "reused_warm_s"),
+           (f"{S0_REUSED_TRIALS} trials all reused, server cold", "reused_cold_s"))
+
+
 # ---------------------------------------------------------------- S3
 
 
@@ -348,8 +405,12 @@ def _fmt(v: Any, unit: str = "", digits: int = 2) -> str:
 
 def table_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str, str, str]]:
     rows = []
+    for label, key in S0_ROWS if results.get("S0") else ():
+        reps = results["S0"]
+        rows.append(("S0", label, "command wall time", _fmt(_median(reps, key), " s"),
+                     "/".join(_fmt(r.get(key), " s", 1) for r in reps), f"{len(reps)}×"))
     for key, reps in results.items():
-        if key == "S3" or not reps:
+        if key in ("S0", "S3") or not reps:
             continue
         sc, what = key.split(" ", 1)
         n = f"{len(reps)}×"
@@ -421,7 +482,7 @@ def print_table(results: dict[str, Any], plain: bool) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--scenario", choices=["S1", "S2", "S3", "all"], default="all")
+    ap.add_argument("--scenario", choices=["S0", "S1", "S2", "S3", "all"], default="all")
     ap.add_argument("--launcher", choices=["local", "pool", "both"], default="local")
     ap.add_argument("--order", choices=["file", "longest", "both"], default="both",
                     help="dispatch order for S1: file order, or longest-first from known durations (skipped "
@@ -432,7 +493,7 @@ def main() -> int:
     ap.add_argument("--plain", action="store_true", help="a plain-text table instead of rich")
     args = ap.parse_args()
 
-    names = ["S1", "S2", "S3"] if args.scenario == "all" else [args.scenario]
+    names = ["S0", "S1", "S2", "S3"] if args.scenario == "all" else [args.scenario]
     launchers = ["local", "pool"] if args.launcher == "both" else [args.launcher]
     orders = ["file", "longest"] if args.order == "both" else [args.order]
     if "longest" in orders and not has_longest_first():
@@ -445,6 +506,10 @@ def main() -> int:
     pool_server: PoolServer | None = None
     try:
         for name in names:
+            if name == "S0":
+                results["S0"] = [scenario_s0(root, sweep_env(root)) for _ in range(args.repeat)]
+                _progress(results, "S0")
+                continue
             if name == "S3":
                 results["S3"] = [scenario_s3(root) for _ in range(args.repeat)]
                 _progress(results, "S3")
@@ -483,6 +548,7 @@ def main() -> int:
     finally:
         if pool_server is not None:
             pool_server.close()
+        stop_local_server(sweep_env(root))  # the local sweeps' warm Prefect server
         meta["load_avg_at_end"] = os.getloadavg()
         RESULTS.mkdir(parents=True, exist_ok=True)
         out = RESULTS / f"{time.strftime('%Y%m%d-%H%M%S')}-{args.scenario}-{args.launcher}.json"

@@ -18,7 +18,7 @@ import threading
 import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from rich.console import Console
 from rich.logging import RichHandler
@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--params", type=Path, default=Path("params.yaml"),
                          help="YAML whose `sweep:` section gives the tracking URI (default: %(default)s)")
     for command, text in (("status", "what a sweep is doing: running, queued, done, failed, ETA (from MLflow, "
-                                     "and Prefect when PREFECT_API_URL is set)"),
+                                     "and Prefect: PREFECT_API_URL's, or the local server)"),
                           ("report", "write the report of a past (or running) sweep again, from MLflow")):
         cmd = sub.add_parser(command, help=text, description=text[0].upper() + text[1:] + ".")
         cmd.add_argument("sweep", nargs="?", default=None, metavar="SWEEP",
@@ -139,13 +139,24 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Show the Prefect concurrency limit that holds the GPU quota, its slots in "
                            "use and which sweeps hold them; with N, set it to N slots (and activate it). The first "
                            "sweep creates it from its --quota; later sweeps never change it. Without "
-                           "PREFECT_API_URL it lives in Prefect's local database (PREFECT_HOME), as for `run`.")
+                           "PREFECT_API_URL it lives in Prefect's local database (PREFECT_HOME), reached through "
+                           "the local Prefect server, as for `run` (`hpsweep server`).")
     quota.add_argument("size", nargs="?", type=int, default=None, metavar="N", help="set the limit to N slots")
     quota.add_argument("--force", action="store_true", help="set N even below the slots in use")
     quota.add_argument("--limit-name", default=None, dest="quota_limit", help="the limit's name (default: "
                        "params.yaml's sweep.quota_limit, else hpsweep-gpus)")
     quota.add_argument("--params", type=Path, default=Path("params.yaml"),
                        help="YAML whose `sweep:` section gives the default name (default: %(default)s)")
+    server = sub.add_parser("server", help="the local Prefect server sweeps share without PREFECT_API_URL: "
+                            "status, start, stop",
+                            description="Without PREFECT_API_URL the first sweep (or `hpsweep quota`) starts a "
+                            "local Prefect server on PREFECT_HOME's database, in its own session on loopback, and "
+                            "later sweeps, `status`, `quota` and the Prefect UI share it. It stops by itself once "
+                            "no sweep has used it for $HPSWEEP_SERVER_IDLE_S seconds (default 1800), "
+                            "even if every sweep was killed.")
+    server.add_argument("action", choices=("status", "start", "stop"), help="status: where it runs and whether it "
+                        "is in use; start: start it now (to open its UI); stop: stop it now")
+    server.add_argument("--force", action="store_true", help="stop it even while a sweep uses it (that sweep fails)")
     return parser
 
 
@@ -315,12 +326,13 @@ def _run(args: argparse.Namespace) -> int:
     # Before Prefect is imported: Prefect then leaves the root logger's handler alone.
     logging.basicConfig(level=logging.WARNING, format="%(message)s", handlers=[_log_handler()])
     logging.getLogger("hpsweep").setLevel(logging.INFO)
+    local_prefect = _local_prefect_in_background()  # a cold start overlaps the parent run's creation
     # The parent run first (STARTING): `hpsweep status` sees the sweep while Prefect starts.
     sweep_store = store.SweepStore.at(tracking_uri)
     started = engine.start_sweep(config, inputs, sweep_store)
     try:
         with engine.kept_alive(sweep_store, started):
-            result = _sweep_flow(config, started)
+            result = _sweep_flow(config, started, local_prefect)
     except SweepInputError as e:  # found only once Prefect is up (e.g. a quota limit too small for a trial)
         return _input_errors(e)
     except KeyboardInterrupt:  # Ctrl-C before the sweep could take signals over (Prefect starting up)
@@ -332,17 +344,60 @@ def _run(args: argparse.Namespace) -> int:
     return EXIT_OK if result["counts"]["failed"] == 0 else EXIT_TRIALS_FAILED
 
 
-def _sweep_flow(config: SweepConfig, started: Any) -> dict[str, Any]:
-    """Start Prefect (the embedded default: its temporary server) and run the `sweep` flow on the
-    sweep ``started`` (``hpsweep.engine.sweep.StartedSweep``), with the terminal's progress."""
-    # The embedded default starts Prefect's temporary API; its 20 s start-up budget is too
-    # short on a busy 2-core machine (seen in CI), so give it two minutes unless told otherwise.
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    # The temporary server's telemetry fails on every offline run with an ERROR line that means
-    # nothing to the user; its start/stop banner is noise too.
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    # Prefect logs that banner on its top logger "prefect" itself; a filter there sees only those records.
-    logging.getLogger("prefect").addFilter(lambda record: "temporary server" not in record.getMessage())
+def _configured_prefect_api() -> str | None:
+    """The Prefect API the user configured (PREFECT_API_URL, in the environment or Prefect's
+    profile), or None: the embedded default, hpsweep's local server."""
+    from prefect.settings import get_current_settings
+
+    from hpsweep.engine.localserver import is_local
+
+    url = get_current_settings().api.url
+    return None if not url or is_local(url) else url
+
+
+def _local_prefect_in_background() -> Callable[[], Any] | None:
+    """On the embedded default, find or start the local Prefect server (held while this process
+    lives) in a thread, so that a cold start overlaps the sweep's own start-up; the function
+    returned waits for it (a ``localserver.ServerState``). None with a configured Prefect API."""
+    if _configured_prefect_api():
+        return None
+    from concurrent.futures import Future
+
+    from hpsweep.engine.localserver import find_local_server
+
+    found: Future = Future()
+
+    def find() -> None:
+        try:
+            found.set_result(find_local_server(start=True, hold=True))
+        except BaseException as e:  # noqa: BLE001 - handed to the waiting thread
+            found.set_exception(e)
+
+    # A daemon thread: Ctrl-C during a cold start exits at once (the server then stops when idle).
+    threading.Thread(target=find, name="hpsweep-local-prefect", daemon=True).start()
+    return found.result
+
+
+def _use_local_prefect(local: Any) -> None:
+    """Point Prefect at the local server ``local`` (a ``localserver.ServerState``), and say where it is."""
+    from hpsweep.engine.localserver import adopt
+
+    adopt(local)
+    logging.getLogger("hpsweep").info("Prefect: local server %s (UI %s), shared by this user's sweeps; it stops "
+                                      "after %s idle, or with `hpsweep server stop`", local.url, local.ui_url,
+                                      _duration(local.idle_s))
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 60:g} min" if seconds >= 60 else f"{seconds:g} s"
+
+
+def _sweep_flow(config: SweepConfig, started: Any, local_prefect: Callable[[], Any] | None) -> dict[str, Any]:
+    """Run the `sweep` flow on the sweep ``started`` (``hpsweep.engine.sweep.StartedSweep``), with
+    the terminal's progress; on the embedded default, against the local Prefect server that
+    ``local_prefect`` waits for (``_local_prefect_in_background``)."""
+    if local_prefect is not None:
+        _use_local_prefect(local_prefect())
     from prefect.flows import load_flow_from_entrypoint
 
     from hpsweep.engine import quota
@@ -431,7 +486,12 @@ def _status(args: argparse.Namespace) -> int:
     except (SweepNotFound, SweepInputError) as e:
         return _not_found(e)
     runs = store.sweep_trials(record.experiment_id, record.sweep_id)
-    prefect = prefect_state(record.tags.get(TAG_FLOW_RUN_ID)) if record.parent_status == "RUNNING" else None
+    prefect = None
+    if record.parent_status == "RUNNING":  # a running sweep holds the local server: never started for this
+        from hpsweep.engine.localserver import find_local_server
+
+        local = None if _configured_prefect_api() else find_local_server(start=False, hold=False)
+        prefect = prefect_state(record.tags.get(TAG_FLOW_RUN_ID), local.url if local else None)
     status = summarize(record, store.load_plan(record.parent_run_id), runs, time.time(), ZOMBIE_AFTER_S, prefect)
     if args.json:
         print(json.dumps(status, indent=1, default=str))
@@ -498,6 +558,10 @@ def _quota(args: argparse.Namespace) -> int:
         name = args.quota_limit or read_params(args.params).get("quota_limit") or DEFAULT_LIMIT_NAME
     except SweepInputError as e:
         return _input_errors(e)
+    if not _configured_prefect_api():  # the embedded default: the limit is in the local server's database
+        from hpsweep.engine.localserver import adopt, find_local_server
+
+        adopt(find_local_server(start=True, hold=True))
     if args.size is None:
         if args.force:
             return _not_found(ValueError("--force goes with N (the new size of the limit)"))
@@ -513,6 +577,45 @@ def _quota(args: argparse.Namespace) -> int:
     Console(highlight=False).print(escape(f"quota limit {name!r}: {after.limit} slots ({after.active_slots} in use); "
                                           f"was {was}"), soft_wrap=True)
     return EXIT_OK
+
+
+def _server(args: argparse.Namespace) -> int:
+    from hpsweep.engine import localserver
+
+    out = Console(highlight=False)
+    configured = _configured_prefect_api()
+    if args.action == "stop":
+        try:
+            stopped = localserver.stop_local_server(args.force)
+        except localserver.ServerInUse as e:
+            return _not_found(e)
+        out.print(f"stopped the local Prefect server at {stopped.url}" if stopped else
+                  "no local Prefect server was running", soft_wrap=True)
+    else:
+        if args.action == "start":
+            localserver.find_local_server(start=True, hold=False)
+        out.print(escape(_server_status(*localserver.server_status())), soft_wrap=True)
+    if configured:
+        out.print(escape(f"note: PREFECT_API_URL is set ({configured}): sweeps use that Prefect server, not a local "
+                         "one"), soft_wrap=True)
+    return EXIT_OK
+
+
+def _server_status(state: Any, holders: list[int], idle_s: float | None) -> str:
+    """`hpsweep server status`'s text."""
+    if state is None:
+        return ("no local Prefect server running: the next sweep without PREFECT_API_URL starts one "
+                "(or `hpsweep server start`)")
+    lines = [f"local Prefect server: {state.url} (UI {state.ui_url}), pid {state.pid}",
+             f"  database: PREFECT_HOME's ({os.environ.get('PREFECT_HOME') or '~/.prefect'}); state and log in "
+             f"{state.folder}"]
+    if holders:
+        lines.append(f"  in use by {len(holders)} process(es) ({', '.join(map(str, holders))}): it stops "
+                     f"{_duration(state.idle_s)} after the last one ends")
+    else:
+        lines.append(f"  idle for {_duration(round(idle_s or 0))}: it stops after {_duration(state.idle_s)} idle, "
+                     "or now with `hpsweep server stop`")
+    return "\n".join(lines)
 
 
 def _not_found(e: Exception) -> int:
@@ -548,7 +651,8 @@ def main(argv: list[str] | None = None) -> int:
             train, val = prepare(args.out)
             console.print(f"wrote {train} and {val}")
             return EXIT_OK
-        commands = {"plan": _plan, "status": _status, "report": _report, "quota": _quota, "list": _list}
+        commands = {"plan": _plan, "status": _status, "report": _report, "quota": _quota, "list": _list,
+                    "server": _server}
         if args.command in commands:
             return commands[args.command](args)
         if args.command == "demo":

@@ -62,18 +62,28 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
+# A local Prefect server that a test's sweep left (hpsweep.engine.localserver) stops this soon.
+TEST_SERVER_IDLE_S = "60"
+
+
 @pytest.fixture(scope="session", autouse=True)
 def isolated_prefect_home(tmp_path_factory: pytest.TempPathFactory):
-    """Keep tests away from the user's ~/.prefect (profiles, database)."""
+    """Keep tests away from the user's ~/.prefect (profiles, database) and local Prefect server."""
+    from hpsweep.engine import localserver
+
     home = tmp_path_factory.mktemp("prefect-home")
-    old = os.environ.get("PREFECT_HOME")
+    saved = {k: os.environ.get(k) for k in ("PREFECT_HOME", localserver.IDLE_ENV, localserver.DIR_ENV)}
     os.environ["PREFECT_HOME"] = str(home)
+    os.environ[localserver.IDLE_ENV] = TEST_SERVER_IDLE_S
+    os.environ.pop(localserver.DIR_ENV, None)
     os.environ.pop("PREFECT_API_URL", None)
     yield home
-    if old is None:
-        os.environ.pop("PREFECT_HOME", None)
-    else:
-        os.environ["PREFECT_HOME"] = old
+    localserver.stop_local_server(force=True)  # the session home's, if a test started one there
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 @pytest.fixture(scope="session")
@@ -176,7 +186,10 @@ class Project:
 
 
 @pytest.fixture
-def project(tmp_path: Path, demo_data: Path) -> Project:
+def project(tmp_path: Path, demo_data: Path):
+    """A project whose sweeps start their own local Prefect server (stopped after the test)."""
+    from hpsweep.engine import localserver
+
     root = tmp_path / "project"
     (root / "data").mkdir(parents=True)
     for name in ("train.csv", "val.csv"):
@@ -187,7 +200,10 @@ def project(tmp_path: Path, demo_data: Path) -> Project:
     env["NO_COLOR"] = "1"
     env["COLUMNS"] = "200"
     env["HPSWEEP_GPU_LOCK_DIR"] = str(tmp_path / "gpu-locks")  # fake GPUs: never shared with another run's
-    return Project(root, env)
+    env[localserver.DIR_ENV] = str(tmp_path / "prefect-server")
+    env[localserver.IDLE_ENV] = TEST_SERVER_IDLE_S
+    yield Project(root, env)
+    localserver.stop_local_server(force=True, folder=Path(env[localserver.DIR_ENV]))
 
 
 @pytest.fixture

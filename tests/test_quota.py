@@ -121,6 +121,20 @@ def test_a_configured_prefect_server_repossesses_its_own_slots(recorded):
     assert recorded == [] and quota.LEASE_STORAGE_ENV not in os.environ
 
 
+def test_the_local_server_a_sweep_adopted_is_still_the_embedded_default(recorded, monkeypatch):
+    """hpsweep's local Prefect server keeps its leases in files and leaves returning them to the sweeps."""
+    from hpsweep.engine.localserver import ADOPTED_ENV
+
+    monkeypatch.setenv(ADOPTED_ENV, "http://127.0.0.1:4321/api")
+    with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:4321/api"}):
+        assert quota.embedded_default()
+        with quota.dead_sweeps_slots_returned(local_launcher=True):
+            assert len(recorded) == 1 and os.environ[quota.LEASE_STORAGE_ENV] == quota.FILESYSTEM_LEASES
+        assert "hpsweep's local Prefect server at http://127.0.0.1:4321/api" in quota.where_the_limit_lives()
+    with temporary_settings(updates={PREFECT_API_URL: "http://prefect.internal:4200/api"}):
+        assert not quota.embedded_default()  # an API the user configured
+
+
 def test_pool_launcher_needs_no_repossessor(recorded):
     with temporary_settings(restore_defaults={PREFECT_API_URL}):
         with quota.dead_sweeps_slots_returned(local_launcher=False):

@@ -84,18 +84,23 @@ def test_on_a_prefect_server_quota_lists_the_running_sweeps(embedded_prefect, ca
 
 @pytest.mark.slow
 def test_the_embedded_default_keeps_the_limit_in_prefect_home(tmp_path):
-    """Two processes without PREFECT_API_URL (each starts Prefect's temporary server, as `hpsweep
-    run` does) see the same limit: it lives in PREFECT_HOME's database."""
+    """Without PREFECT_API_URL `quota` reaches PREFECT_HOME's database through the local Prefect
+    server, as `hpsweep run` does: the limit is still there after that server stopped."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), NO_COLOR="1", COLUMNS="200",
                PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep))
 
     def cli(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "hpsweep.cli", "quota", *args], cwd=tmp_path, env=env,
+        return subprocess.run([sys.executable, "-m", "hpsweep.cli", *args], cwd=tmp_path, env=env,
                               capture_output=True, text=True, timeout=600)
 
-    assert cli("2").stdout == "quota limit 'hpsweep-gpus': 2 slots (0 in use); was absent\n"
-    shown = cli()
-    assert shown.returncode == 0, shown.stderr
-    assert shown.stdout.startswith("quota limit 'hpsweep-gpus': 2 slots, 0 in use, 2 free\n  held by: nobody\n")
-    assert shown.stderr == ""  # no telemetry or start-up noise from the temporary server
+    try:
+        assert cli("quota", "2").stdout == "quota limit 'hpsweep-gpus': 2 slots (0 in use); was absent\n"
+        assert cli("server", "stop").stdout.startswith("stopped the local Prefect server at ")
+        shown = cli("quota")  # a new local server, on the same database
+        assert shown.returncode == 0, shown.stderr
+        assert shown.stdout.startswith("quota limit 'hpsweep-gpus': 2 slots, 0 in use, 2 free\n  held by: nobody\n")
+        assert "through hpsweep's local Prefect server at http://127.0.0.1:" in shown.stdout
+        assert shown.stderr == ""  # no telemetry or start-up noise from the server
+    finally:
+        cli("server", "stop", "--force")

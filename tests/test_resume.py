@@ -94,7 +94,7 @@ def test_retrain_trains_from_scratch_and_finished_trials_keep_no_local_checkpoin
 
 
 def test_a_sweep_killed_on_the_embedded_default_gives_its_quota_back_to_the_rerun(project: Project):
-    """kill -9 of `hpsweep run` on the embedded default (Prefect's temporary server): the killed
+    """kill -9 of `hpsweep run` on the embedded default (the local Prefect server): the killed
     sweep's quota slot must come back, or the rerun waits for it forever (it did)."""
     project.write("params/spec.yaml", SLEEPY_SPEC.format(name="killed", sleep_s=1, gpus=1))
     project.write("params/combinations.yaml", "combinations:\n  - {f1: 0.5, sleep_s: 15}\n  - {f1: 0.6, sleep_s: 2}\n")
@@ -109,7 +109,7 @@ def test_a_sweep_killed_on_the_embedded_default_gives_its_quota_back_to_the_reru
             assert first.poll() is None and time.monotonic() < deadline
             time.sleep(0.2)
     finally:
-        os.killpg(first.pid, signal.SIGKILL)  # the sweep, its fork server and its temporary Prefect server
+        os.killpg(first.pid, signal.SIGKILL)  # the sweep and its fork server; the local server lives on
         first.wait()
 
     rerun = project.hpsweep(*args[3:], timeout=400)

@@ -2,7 +2,8 @@
 
 First signal: nothing new starts, running trials get SIGTERM and the grace to end, the report is
 written from what finished (the rest INTERRUPTED), every run is closed, exit 128 + signal. A second
-signal kills the trials at once. The temporary Prefect server never outlives the sweep.
+signal kills the trials at once. The local Prefect server runs in its own session: no signal
+to the sweep reaches it, and after kill -9 of the sweep it stops after its idle timeout (issue 19).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from hpsweep.model import AttemptResult, Outcome, TrialJob, TrialState
 from tests.conftest import Project
 from tests.memstore import InMemoryStore
 from tests.test_engine_sweep import config, write_project
+from tests.test_localserver import processes_of, server_of
 from tests.test_sweep_e2e import SLEEPY_SPEC, leaderboard, quota_limit
 
 # ---------------------------------------------------------------- the stop request and its signals
@@ -135,12 +137,6 @@ def wait_for_trials(project: Project, sweep: subprocess.Popen, n: int) -> None:
     time.sleep(1.0)  # the trainers are inside their first epoch
 
 
-def temporary_servers(sweep: subprocess.Popen) -> list[psutil.Process]:
-    """Prefect's temporary API server(s) the sweep started (children running uvicorn)."""
-    return [p for p in psutil.Process(sweep.pid).children(recursive=True)
-            if any("uvicorn" in part for part in p.cmdline())]
-
-
 def gone(processes: list[psutil.Process], timeout_s: float = 30) -> bool:
     _, alive = psutil.wait_procs(processes, timeout=timeout_s)
     return not alive
@@ -156,8 +152,9 @@ def runs_of(project: Project, name: str):
 def test_ctrl_c_stops_the_sweep_reports_what_ran_and_a_rerun_trains_the_rest(project: Project):
     sweep = start_sweep(project)
     wait_for_trials(project, sweep, 2)
-    servers = temporary_servers(sweep)
-    assert servers, "the embedded default runs Prefect's temporary server"
+    server = server_of(project)
+    assert server is not None, "the embedded default runs the local Prefect server"
+    assert server.pid not in [p.pid for p in psutil.Process(sweep.pid).children(recursive=True)]  # own session
     os.killpg(sweep.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground group
     out, err = sweep.communicate(timeout=120)
     assert sweep.returncode == 130, out[-2000:] + err[-3000:]
@@ -174,7 +171,7 @@ def test_ctrl_c_stops_the_sweep_reports_what_ran_and_a_rerun_trains_the_rest(pro
     assert parent.info.status == "KILLED" and parent.data.tags["hpsweep.interrupted"] == "SIGINT"
     trials = [r for r in runs if r.data.tags.get("hpsweep.role") == "trial"]
     assert len(trials) == 2 and all(r.info.status == "KILLED" for r in trials)
-    assert gone(servers)  # Ctrl-C did not kill it under the sweep, and the sweep's exit stopped it
+    assert server_of(project) == server  # Ctrl-C did not reach it: still up, warm for the rerun
 
     status = project.hpsweep("status", "stopped")
     assert "interrupted (SIGINT)" in status.stdout, status.stdout + status.stderr
@@ -183,6 +180,7 @@ def test_ctrl_c_stops_the_sweep_reports_what_ran_and_a_rerun_trains_the_rest(pro
                             "--quota-limit", quota_limit(project), env={"HPSWEEP_TEST_SLEEP_S": "0.2"})
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert [r["status"] for r in leaderboard(project, "stopped")["rows"]] == ["FINISHED"] * 4
+    assert server_of(project) == server  # the rerun shared it
 
 
 @pytest.mark.slow
@@ -199,20 +197,30 @@ def test_sigterm_to_the_sweep_process_stops_it_like_ctrl_c(project: Project):
 
 
 @pytest.mark.slow
-def test_kill_9_of_the_sweep_leaves_no_prefect_server_behind_and_status_says_not_responding(project: Project):
+def test_kill_9_of_the_sweep_leaves_the_prefect_server_only_for_its_idle_timeout(project: Project):
     project.env["HPSWEEP_HEARTBEAT_S"] = "1"  # the sweep's interval; `status` below runs with the default 30 s
+    project.env["HPSWEEP_SERVER_IDLE_S"] = "10"
     sweep = start_sweep(project, combos=2)
     del project.env["HPSWEEP_HEARTBEAT_S"]
     wait_for_trials(project, sweep, 1)
-    servers = temporary_servers(sweep)
-    assert servers
-    others = [p for p in psutil.Process(sweep.pid).children(recursive=True) if p not in servers]
+    server = server_of(project)
+    assert server is not None
+    servers = processes_of(server)
+    others = psutil.Process(sweep.pid).children(recursive=True)  # fork server, trials
+    # While the sweep runs: `status` reads its flow run from the local server, which the sweep holds.
+    shown = project.hpsweep("status", "stopped")
+    assert "Prefect     Running" in shown.stdout, shown.stdout + shown.stderr
+    refused = project.hpsweep("server", "stop")
+    assert refused.returncode == 2 and f"in use by process(es) {sweep.pid} " in refused.stderr, refused.stderr
+
     os.kill(sweep.pid, signal.SIGKILL)  # the sweep only: nothing can clean up after it
     sweep.wait(60)
-    assert gone(servers), [p.cmdline() for p in servers if p.is_running()]
-    assert gone(others, 60), [p.cmdline() for p in others if p.is_running()]  # fork server, trials
+    assert gone(others, 60), [p.cmdline() for p in others if p.is_running()]
     sweep.communicate(timeout=60)
     time.sleep(2.5)  # more than two of the sweep's heartbeat intervals since it died
     result = project.hpsweep("status", "stopped")
     assert result.returncode == 0, result.stderr
     assert ": not responding (no heartbeat for " in result.stdout.splitlines()[0], result.stdout
+    # No sweep holds the server any more: its supervisor stops it after the idle timeout, by itself.
+    assert gone(servers, 180), [p.cmdline() for p in servers if p.is_running()]
+    assert server_of(project) is None

@@ -169,27 +169,32 @@ class QuotaView:
 
 
 def embedded_default() -> bool:
-    """No Prefect API configured: Prefect starts a temporary server on PREFECT_HOME's database."""
+    """No Prefect API configured by the user: hpsweep's local server (hpsweep.engine.localserver)
+    on PREFECT_HOME's database, or no server yet."""
     from prefect.settings import get_current_settings
 
-    return not get_current_settings().api.url
+    from hpsweep.engine.localserver import is_local
+
+    url = get_current_settings().api.url
+    return not url or is_local(url)
 
 
 def where_the_limit_lives() -> str:
     from prefect.settings import get_current_settings
 
     settings = get_current_settings()
-    if settings.api.url:
+    if not embedded_default():
         return f"the Prefect server at {settings.api.url}"
-    return (f"Prefect's local database in PREFECT_HOME ({settings.home}), through a temporary Prefect server "
+    through = f"hpsweep's local Prefect server at {settings.api.url}" if settings.api.url else "a Prefect server"
+    return (f"Prefect's local database in PREFECT_HOME ({settings.home}), through {through} "
             "(as `hpsweep run` without PREFECT_API_URL)")
 
 
 @contextmanager
 def _prefect_client() -> Iterator[SyncPrefectClient]:
-    """Prefect's client; on the embedded default it starts a temporary server on the database
-    `hpsweep run` uses, with the same two-minute start-up budget on a busy machine and, unless
-    told otherwise, no telemetry (the server lives for one query)."""
+    """Prefect's client (`hpsweep quota` points it at the local server first); without any API
+    URL Prefect starts a temporary server, here with a two-minute start-up budget on a busy
+    machine and, unless told otherwise, no telemetry."""
     from prefect.settings import (PREFECT_SERVER_ANALYTICS_ENABLED, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
                                   temporary_settings)
 
@@ -340,19 +345,13 @@ FILESYSTEM_LEASES = "prefect.server.concurrency.lease_storage.filesystem"
 
 @contextmanager
 def dead_sweeps_slots_returned(local_launcher: bool) -> Iterator[None]:
-    """While a sweep runs on the embedded default (no Prefect API configured): start Prefect's
-    temporary server tied to this process, keep leases on disk and return expired leases' slots."""
-    from prefect.settings import get_current_settings
-
-    if not local_launcher or get_current_settings().api.url:
+    """While a sweep runs on the embedded default (no Prefect API configured by the user): leases
+    on disk, and expired leases' slots returned. The local server keeps its leases in the same
+    files (hpsweep.engine.localserver), so they outlive it, and leaves returning them to this."""
+    if not local_launcher or not embedded_default():
         yield  # a real Prefect server runs its own Repossessor
         return
-    # Before the temporary server starts (it inherits the environment): its default lease
-    # storage is its own memory, so the leases of a sweep that died would vanish with its server.
     os.environ.setdefault(LEASE_STORAGE_ENV, FILESYSTEM_LEASES)
-    from hpsweep.engine.tempserver import start_temporary_server
-
-    start_temporary_server()  # in its own session, and it dies with this process
     repossessor = SlotRepossessor()
     try:
         yield

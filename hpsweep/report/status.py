@@ -126,7 +126,7 @@ def prefect_state(flow_run_id: str | None, api_url: str | None = None, timeout_s
 
     api_url = api_url or PREFECT_API_URL.value()
     if not api_url:  # never let the client start a temporary API of its own
-        return "unknown (PREFECT_API_URL not set: the sweep used a temporary Prefect API)"
+        return "unknown (PREFECT_API_URL not set and no local Prefect server running)"
     try:
         with temporary_settings({PREFECT_API_URL: api_url, PREFECT_CLIENT_MAX_RETRIES: 0}), \
                 get_client(httpx_settings={"timeout": timeout_s}, sync_client=True) as client:
