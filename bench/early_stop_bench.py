@@ -107,7 +107,7 @@ def real(curves: list[dict], epochs: int, epoch_s: float) -> dict[str, dict]:
         root = Path(tmp)
         (root / "data").mkdir()
         for name in ("train.csv", "val.csv"):
-            (root / "data" / name).write_text("x\n")
+            (root / "data" / name).write_text("x\n0\n")  # the replay trainer reads no data; validation wants a row
         (root / "combos.yaml").write_text("combinations:\n" + "".join(f"  - {json.dumps(c['hparams'])}\n"
                                                                         for c in curves))
         env = {"PYTHONPATH": str(REPO), "HPSWEEP_EARLY_STOP_POLL_S": str(epoch_s / 2),

@@ -136,3 +136,16 @@ def test_the_idle_timeout_must_be_a_positive_number(monkeypatch):
             localserver.idle_timeout_s()
     monkeypatch.delenv(localserver.IDLE_ENV)
     assert localserver.idle_timeout_s() == 30 * 60
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give the folder to another user")
+def test_a_server_folder_of_another_user_is_never_used(tmp_path: Path, monkeypatch):
+    """Another account's server (same HPSWEEP_SERVER_DIR or PREFECT_HOME): refused, not joined."""
+    folder = tmp_path / "theirs"
+    folder.mkdir(mode=0o700)
+    os.chown(folder, 65534, 65534)  # nobody's
+    monkeypatch.setenv(localserver.DIR_ENV, str(folder))
+    with pytest.raises(localserver.LocalServerError, match="belongs to another user"):
+        localserver.find_local_server(start=True, hold=False)
+    assert not (folder / "state.json").exists()
+
