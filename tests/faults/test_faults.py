@@ -108,8 +108,10 @@ def test_killed_trainers_resume_from_their_last_checkpoint(fault_project: Projec
             time.sleep(rng.uniform(1.0, 2.5))
             evs = events(record)
             ended = {e["pid"] for e in evs if e["event"] in ("end", "killed")}
-            # a trainer that has started at least one epoch, still running
-            running = sorted({e["pid"] for e in evs if e["event"] == "epoch"} - ended)
+            # a trainer still running that has a checkpoint: it started its second epoch or a later one
+            # (killed in its first, it rightly starts over; on a loaded machine the first epoch's report
+            # can take long enough that every random kill landed there)
+            running = sorted({e["pid"] for e in evs if e["event"] == "epoch" and e["epoch"] >= 2} - ended)
             running = [p for p in running if alive(p)]
             if running:
                 pid = rng.choice(running)
@@ -137,7 +139,7 @@ def test_killed_trainers_resume_from_their_last_checkpoint(fault_project: Projec
         assert rerun[key] <= killed_keys[key], (key, rerun[key], killed_keys[key])
         assert {ep for (k, ep) in epoch_starts if k == key} == set(range(1, 7))
     resumed = [e for e in evs if e["event"] == "start" and e["resumed_at"] > 0]
-    assert len(resumed) >= len(kills) - 1  # a kill before the first checkpoint restarts at epoch 1
+    assert len(resumed) >= len(kills)  # every killed trainer had a checkpoint to resume from
 
     client = MlflowClient(mlflow_server.url)
     assert set(finished_runs_per_key(client, "kill-trainers").values()) == {1}
