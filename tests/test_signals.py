@@ -224,3 +224,48 @@ def test_kill_9_of_the_sweep_leaves_the_prefect_server_only_for_its_idle_timeout
     # No sweep holds the server any more: its supervisor stops it after the idle timeout, by itself.
     assert gone(servers, 180), [p.cmdline() for p in servers if p.is_running()]
     assert server_of(project) is None
+
+
+SLOW_IMPORT_TRAINER = '''
+"""Imported in ten minutes by the trials' fork server once `slow-import` exists (a trainer importing a
+big framework from a slow disk); at once elsewhere (the sweep's own import check)."""
+import sys
+import time
+from pathlib import Path
+
+if sys.argv[:1] == ["-c"] and Path("slow-import").exists():  # the fork server: python -c "...forkserver..."
+    time.sleep(600)
+from tests.trainers import sleepy as train  # noqa: E402,F401
+'''
+
+
+@pytest.mark.slow
+def test_a_sweep_that_trains_nothing_leaves_no_fork_server_behind_while_it_preloads(project: Project):
+    """Every trial reused: the sweep ends while its fork server still imports the trainer. The fork
+    server used to finish that import first (here ten minutes), holding `hpsweep run | tee` open."""
+    project.write("slowpkg/__init__.py", SLOW_IMPORT_TRAINER)  # a package: the flag and the log are not its code
+    project.write("params/spec.yaml", SLEEPY_SPEC.format(name="slowimport", sleep_s=0.1, gpus=1)
+                  .replace("tests.trainers:sleepy", "slowpkg:train"))
+    project.write("params/combinations.yaml", "combinations:\n  - {f1: 0.5}\n")
+    args = ["run", "--combinations", "params/combinations.yaml", "--spec", "params/spec.yaml", "--train",
+            "data/train.csv", "--val", "data/val.csv", "--quota", "1", "--quota-limit", quota_limit(project)]
+    first = project.hpsweep(*args)
+    assert first.returncode == 0, first.stderr[-3000:]
+
+    project.write("slow-import", "")
+    with (project.root / "rerun.log").open("w") as log:
+        sweep = subprocess.Popen([sys.executable, "-m", "hpsweep.cli", *args], cwd=project.root, env=project.env,
+                                 stdout=log, stderr=subprocess.STDOUT)
+        fork_servers: dict[int, psutil.Process] = {}
+        while sweep.poll() is None:
+            try:
+                for child in psutil.Process(sweep.pid).children():
+                    if "forkserver" in " ".join(child.cmdline()):
+                        fork_servers[child.pid] = child
+            except psutil.Error:
+                pass
+            time.sleep(0.05)
+    assert sweep.returncode == 0, (project.root / "rerun.log").read_text()[-3000:]
+    assert "1 reused" in (project.root / "rerun.log").read_text()
+    assert fork_servers, "the sweep started no fork server"
+    assert gone(list(fork_servers.values()), 30), "the fork server outlived its sweep"

@@ -36,6 +36,7 @@ STOP_POLL_S = float(os.environ.get("HPSWEEP_STOP_POLL_S", "5"))
 
 # Set for the fork server only: the tracking store its trials will open (see hpsweep/runtime/_preload.py).
 FORKSERVER_TRACKING_URI_ENV = "HPSWEEP_FORKSERVER_TRACKING_URI"
+FORKSERVER_MODULES_ENV = "HPSWEEP_FORKSERVER_MODULES"  # the trainer's modules, comma-separated
 
 
 def start_fork_server(preload: list[str] | None = None, tracking_uri: str | None = None) -> None:
@@ -50,8 +51,10 @@ def start_fork_server(preload: list[str] | None = None, tracking_uri: str | None
     make sure it still does (the first preload list wins).
     """
     mp = multiprocessing.get_context("forkserver")
-    # "__main__" too: otherwise every trial re-imports the main script before it starts.
-    mp.set_forkserver_preload(["__main__", "hpsweep.runtime.runner", "hpsweep.runtime._preload", *(preload or [])])
+    # "__main__" too: otherwise every trial re-imports the main script before it starts. The trainer's
+    # modules are imported by _preload itself, which exits with the sweep until its imports are done.
+    mp.set_forkserver_preload(["__main__", "hpsweep.runtime.runner", "hpsweep.runtime._preload"])
+    os.environ[FORKSERVER_MODULES_ENV] = ",".join(preload or [])
     if tracking_uri:
         os.environ[FORKSERVER_TRACKING_URI_ENV] = tracking_uri
     threading.Thread(target=multiprocessing.forkserver.ensure_running, daemon=True).start()

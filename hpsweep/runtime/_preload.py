@@ -7,9 +7,11 @@ API an upgrade removed) only leaves trials to do that work themselves, more slow
 """
 
 import functools
+import gc
 import importlib
 import logging
 import os
+import threading
 from typing import Callable
 
 log = logging.getLogger("hpsweep.trial")
@@ -53,7 +55,26 @@ def _open_trials_store(uri: str) -> None:
         engine.dispose()
 
 
+def _exit_with_the_sweep() -> Callable[[], None]:
+    """Until its preload is done, the fork server cannot notice that its sweep has ended (it watches
+    for that only in its serving loop), and a sweep that trained nothing (every trial reused) ends
+    before a slow preload (skops imports torch here) does: the fork server then held the sweep's
+    stdout open for seconds (`hpsweep run | tee`). Exit as soon as the sweep is gone; the function
+    returned ends the watch (before any trial is forked)."""
+    parent, done = os.getppid(), threading.Event()
+
+    def watch() -> None:
+        while not done.wait(0.1):
+            if os.getppid() != parent:
+                os._exit(0)
+
+    watcher = threading.Thread(target=watch, name="hpsweep-preload-watch", daemon=True)
+    watcher.start()
+    return lambda: (done.set(), watcher.join())
+
+
 def preload() -> None:
+    stop_watching = _exit_with_the_sweep()
     for name in PRELOAD:
         _best_effort(f"import {name}", functools.partial(importlib.import_module, name))
 
@@ -74,6 +95,13 @@ def preload() -> None:
     uri = os.environ.get("HPSWEEP_FORKSERVER_TRACKING_URI")  # hpsweep.engine.process.FORKSERVER_TRACKING_URI_ENV
     if uri:
         _best_effort("the trials' tracking store", lambda: _open_trials_store(uri))
+    for name in filter(None, os.environ.get("HPSWEEP_FORKSERVER_MODULES", "").split(",")):  # process.FORKSERVER_MODULES_ENV
+        _best_effort(f"import {name}", functools.partial(importlib.import_module, name))  # the trainer's: torch...
+    stop_watching()
 
 
 preload()
+# Python's advice for a process that forks without exec: the preloaded heap moves out of the
+# collector's reach, so trials' collections never walk (and copy) it, and the fork server's
+# own exit skips collecting it (seconds, while it held a piped `hpsweep run`'s output open).
+gc.freeze()
