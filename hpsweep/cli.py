@@ -174,7 +174,7 @@ class RichProgress(SweepCallback):
                                   TimeElapsedColumn(), TextColumn("{task.description}"), console=console)
         self._lock = threading.Lock()
         self._task = None
-        self.total = self.parallel = self.done = self.failed = self.stopped = self.running = 0
+        self.total = self.parallel = self.done = self.failed = self.stopped = self.interrupted = self.running = 0
         self._durations: list[float] = []
 
     def on_sweep_start(self, total: int, parallel: int) -> None:
@@ -192,7 +192,8 @@ class RichProgress(SweepCallback):
             self.running -= 1
             self.done += result.outcome.ok
             self.stopped += result.outcome.stopped  # the early-stopping rule's call, not a failure
-            self.failed += not result.outcome.ok and not result.outcome.stopped
+            self.interrupted += result.outcome.interrupted  # Ctrl-C's, not the trial's: a rerun trains it
+            self.failed += not (result.outcome.ok or result.outcome.stopped or result.outcome.interrupted)
             self._durations.append(result.outcome.duration_s)
         if not self._live:
             console.print(f"sweep {self.summary()}", markup=False, highlight=False)
@@ -206,11 +207,12 @@ class RichProgress(SweepCallback):
     def summary(self) -> str:
         """Remaining trials × mean duration / slots is the ETA (unknown until one trial has ended)."""
         with self._lock:
-            ended = self.done + self.failed + self.stopped
+            ended = self.done + self.failed + self.stopped + self.interrupted
             eta = ((self.total - ended) * sum(self._durations) / len(self._durations) / max(1, self.parallel)
                    if self._durations else None)
-            stopped = f"{self.stopped} stopped early · " if self.stopped else ""
-            return (f"{ended}/{self.total} ended · {self.done} finished · {self.failed} failed · {stopped}"
+            others = (f"{self.stopped} stopped early · " if self.stopped else "") + \
+                     (f"{self.interrupted} interrupted · " if self.interrupted else "")
+            return (f"{ended}/{self.total} ended · {self.done} finished · {self.failed} failed · {others}"
                     f"{self.running} running · ETA {'?' if eta is None else f'{eta:.0f}s'}")
 
     def _render(self) -> None:
@@ -219,7 +221,8 @@ class RichProgress(SweepCallback):
         if self._task is None:
             self._progress.start()
             self._task = self._progress.add_task(self.summary(), total=self.total or None)
-        self._progress.update(self._task, completed=self.done + self.failed + self.stopped, total=self.total,
+        self._progress.update(self._task, completed=self.done + self.failed + self.stopped + self.interrupted,
+                              total=self.total,
                               description=self.summary())
 
 

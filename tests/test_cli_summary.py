@@ -26,12 +26,14 @@ def test_a_sweep_with_f1s_prints_its_top_trials(capsys):
     assert "Top trials" in out and "0.9100" in out and "nothing to rank" not in out
 
 
-def test_the_live_line_counts_an_early_stopped_trial_as_stopped_not_failed():
+def test_the_live_line_counts_early_stopped_and_interrupted_trials_apart_from_failures():
     progress = cli.RichProgress(live=False)
-    progress.on_sweep_start(total=3, parallel=1)
+    progress.on_sweep_start(total=4, parallel=1)
     trial = PlannedTrial(1, {"lr": 0.1}, "k")
     for outcome in (Outcome(True, 0.9), Outcome(False, 0.2, reason="median rule", stopped=True),
-                    Outcome(False, None, reason="boom")):
+                    Outcome(False, None, reason="boom"),
+                    Outcome(False, None, reason="interrupted: SIGINT", killed=True, interrupted=True)):
         progress.on_trial_start(trial)
         progress.on_trial_end(trial, 1, AttemptResult("run", outcome))
-    assert progress.summary().startswith("3/3 ended · 1 finished · 1 failed · 1 stopped early · 0 running")
+    assert progress.summary().startswith("4/4 ended · 1 finished · 1 failed · 1 stopped early · 1 interrupted · "
+                                         "0 running")
