@@ -394,7 +394,9 @@ def _use_local_prefect(local: Any) -> None:
 
 
 def _duration(seconds: float) -> str:
-    return f"{seconds / 60:g} min" if seconds >= 60 else f"{seconds:g} s"
+    """76 → "1 min 16 s" (it printed "1.26667 min")."""
+    minutes, secs = divmod(round(seconds), 60)
+    return f"{minutes} min" + (f" {secs} s" if secs else "") if minutes else f"{secs} s"
 
 
 def _sweep_flow(config: SweepConfig, started: Any, local_prefect: Callable[[], Any] | None) -> dict[str, Any]:
@@ -618,7 +620,7 @@ def _server_status(state: Any, holders: list[int], idle_s: float | None) -> str:
         lines.append(f"  in use by {len(holders)} process(es) ({', '.join(map(str, holders))}): it stops "
                      f"{_duration(state.idle_s)} after the last one ends")
     else:
-        lines.append(f"  idle for {_duration(round(idle_s or 0))}: it stops after {_duration(state.idle_s)} idle, "
+        lines.append(f"  idle for {_duration(idle_s or 0)}: it stops after {_duration(state.idle_s)} idle, "
                      "or now with `hpsweep server stop`")
     return "\n".join(lines)
 

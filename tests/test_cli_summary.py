@@ -37,3 +37,7 @@ def test_the_live_line_counts_early_stopped_and_interrupted_trials_apart_from_fa
         progress.on_trial_end(trial, 1, AttemptResult("run", outcome))
     assert progress.summary().startswith("4/4 ended · 1 finished · 1 failed · 1 stopped early · 1 interrupted · "
                                          "0 running")
+
+
+def test_durations_read_as_minutes_and_seconds():
+    assert [cli._duration(s) for s in (10, 60, 76, 1800, 0.4)] == ["10 s", "1 min", "1 min 16 s", "30 min", "0 s"]
