@@ -350,14 +350,9 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _configured_prefect_api() -> str | None:
-    """The Prefect API the user configured (PREFECT_API_URL, in the environment or Prefect's
-    profile), or None: the embedded default, hpsweep's local server."""
-    from prefect.settings import get_current_settings
+    from hpsweep.engine.localserver import configured_prefect_api
 
-    from hpsweep.engine.localserver import is_local
-
-    url = get_current_settings().api.url
-    return None if not url or is_local(url) else url
+    return configured_prefect_api()
 
 
 def _local_prefect_in_background() -> Callable[[], Any] | None:

@@ -1,8 +1,10 @@
 """Who runs a run: a process identity (host, pid, start time) that stays true after pid reuse,
-and the one question asked of it: is that process certainly gone?"""
+and the one question asked of it: is that process certainly gone? And a child that must not
+outlive its parent."""
 
 from __future__ import annotations
 
+import ctypes
 import socket
 
 import psutil
@@ -27,4 +29,16 @@ def identity_is_dead(identity: str | None) -> bool:
     except psutil.NoSuchProcess:
         return True
     except psutil.Error:  # e.g. access denied: it exists
+        return False
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(sig: int) -> bool:
+    """Ask Linux to send this process ``sig`` when the thread that started it ends (so its parent,
+    when that was the main thread); False where the OS cannot (not Linux)."""
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, sig) == 0
+    except (OSError, AttributeError):
         return False

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import ctypes
 import json
 import os
 import signal
@@ -35,6 +34,8 @@ from pathlib import Path
 import psutil
 from filelock import FileLock, Timeout
 
+from hpsweep.identity import die_with_parent
+
 DIR_ENV = "HPSWEEP_SERVER_DIR"
 IDLE_ENV = "HPSWEEP_SERVER_IDLE_S"
 DEFAULT_IDLE_S = 1800.0
@@ -44,7 +45,6 @@ ADOPTED_ENV = "HPSWEEP_LOCAL_PREFECT_API_URL"
 START_TIMEOUT_S = 180.0  # a cold start takes 5-16 s (a fresh database: migrations); a busy CI machine needed a minute
 LOCK_TIMEOUT_S = START_TIMEOUT_S + 60  # another command may be starting it
 SILENT_AFTER_S = 60.0  # a running server that does not answer its health check for this long is replaced
-PR_SET_PDEATHSIG = 1
 MODULE = "hpsweep.engine.localserver"  # ``python -m`` it (here, __name__ may be "__main__")
 
 
@@ -269,6 +269,15 @@ def is_local(api_url: str | None) -> bool:
     return bool(api_url) and api_url == os.environ.get(ADOPTED_ENV)
 
 
+def configured_prefect_api() -> str | None:
+    """The Prefect API the user configured (PREFECT_API_URL, in the environment or Prefect's
+    profile), or None: the embedded default, this local server. Imports Prefect (its settings)."""
+    from prefect.settings import get_current_settings
+
+    url = get_current_settings().api.url
+    return None if not url or is_local(url) else url
+
+
 def server_status(folder: Path | None = None) -> tuple[ServerState | None, list[int], float | None]:
     """(the running server or None, live holder pids, seconds since its last use) without starting one."""
     folder = folder or server_folder()
@@ -434,11 +443,8 @@ def _idle_stop(folder: Path, idle_s: float) -> bool:
 
 
 def _die_with_parent(parent_pid: int) -> None:
-    """Ask Linux to SIGTERM this process when its parent dies; exit now if it already has."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass  # not Linux: a supervisor killed with -9 leaves the server running
+    """SIGTERM when the supervisor dies (it stops the server cleanly); exit now if it already has."""
+    die_with_parent(signal.SIGTERM)  # not Linux: a supervisor killed with -9 leaves the server running
     if os.getppid() != parent_pid:
         sys.exit(0)
 

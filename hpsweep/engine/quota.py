@@ -171,12 +171,9 @@ class QuotaView:
 def embedded_default() -> bool:
     """No Prefect API configured by the user: hpsweep's local server (hpsweep.engine.localserver)
     on PREFECT_HOME's database, or no server yet."""
-    from prefect.settings import get_current_settings
+    from hpsweep.engine.localserver import configured_prefect_api
 
-    from hpsweep.engine.localserver import is_local
-
-    url = get_current_settings().api.url
-    return not url or is_local(url)
+    return configured_prefect_api() is None
 
 
 def where_the_limit_lives() -> str:

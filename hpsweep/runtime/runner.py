@@ -25,6 +25,7 @@ from typing import Any
 
 from hpsweep import predictions
 from hpsweep.engine.outcome import result_json
+from hpsweep.identity import die_with_parent
 from hpsweep.runtime.datacheck import changed_reason, data_changes, version_read
 from hpsweep.runtime.durable import CheckpointSync, MetricsLogger, SystemMetrics, exit_when_dead, restore_checkpoints
 from hpsweep.store import artifacts
@@ -274,13 +275,9 @@ def _take_back_run(client: MlflowClient, run_id: str) -> None:
 
 
 def _die_with_parent() -> None:
-    """A command trainer dies with its runner process (which dies with the orchestrator)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass  # not Linux: trials outlive a crashed orchestrator until their time limit
+    """A command trainer dies with its runner process (which dies with the orchestrator); not on
+    Linux, trials outlive a crashed orchestrator until their time limit."""
+    die_with_parent(signal.SIGKILL)
 
 
 def _run_entrypoint(req: TrialRequest, metrics: MetricsLogger) -> dict[str, Any]:
