@@ -11,22 +11,20 @@ import gc
 import importlib
 import logging
 import os
+import sys
 import threading
 from typing import Callable
 
 log = logging.getLogger("hpsweep.trial")
 
 # What a trial imports on its way: MLflow's stores and artifact repositories, SQLite's dialect
-# and MLflow's migration scripts (each trial opens a tracking store), serialisers (skops is
-# optional), and the entrypoint resolver.
+# and MLflow's migration scripts (each trial opens a tracking store), and the entrypoint resolver.
 PRELOAD = (
     "mlflow.store.tracking.sqlalchemy_store",
     "mlflow.store.tracking.rest_store",
     "mlflow.store.model_registry.sqlalchemy_store",
     "mlflow.store.artifact.local_artifact_repo",
     "mlflow.store.artifact.s3_artifact_repo",
-    "mlflow.sklearn",
-    "skops.io",
     "sqlalchemy.dialects.sqlite",
     "alembic.script",
     "mlflow.store.db.utils",
@@ -35,6 +33,17 @@ PRELOAD = (
     "mlflow.artifacts",
     "hpsweep.inputs",
 )
+
+# What ``ctx.save_model`` needs for a model of a library the trainer's modules loaded. A trainer
+# that uses neither library does not wait for them: skops.io alone imports all of scikit-learn
+# and, through its array-API support, torch (2.5 s of a 4.7 s preload here, before the first
+# trial can fork).
+SERIALISERS = {"sklearn": ("mlflow.sklearn", "skops.io"), "torch": ("mlflow.pytorch",)}
+
+
+def serialisers(loaded: set[str] | dict[str, object]) -> list[str]:
+    """The serialiser modules worth preloading, given the top-level modules loaded (``sys.modules``)."""
+    return [name for library, names in SERIALISERS.items() if library in loaded for name in names]
 
 
 def _best_effort(what: str, fn: Callable[[], object]) -> None:
@@ -75,7 +84,9 @@ def _exit_with_the_sweep() -> Callable[[], None]:
 
 def preload() -> None:
     stop_watching = _exit_with_the_sweep()
-    for name in PRELOAD:
+    for name in filter(None, os.environ.get("HPSWEEP_FORKSERVER_MODULES", "").split(",")):  # process.FORKSERVER_MODULES_ENV
+        _best_effort(f"import {name}", functools.partial(importlib.import_module, name))  # the trainer's: torch...
+    for name in (*PRELOAD, *serialisers(sys.modules)):
         _best_effort(f"import {name}", functools.partial(importlib.import_module, name))
 
     def configure_mappers() -> None:
@@ -87,16 +98,14 @@ def preload() -> None:
 
     from hpsweep.store import private
 
-    # MLflow maps every installed package to its modules on a process's first save_model (1.6 s here).
-    _best_effort("the installed-package scan", private.scan_installed_packages)
+    if serialisers(sys.modules):  # MLflow maps every installed package to its modules on a first save_model (1.6 s)
+        _best_effort("the installed-package scan", private.scan_installed_packages)
     # A store checks its database against the latest schema revision; working that out re-reads
     # ~70 migration files (0.4 s per trial here).
     _best_effort("the schema revision", private.remember_latest_schema_revision)
     uri = os.environ.get("HPSWEEP_FORKSERVER_TRACKING_URI")  # hpsweep.engine.process.FORKSERVER_TRACKING_URI_ENV
     if uri:
         _best_effort("the trials' tracking store", lambda: _open_trials_store(uri))
-    for name in filter(None, os.environ.get("HPSWEEP_FORKSERVER_MODULES", "").split(",")):  # process.FORKSERVER_MODULES_ENV
-        _best_effort(f"import {name}", functools.partial(importlib.import_module, name))  # the trainer's: torch...
     stop_watching()
 
 
