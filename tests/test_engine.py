@@ -223,6 +223,65 @@ def test_each_worker_holds_one_slot_for_its_life_and_at_most_parallel_run():
     assert len(held) == 3  # a slot per worker, not per trial
 
 
+def test_first_trials_start_once_every_worker_holds_its_slot():
+    """Slots are asked for before any trial starts (a slot asked for while the first trials' task runs
+    wrote to Prefect's server waited seconds for its answer): no trial starts before the last slot is held."""
+    store = InMemoryStore()
+    launcher = ScriptedLauncher(store, {}, seconds=0.01)
+    started_at: list[float] = []
+    held_at: list[float] = []
+    lock = threading.Lock()
+    launch = launcher.launch
+
+    def timed_launch(job, gpu_ids):
+        with lock:
+            started_at.append(time.monotonic())
+        return launch(job, gpu_ids)
+
+    launcher.launch = timed_launch
+
+    @contextmanager
+    def slot():
+        with lock:
+            delay = 0.1 * len(held_at)  # each worker's slot comes 0.1 s after the previous one's
+            held_at.append(0.0)
+        time.sleep(delay)
+        with lock:
+            held_at[held_at.index(0.0)] = time.monotonic()
+        yield
+
+    engine(launcher, hold_slot=slot).run(trials(8), parallel=4)
+    assert len(launcher.jobs) == 8
+    assert min(started_at) >= max(held_at)
+
+
+def test_a_worker_whose_slot_is_taken_elsewhere_does_not_hold_back_the_others():
+    """Another sweep holds the second slot for 3 s: the first worker starts its trials after the start
+    line's window (1 s), not when the second slot comes."""
+    store = InMemoryStore()
+    launcher = ScriptedLauncher(store, {})
+    release = threading.Event()
+    first = threading.Lock()
+    launched_before_release: list[bool] = []
+    launch = launcher.launch
+
+    def recording_launch(job, gpu_ids):
+        launched_before_release.append(not release.is_set())
+        return launch(job, gpu_ids)
+
+    launcher.launch = recording_launch
+
+    @contextmanager
+    def slot():
+        if not first.acquire(blocking=False):  # every worker but the first waits for another sweep's slot
+            release.wait(10)
+        yield
+
+    threading.Timer(3.0, release.set).start()
+    engine(launcher, hold_slot=slot).run(trials(4), parallel=2)
+    assert len(launcher.jobs) == 4 and all(launched_before_release)
+
+
 def test_running_trials_never_share_a_gpu(tmp_path):
     store = InMemoryStore()
     launcher = ScriptedLauncher(store, {}, seconds=0.02)
