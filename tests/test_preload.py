@@ -33,3 +33,31 @@ def test_a_trainer_without_scikit_learn_does_not_wait_for_its_serialiser(tmp_pat
 
 def test_a_scikit_learn_trainer_finds_its_serialiser_preloaded(tmp_path: Path):
     assert _fork_server_modules("trainer.reference", tmp_path) == SERIALISERS
+
+
+MAIN_SCRIPT = '''
+import multiprocessing, os, sys, time
+if __name__ == "__mp_main__":  # multiprocessing running this script again, outside the sweep's process
+    with open(os.environ["RERUNS"], "a") as f:
+        f.write(f"{os.getpid()}\\n")
+if __name__ == "__main__":
+    from hpsweep.engine.process import start_fork_server
+    start_fork_server([])
+    ctx = multiprocessing.get_context("forkserver")
+    for _ in range(3):  # three trials' processes
+        p = ctx.Process(target=time.sleep, args=(0,))
+        p.start()
+        p.join()
+        assert p.exitcode == 0
+'''
+
+
+def test_trials_do_not_run_the_sweeps_main_module_again(tmp_path: Path):
+    """multiprocessing runs the parent's main module in each child whose own __main__ differs (64 ms
+    of hpsweep/cli.py per trial under `python -m hpsweep.cli`): the fork server runs it once instead."""
+    script, reruns = tmp_path / "sweep_main.py", tmp_path / "reruns.txt"
+    script.write_text(MAIN_SCRIPT)
+    env = {**os.environ, "RERUNS": str(reruns),
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    subprocess.run([sys.executable, str(script)], env=env, cwd=tmp_path, timeout=300, check=True)
+    assert len(reruns.read_text().split()) == 1  # the fork server's, not one per trial

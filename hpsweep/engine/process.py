@@ -37,6 +37,17 @@ STOP_POLL_S = float(os.environ.get("HPSWEEP_STOP_POLL_S", "5"))
 # Set for the fork server only: the tracking store its trials will open (see hpsweep/runtime/_preload.py).
 FORKSERVER_TRACKING_URI_ENV = "HPSWEEP_FORKSERVER_TRACKING_URI"
 FORKSERVER_MODULES_ENV = "HPSWEEP_FORKSERVER_MODULES"  # the trainer's modules, comma-separated
+FORKSERVER_MAIN_ENV = "HPSWEEP_FORKSERVER_MAIN"  # the sweep's main module, as multiprocessing names it
+
+
+def _main_module() -> dict[str, str]:
+    """How multiprocessing names this process's main module to each child ({"init_main_from_name":
+    "hpsweep.cli"} under `python -m hpsweep.cli`, {"init_main_from_path": ...} for a script): a child
+    whose own __main__ is not that one runs it again before its target starts."""
+    from multiprocessing import spawn
+
+    data = spawn.get_preparation_data("trial")
+    return {k: data[k] for k in ("init_main_from_name", "init_main_from_path") if k in data}
 
 
 def start_fork_server(preload: list[str] | None = None, tracking_uri: str | None = None) -> None:
@@ -51,10 +62,11 @@ def start_fork_server(preload: list[str] | None = None, tracking_uri: str | None
     make sure it still does (the first preload list wins).
     """
     mp = multiprocessing.get_context("forkserver")
-    # "__main__" too: otherwise every trial re-imports the main script before it starts. The trainer's
-    # modules are imported by _preload itself, which exits with the sweep until its imports are done.
-    mp.set_forkserver_preload(["__main__", "hpsweep.runtime.runner", "hpsweep.runtime._preload"])
+    # The trainer's modules are imported by _preload itself, which exits with the sweep until its
+    # imports are done; so is the sweep's main module (FORKSERVER_MAIN_ENV).
+    mp.set_forkserver_preload(["hpsweep.runtime.runner", "hpsweep.runtime._preload"])
     os.environ[FORKSERVER_MODULES_ENV] = ",".join(preload or [])
+    os.environ[FORKSERVER_MAIN_ENV] = json.dumps(_main_module())
     if tracking_uri:
         os.environ[FORKSERVER_TRACKING_URI_ENV] = tracking_uri
     threading.Thread(target=multiprocessing.forkserver.ensure_running, daemon=True).start()

@@ -9,6 +9,7 @@ API an upgrade removed) only leaves trials to do that work themselves, more slow
 import functools
 import gc
 import importlib
+import json
 import logging
 import os
 import sys
@@ -82,8 +83,23 @@ def _exit_with_the_sweep() -> Callable[[], None]:
     return lambda: (done.set(), watcher.join())
 
 
+def _adopt_the_sweeps_main() -> None:
+    """Run the sweep's main module once here, as multiprocessing would in every trial: a forked child
+    whose __main__ is not the sweep's runs it before its target (64 ms of hpsweep/cli.py per trial
+    under `python -m hpsweep.cli`). Python 3.11's fork server is meant to preload it ("__main__" in
+    its preload list) but never does: it looks for a "main_path" key its own data never has."""
+    from multiprocessing import spawn
+
+    main = json.loads(os.environ.get("HPSWEEP_FORKSERVER_MAIN") or "{}")  # process.FORKSERVER_MAIN_ENV
+    if "init_main_from_name" in main:
+        spawn._fixup_main_from_name(main["init_main_from_name"])
+    elif "init_main_from_path" in main:
+        spawn._fixup_main_from_path(main["init_main_from_path"])
+
+
 def preload() -> None:
     stop_watching = _exit_with_the_sweep()
+    _best_effort("the sweep's main module", _adopt_the_sweeps_main)
     for name in filter(None, os.environ.get("HPSWEEP_FORKSERVER_MODULES", "").split(",")):  # process.FORKSERVER_MODULES_ENV
         _best_effort(f"import {name}", functools.partial(importlib.import_module, name))  # the trainer's: torch...
     for name in (*PRELOAD, *serialisers(sys.modules)):
