@@ -314,19 +314,22 @@ def _run(args: argparse.Namespace) -> int:
         config, inputs = _validated(args)
     except SweepInputError as e:
         return _input_errors(e)
+    if config.launcher == "local":
+        # Preloading the trials' fork server takes seconds: now, before this process imports MLflow
+        # and Prefect; it opens the tracking store once this process has checked it (below).
+        from hpsweep.runtime.forkserver import start_fork_server
+
+        entry_module = (inputs.spec.trainer.entrypoint or "").partition(":")[0]
+        start_fork_server([entry_module] if entry_module else [], uri_later=True)
     from hpsweep import store
     from hpsweep.engine import sweep as engine
+    from hpsweep.runtime.forkserver import hand_over_tracking_store
 
     try:
         tracking_uri = store.resolve_tracking_uri(config.tracking_uri)
     except SweepInputError as e:  # an empty or damaged SQLite store
         return _input_errors(e)
-    if config.launcher == "local":
-        # Preloading the trials' fork server takes seconds: now, behind Prefect's start-up.
-        from hpsweep.engine.process import start_fork_server
-
-        entry_module = (inputs.spec.trainer.entrypoint or "").partition(":")[0]
-        start_fork_server([entry_module] if entry_module else [], tracking_uri)
+    hand_over_tracking_store(tracking_uri)
 
     # Before Prefect is imported: Prefect then leaves the root logger's handler alone.
     logging.basicConfig(level=logging.WARNING, format="%(message)s", handlers=[_log_handler()])

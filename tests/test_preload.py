@@ -41,7 +41,7 @@ if __name__ == "__mp_main__":  # multiprocessing running this script again, outs
     with open(os.environ["RERUNS"], "a") as f:
         f.write(f"{os.getpid()}\\n")
 if __name__ == "__main__":
-    from hpsweep.engine.process import start_fork_server
+    from hpsweep.runtime.forkserver import start_fork_server
     start_fork_server([])
     ctx = multiprocessing.get_context("forkserver")
     for _ in range(3):  # three trials' processes

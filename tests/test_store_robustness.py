@@ -9,7 +9,6 @@ import os
 import sqlite3
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -62,6 +61,18 @@ def test_plan_refuses_an_empty_or_damaged_store_and_leaves_it_as_it_was(project:
     make(db)
     before = db.read_bytes()
     refused(project.hpsweep(*PLAN, timeout=120), db, what)
+    assert db.read_bytes() == before
+
+
+def test_run_refuses_a_foreign_sqlite_store_and_its_fork_server_never_opens_it(project: Project):
+    """`hpsweep run` starts the trials' fork server before it checks the store: the fork server opens
+    the store only once the sweep has handed it over, checked (MLflow would create its tables in it)."""
+    one_trial(project)
+    db = project.root / "mlflow.db"
+    foreign_sqlite(db)
+    before = db.read_bytes()
+    refused(project.hpsweep("run", *PLAN[1:], timeout=120), db, "is damaged")
+    time.sleep(3)  # a fork server still preloading would have opened it by now
     assert db.read_bytes() == before
 
 

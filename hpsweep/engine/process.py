@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import multiprocessing.forkserver
 import os
 import shutil
 import signal
@@ -22,6 +21,7 @@ from hpsweep.engine.outcome import judge, read_result
 from hpsweep.engine.stopping import end_after_grace
 from hpsweep.model import HEARTBEAT_S, Outcome
 from hpsweep.periodic import Periodic
+from hpsweep.runtime.forkserver import start_fork_server
 from hpsweep.runtime.runner import TrialRequest, run_trial_process
 
 # How often a running trial mirrors new checkpoints to the artifact store.
@@ -32,44 +32,6 @@ KILL_GRACE_S = 5.0
 
 # How often a trial's host asks the tracking store whether the sweep's early-stopping rule stopped it.
 STOP_POLL_S = float(os.environ.get("HPSWEEP_STOP_POLL_S", "5"))
-
-
-# Set for the fork server only: the tracking store its trials will open (see hpsweep/runtime/_preload.py).
-FORKSERVER_TRACKING_URI_ENV = "HPSWEEP_FORKSERVER_TRACKING_URI"
-FORKSERVER_MODULES_ENV = "HPSWEEP_FORKSERVER_MODULES"  # the trainer's modules, comma-separated
-FORKSERVER_MAIN_ENV = "HPSWEEP_FORKSERVER_MAIN"  # the sweep's main module, as multiprocessing names it
-
-
-def _main_module() -> dict[str, str]:
-    """How multiprocessing names this process's main module to each child ({"init_main_from_name":
-    "hpsweep.cli"} under `python -m hpsweep.cli`, {"init_main_from_path": ...} for a script): a child
-    whose own __main__ is not that one runs it again before its target starts."""
-    from multiprocessing import spawn
-
-    data = spawn.get_preparation_data("trial")
-    return {k: data[k] for k in ("init_main_from_name", "init_main_from_path") if k in data}
-
-
-def start_fork_server(preload: list[str] | None = None, tracking_uri: str | None = None) -> None:
-    """Start (and preload) this process's trial fork server in the background; returns at once.
-
-    Preloading MLflow and the trainer's module takes seconds (tens on a busy 2-core machine):
-    call this as early as possible (``hpsweep run`` does, right after validating its inputs) so
-    that it overlaps the sweep's own start-up instead of delaying the first trials. With
-    ``tracking_uri`` (call it before starting threads: it is passed in the environment), the
-    fork server also opens that tracking store once, and every trial inherits it instead of
-    opening (and schema-checking) its own. Idempotent: once the server runs, later calls only
-    make sure it still does (the first preload list wins).
-    """
-    mp = multiprocessing.get_context("forkserver")
-    # The trainer's modules are imported by _preload itself, which exits with the sweep until its
-    # imports are done; so is the sweep's main module (FORKSERVER_MAIN_ENV).
-    mp.set_forkserver_preload(["hpsweep.runtime.runner", "hpsweep.runtime._preload"])
-    os.environ[FORKSERVER_MODULES_ENV] = ",".join(preload or [])
-    os.environ[FORKSERVER_MAIN_ENV] = json.dumps(_main_module())
-    if tracking_uri:
-        os.environ[FORKSERVER_TRACKING_URI_ENV] = tracking_uri
-    threading.Thread(target=multiprocessing.forkserver.ensure_running, daemon=True).start()
 
 
 class ProcessRunner:

@@ -16,6 +16,8 @@ import sys
 import threading
 from typing import Callable
 
+from hpsweep.runtime import forkserver
+
 log = logging.getLogger("hpsweep.trial")
 
 # What a trial imports on its way: MLflow's stores and artifact repositories, SQLite's dialect
@@ -90,17 +92,29 @@ def _adopt_the_sweeps_main() -> None:
     its preload list) but never does: it looks for a "main_path" key its own data never has."""
     from multiprocessing import spawn
 
-    main = json.loads(os.environ.get("HPSWEEP_FORKSERVER_MAIN") or "{}")  # process.FORKSERVER_MAIN_ENV
+    main = json.loads(os.environ.get(forkserver.MAIN_ENV) or "{}")
     if "init_main_from_name" in main:
         spawn._fixup_main_from_name(main["init_main_from_name"])
     elif "init_main_from_path" in main:
         spawn._fixup_main_from_path(main["init_main_from_path"])
 
 
+def _prepare_trials_environment() -> None:
+    """What `hpsweep run` does to its own environment before its first tracking request: credentials
+    moved out of MLFLOW_TRACKING_URI, MLflow's HTTP back-off bounded. The fork server starts before
+    that (hpsweep.runtime.forkserver), so it does the same for the trials it forks."""
+    from hpsweep.store.retry import cap_client_backoff
+    from hpsweep.store.uri import credentials_to_environment
+
+    credentials_to_environment(None)
+    cap_client_backoff()
+
+
 def preload() -> None:
     stop_watching = _exit_with_the_sweep()
+    _prepare_trials_environment()
     _best_effort("the sweep's main module", _adopt_the_sweeps_main)
-    for name in filter(None, os.environ.get("HPSWEEP_FORKSERVER_MODULES", "").split(",")):  # process.FORKSERVER_MODULES_ENV
+    for name in filter(None, os.environ.get(forkserver.MODULES_ENV, "").split(",")):
         _best_effort(f"import {name}", functools.partial(importlib.import_module, name))  # the trainer's: torch...
     for name in (*PRELOAD, *serialisers(sys.modules)):
         _best_effort(f"import {name}", functools.partial(importlib.import_module, name))
@@ -119,7 +133,7 @@ def preload() -> None:
     # A store checks its database against the latest schema revision; working that out re-reads
     # ~70 migration files (0.4 s per trial here).
     _best_effort("the schema revision", private.remember_latest_schema_revision)
-    uri = os.environ.get("HPSWEEP_FORKSERVER_TRACKING_URI")  # hpsweep.engine.process.FORKSERVER_TRACKING_URI_ENV
+    uri = forkserver.tracking_uri()  # the sweep hands it over once it has checked the store
     if uri:
         _best_effort("the trials' tracking store", lambda: _open_trials_store(uri))
     stop_watching()
