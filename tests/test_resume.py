@@ -118,3 +118,52 @@ def test_a_sweep_killed_on_the_embedded_default_gives_its_quota_back_to_the_reru
     assert [(r["f1"], r["status"]) for r in board["rows"]] == [(0.6, "FINISHED"), (0.5, "FINISHED")]
     assert f"slots of quota limit '{quota_limit(project)}' are taken" in rerun.stderr  # the wait is explained
     assert "returned the quota slots of 1 expired lease" in rerun.stderr
+
+
+CRASHES_BEFORE_STORING = '''
+"""`hpsweep run`, whose process dies (SIGKILL) the moment it would store a finished trial's outcome:
+the trainer is done, its run is not closed."""
+import os
+import signal
+import sys
+
+if __name__ == "__main__":
+    from hpsweep import store
+    from hpsweep.cli import main
+
+    store.finish_trial_run = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL)
+    sys.exit(main())
+'''
+
+
+def test_a_crash_between_trainer_done_and_run_closed_never_counts_the_trial_finished(project: Project):
+    """The guarantee behind reuse: a trial counts as FINISHED only once its F1 is stored. A sweep killed
+    after its trainer returned but before its run was closed leaves a RUNNING run with no F1; the rerun
+    closes it as a zombie and trains the trial again, instead of reusing a result it never stored."""
+    record = project.root / "rec.jsonl"
+    env = {"HPSWEEP_TEST_RECORD": str(record)}
+    spec = SLEEPY_SPEC.format(name="crash-window", sleep_s=0.1, gpus=1)
+    crashing = project.write("crashing_run.py", CRASHES_BEFORE_STORING)
+    lines = ["combinations:", '  - {"f1": 0.7}']
+    project.write("params/combinations.yaml", "\n".join(lines) + "\n")
+    project.write("params/spec.yaml", spec)
+    args = ["run", "--combinations", "params/combinations.yaml", "--spec", "params/spec.yaml",
+            "--train", "data/train.csv", "--val", "data/val.csv", "--quota", "1"]
+    died = subprocess.run([sys.executable, str(crashing), *args], cwd=project.root, env={**project.env, **env},
+                          capture_output=True, text=True, timeout=600)
+    assert died.returncode == -signal.SIGKILL, died.stdout + died.stderr
+    assert [e["event"] for e in records(record)] == ["start", "end"]  # the trainer was done
+
+    client = MlflowClient(f"sqlite:///{project.root / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("crash-window")
+    (left,) = client.search_runs([exp.experiment_id], "tags.`hpsweep.role` = 'trial'")
+    assert left.info.status == "RUNNING" and "f1" not in left.data.metrics
+
+    rerun = run_sweep(project, [{"f1": 0.7}], spec, 1, env=env)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert [e["event"] for e in records(record)].count("start") == 2  # trained again, not reused
+    zombie = client.get_run(left.info.run_id)
+    assert zombie.info.status == "KILLED" and "zombie" in zombie.data.tags["hpsweep.reason"]
+    board = leaderboard(project, "crash-window")
+    assert [(r["f1"], r["status"]) for r in board["rows"]] == [(0.7, "FINISHED")]
+    assert board["rows"][0]["run_id"] != left.info.run_id
