@@ -239,7 +239,10 @@ def gpu_pool(prefect_server: str, tmp_path_factory: pytest.TempPathFactory):
     deploy_env = {"HPSWEEP_HOME": str(REPO), "HPSWEEP_GPU_POOL": gpu, "HPSWEEP_CPU_POOL": cpu}
     prefect_cli(prefect_server, "--no-prompt", "deploy", "--all", env=deploy_env)
     logs = tmp_path_factory.mktemp("workers")
-    worker_env = {**os.environ, "PREFECT_API_URL": prefect_server, "PREFECT_WORKER_QUERY_SECONDS": "1",
+    # Not this test process's MLflow settings: an earlier test's mlflow.set_tracking_uri() writes
+    # MLFLOW_TRACKING_URI into os.environ, and a deployed sweep would then write to that store.
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    worker_env = {**clean, "PREFECT_API_URL": prefect_server, "PREFECT_WORKER_QUERY_SECONDS": "1",
                   "PREFECT_WORKER_PREFETCH_SECONDS": "1",
                   "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
                   "HPSWEEP_HEARTBEAT_S": "2"}

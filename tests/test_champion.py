@@ -266,10 +266,13 @@ def test_a_model_mlflow_cannot_load_is_not_registered_and_the_report_says_so(sto
     assert "mlflow.<flavor>.save_model into HPSWEEP_MODEL_DIR" in better_plain["champion_note"]
 
 
-def test_the_champion_loads_with_pyfunc_and_predicts(store, root, mlflow_model):
+def test_the_champion_loads_with_pyfunc_and_predicts(store, root, mlflow_model, monkeypatch):
     sweeps = Sweeps(store, root, "loads")
     sweeps.run([0.9], mlflow_model)
     before = mlflow.get_tracking_uri()
+    # set_tracking_uri also writes MLFLOW_TRACKING_URI into os.environ: put that back too, or every
+    # process a later test starts from this one (a Prefect worker) inherits this store.
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     mlflow.set_tracking_uri(store.tracking_uri)
     try:
         model = mlflow.pyfunc.load_model("models:/loads@champion")
