@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 # Set for the fork server only (see hpsweep/runtime/_preload.py).
-TRACKING_URI_ENV = "HPSWEEP_FORKSERVER_TRACKING_URI"  # the tracking store its trials will open
+TRACKING_URI_ENV = "HPSWEEP_FORKSERVER_TRACKING_URI"  # the tracking store its trials will open (given outright)
 TRACKING_URI_FILE_ENV = "HPSWEEP_FORKSERVER_TRACKING_URI_FILE"  # ... or where that URI will be written
 MODULES_ENV = "HPSWEEP_FORKSERVER_MODULES"  # the trainer's modules, comma-separated
 MAIN_ENV = "HPSWEEP_FORKSERVER_MAIN"  # the sweep's main module, as multiprocessing names it
@@ -34,13 +34,11 @@ TRACKING_URI_WAIT_S = 120.0
 _uri_file: Path | None = None
 
 
-def start_fork_server(preload: list[str] | None = None, tracking_uri: str | None = None,
-                      uri_later: bool = False) -> None:
+def start_fork_server(preload: list[str] | None = None, uri_later: bool = False) -> None:
     """Start (and preload) this process's trial fork server in the background; returns at once.
 
-    Call it before starting threads (its settings travel in the environment). With ``tracking_uri``,
-    or with ``uri_later`` and then ``hand_over_tracking_store``, the fork server opens that tracking
-    store once and every trial inherits it instead of opening (and schema-checking) its own.
+    Call it before starting threads (its settings travel in the environment). With ``uri_later``
+    and then ``hand_over_tracking_store``, the fork server opens that tracking store once and every trial inherits it instead of opening (and schema-checking) its own.
     Idempotent: once the server runs, later calls only make sure it still does (the first preload
     list wins).
     """
@@ -51,9 +49,7 @@ def start_fork_server(preload: list[str] | None = None, tracking_uri: str | None
     mp.set_forkserver_preload(["hpsweep.runtime.runner", "hpsweep.runtime._preload"])
     os.environ[MODULES_ENV] = ",".join(preload or [])
     os.environ[MAIN_ENV] = json.dumps(_main_module())
-    if tracking_uri:
-        os.environ[TRACKING_URI_ENV] = tracking_uri
-    elif uri_later and _uri_file is None:
+    if uri_later and _uri_file is None:
         _uri_file = Path(tempfile.mkdtemp(prefix="hpsweep-forkserver-")) / "tracking-uri"
         atexit.register(shutil.rmtree, _uri_file.parent, True)  # when the fork server never read it
         os.environ[TRACKING_URI_FILE_ENV] = str(_uri_file)
